@@ -1,0 +1,47 @@
+"""keras_safe: model security and training-data privacy for Keras 3.
+
+Subpackages:
+    privacy: per-example gradients, DP train step, accounting, Poisson sampling, model checks.
+    optimizers: DP optimizers (`DPSGD`, `DPAdam`, `DPOptimizer`) and gradient clipping wrappers.
+    regularizers: weight-noise regularisers.
+    layers: layers that are not preprocessing (weight noise, output defences).
+    preprocessing: cleaning and normalising layers, leak-free splitting.
+    callbacks: privacy budget, audits and gradient monitoring during `fit`.
+    security: adversarial attacks and adversarial training.
+    audit: membership inference audits, metrics and reports.
+"""
+
+import keras as _keras
+
+if _keras.backend.backend() != "tensorflow":
+    raise ImportError(
+        "keras_safe supports the TensorFlow backend of Keras 3 only, but Keras is running on "
+        f"the '{_keras.backend.backend()}' backend. Fix: set the environment variable "
+        "KERAS_BACKEND=tensorflow (or remove it) before importing keras, or set "
+        '"backend": "tensorflow" in ~/.keras/keras.json.'
+    )
+
+from keras_safe import (  # noqa: E402
+    audit,
+    callbacks,
+    layers,
+    optimizers,
+    preprocessing,
+    privacy,
+    regularizers,
+    security,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "audit",
+    "callbacks",
+    "layers",
+    "optimizers",
+    "preprocessing",
+    "privacy",
+    "regularizers",
+    "security",
+    "__version__",
+]

@@ -1,0 +1,16 @@
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+import keras  # noqa: E402
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _fresh_keras_session():
+    """Each test starts from a clean Keras session and a fixed seed."""
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(1234)
+    yield
