@@ -1,1 +1,3 @@
 """keras_safe.callbacks."""
+
+from keras_safe.callbacks.gradient_monitor import GradientMonitor  # noqa: F401
