@@ -1,0 +1,261 @@
+"""Drop-row cleaning: rows with too many missing values or with outlying features.
+
+A Keras layer cannot change the number of rows in a batch, so dropping rows is a data
+utility for arrays, DataFrames and `tf.data` pipelines rather than a layer.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+from keras_safe.preprocessing._base import _first, _is_dataframe, _is_series, to_numpy
+from keras_safe.preprocessing.outlier_clipper import exact_fences, validate_fence_args
+
+
+class RowCleaner:
+    """Drops rows with too many missing values or with values beyond outlier fences.
+
+    `fit(x_train)` learns per-feature fences from the training part (Tukey's IQR fences by
+    default, with `iqr_factor=3.0`, his "far out" values); `transform` then drops, from any
+    part, rows that have
+
+    - more than `max_missing` (a fraction of the features) NaN/inf values, or
+    - more than `max_outlier_features` finite values outside the fences.
+
+    Fit on the training part only, so the fences do not depend on validation or test rows.
+    After each `transform` or `mask`, `last_dropped` reports `{"missing": a, "outliers": b,
+    "kept": c}` (a row with both problems counts as missing).
+
+    Args:
+        max_missing: largest allowed fraction of non-finite features per row, in `[0, 1]`, or
+            None to keep rows regardless of missing values.
+        method: fence method, `"iqr"`, `"quantile"`, `"zscore"` or `"mad"` (as in
+            `OutlierClipper`), or None to skip the outlier check.
+        iqr_factor: `k` of the IQR fences.
+        quantile_range: `(low, high)` quantiles for `method="quantile"`.
+        z: standard deviations for `"zscore"` and `"mad"`.
+        max_outlier_features: number of outlying features a row may have and still be kept.
+
+    Returns:
+        A cleaner; call `fit`, then `transform`, `mask` or `filter_dataset`.
+
+    Raises:
+        ValueError: invalid arguments.
+
+    Example:
+        >>> import numpy as np
+        >>> x = np.random.default_rng(0).normal(size=(100, 4))
+        >>> x[3, :3] = np.nan
+        >>> x[7, 1] = 1e6
+        >>> cleaner = RowCleaner().fit(x)
+        >>> x_clean = cleaner.transform(x)
+        >>> x_clean.shape, cleaner.last_dropped
+        ((98, 4), {'missing': 1, 'outliers': 1, 'kept': 98})
+    """
+
+    def __init__(
+        self,
+        max_missing=0.5,
+        method="iqr",
+        iqr_factor=3.0,
+        quantile_range=(0.01, 0.99),
+        z=5.0,
+        max_outlier_features=0,
+    ):
+        if max_missing is not None:
+            max_missing = float(max_missing)
+            if not 0.0 <= max_missing <= 1.0:
+                raise ValueError(
+                    f"RowCleaner: `max_missing` is a fraction of the features in [0, 1] (or "
+                    f"None), got {max_missing}."
+                )
+        if method is not None:
+            self.quantile_range = validate_fence_args(
+                "RowCleaner", method, float(iqr_factor), quantile_range, float(z)
+            )
+        else:
+            self.quantile_range = tuple(quantile_range)
+        if int(max_outlier_features) != max_outlier_features or max_outlier_features < 0:
+            raise ValueError(
+                "RowCleaner: `max_outlier_features` must be an integer >= 0, got "
+                f"{max_outlier_features!r}."
+            )
+        self.max_missing = max_missing
+        self.method = method
+        self.iqr_factor = float(iqr_factor)
+        self.z = float(z)
+        self.max_outlier_features = int(max_outlier_features)
+        self.lower = None
+        self.upper = None
+        self.last_dropped = None
+
+    def fit(self, x):
+        """Learns the outlier fences from the training rows.
+
+        Args:
+            x: training features (array, DataFrame, tensor or `tf.data.Dataset`), shape
+                `(rows, features)`.
+
+        Returns:
+            The cleaner itself.
+
+        Raises:
+            ValueError: empty data, or a feature without finite values when `method` is set.
+        """
+        rows, names = to_numpy(x, "RowCleaner")
+        rows = rows.reshape(rows.shape[0], -1)
+        if rows.shape[0] == 0:
+            raise ValueError("RowCleaner.fit() received no rows; pass the training rows.")
+        num_features = rows.shape[1]
+        self.num_features = num_features
+        self.lower = np.full(num_features, -np.inf)
+        self.upper = np.full(num_features, np.inf)
+        if self.method is None:
+            return self
+        finite = np.isfinite(rows)
+        for j in range(num_features):
+            col = rows[finite[:, j], j]
+            if col.size == 0:
+                label = f"feature {j}" + (f" ({names[j]!r})" if names else "")
+                raise ValueError(
+                    f"RowCleaner.fit(): {label} has no finite value; drop the column first."
+                )
+            self.lower[j], self.upper[j] = exact_fences(
+                col, self.method, self.iqr_factor, self.quantile_range, self.z
+            )
+        return self
+
+    def _check_fitted(self, num_features):
+        if self.lower is None:
+            raise ValueError("RowCleaner: call fit(x_train) before transform/mask/filter_dataset.")
+        if num_features != self.num_features:
+            raise ValueError(
+                f"RowCleaner was fitted on {self.num_features} features but got {num_features}."
+            )
+
+    def mask(self, x):
+        """Boolean array, True for rows to keep.
+
+        Args:
+            x: features of shape `(rows, features)` (array, DataFrame or tensor).
+
+        Returns:
+            A numpy bool array of length `rows`.
+
+        Raises:
+            ValueError: not fitted, or a different number of features.
+        """
+        rows, _ = to_numpy(x, "RowCleaner")
+        rows = rows.reshape(rows.shape[0], -1)
+        self._check_fitted(rows.shape[1])
+        finite = np.isfinite(rows)
+        drop_missing = np.zeros(rows.shape[0], dtype=bool)
+        if self.max_missing is not None:
+            drop_missing = (~finite).mean(axis=1) > self.max_missing + 1e-12
+        with np.errstate(invalid="ignore"):
+            outside = finite & ((rows < self.lower) | (rows > self.upper))
+        drop_outlier = outside.sum(axis=1) > self.max_outlier_features
+        keep = ~(drop_missing | drop_outlier)
+        self.last_dropped = {
+            "missing": int(drop_missing.sum()),
+            "outliers": int((drop_outlier & ~drop_missing).sum()),
+            "kept": int(keep.sum()),
+        }
+        return keep
+
+    def transform(self, x, y=None):
+        """Returns the kept rows of `x` (and of `y` when given).
+
+        Args:
+            x: features (numpy array or DataFrame).
+            y: optional targets aligned with `x`.
+
+        Returns:
+            `x_kept`, or `(x_kept, y_kept)` when `y` is given.
+        """
+        keep = self.mask(x)
+        idx = np.flatnonzero(keep)
+
+        def take(data):
+            if _is_dataframe(data) or _is_series(data):
+                return data.iloc[idx]
+            return np.asarray(data)[idx]
+
+        if y is None:
+            return take(x)
+        if len(y) != len(keep):
+            raise ValueError(f"RowCleaner: `x` has {len(keep)} rows but `y` has {len(y)}.")
+        return take(x), take(y)
+
+    def filter_dataset(self, dataset):
+        """Filters an unbatched `tf.data.Dataset` of `x` or `(x, y, ...)` elements.
+
+        Args:
+            dataset: unbatched dataset whose features have shape `(features,)`.
+
+        Returns:
+            A dataset with only the rows to keep.
+        """
+        self._check_fitted(int(np.prod(_first(dataset.element_spec).shape)))
+        lower = tf.constant(self.lower, tf.float64)
+        upper = tf.constant(self.upper, tf.float64)
+        max_missing = self.max_missing
+        limit = self.max_outlier_features
+
+        def keep(*element):
+            x = tf.reshape(tf.cast(element[0], tf.float64), [-1])
+            finite = tf.math.is_finite(x)
+            ok = tf.constant(True)
+            if max_missing is not None:
+                missing = tf.reduce_mean(tf.cast(tf.logical_not(finite), tf.float64))
+                ok = tf.logical_and(ok, missing <= max_missing + 1e-12)
+            outside = tf.logical_and(finite, tf.logical_or(x < lower, x > upper))
+            return tf.logical_and(ok, tf.math.count_nonzero(outside) <= limit)
+
+        return dataset.filter(keep)
+
+
+def drop_rows(
+    x,
+    y=None,
+    max_missing=0.5,
+    method="iqr",
+    iqr_factor=3.0,
+    max_outlier_features=0,
+    reference=None,
+):
+    """Drops rows with too many missing values or with outlying features.
+
+    A one-call form of `RowCleaner`: the fences come from `reference` (pass the training part
+    when cleaning validation or test data) or else from `x` itself.
+
+    Args:
+        x: features, numpy array or DataFrame of shape `(rows, features)`.
+        y: optional targets aligned with `x`.
+        max_missing: largest allowed fraction of non-finite features per row, or None.
+        method: fence method (`"iqr"`, `"quantile"`, `"zscore"`, `"mad"`) or None.
+        iqr_factor: `k` of the IQR fences (3.0: Tukey's "far out").
+        max_outlier_features: outlying features a row may have and still be kept.
+        reference: data the fences are computed from; defaults to `x`.
+
+    Returns:
+        `x_kept`, or `(x_kept, y_kept)` when `y` is given.
+
+    Raises:
+        ValueError: invalid arguments, empty data or a feature without finite values.
+
+    Example:
+        >>> import numpy as np
+        >>> x = np.array([[1.0, 2.0], [np.nan, np.nan], [1.5, 2.5], [2.0, 3.0]])
+        >>> drop_rows(x, max_missing=0.5, method=None).tolist()
+        [[1.0, 2.0], [1.5, 2.5], [2.0, 3.0]]
+    """
+    cleaner = RowCleaner(
+        max_missing=max_missing,
+        method=method,
+        iqr_factor=iqr_factor,
+        max_outlier_features=max_outlier_features,
+    )
+    cleaner.fit(x if reference is None else reference)
+    return cleaner.transform(x, y)
