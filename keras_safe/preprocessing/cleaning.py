@@ -104,9 +104,9 @@ class RowCleaner:
             ValueError: empty data, or a feature without finite values when `method` is set.
         """
         rows, names = to_numpy(x, "RowCleaner")
-        rows = rows.reshape(rows.shape[0], -1)
         if rows.shape[0] == 0:
             raise ValueError("RowCleaner.fit() received no rows; pass the training rows.")
+        rows = rows.reshape(rows.shape[0], -1)
         num_features = rows.shape[1]
         self.num_features = num_features
         self.lower = np.full(num_features, -np.inf)
@@ -147,7 +147,7 @@ class RowCleaner:
             ValueError: not fitted, or a different number of features.
         """
         rows, _ = to_numpy(x, "RowCleaner")
-        rows = rows.reshape(rows.shape[0], -1)
+        rows = rows.reshape(rows.shape[0], int(np.prod(rows.shape[1:])))
         self._check_fitted(rows.shape[1])
         finite = np.isfinite(rows)
         drop_missing = np.zeros(rows.shape[0], dtype=bool)

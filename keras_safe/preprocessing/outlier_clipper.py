@@ -80,8 +80,9 @@ class OutlierClipper(AdaptableFeatureLayer):
     """Clips (winsorises) each feature to fences adapted on the training data.
 
     The default, Tukey's IQR fences, is robust: quartiles barely move when a few values are
-    extreme, so 1% of values at 1e6 are clipped instead of stretching the bounds (a z-score
-    fence on such a column lies beyond the outliers and clips nothing). NaN passes through
+    extreme, so 1% of values at 1e6 are clipped back near the bulk of the data instead of
+    stretching the bounds (on such a column, the z-score fence `mean + 3 * std` lies near 3e5,
+    so the "clipped" outliers stay extreme). NaN passes through
     unchanged (impute it with `Imputer`); +-inf is clipped to the fences.
 
     After `adapt`, `clipped_count` (total), `clipped_per_feature` (numpy array) and
