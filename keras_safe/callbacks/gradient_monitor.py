@@ -54,7 +54,9 @@ class GradientMonitor(keras.callbacks.Callback):
       chain. Without such an optimizer, `fit` raises a ValueError naming both fixes.
 
     A layer's norm is the L2 norm of the gradients of all its variables together (variables are
-    grouped by their path, e.g. `dense/kernel` and `dense/bias` form layer `dense`). Every
+    grouped by their path, e.g. `dense/kernel` and `dense/bias` form layer `dense`; the
+    model's own name is left out of the path, and a wrapped layer is named by its wrapper and
+    itself, e.g. `weight_noise/dense`). Every
     epoch the callback writes `grad_norm/<layer>` into the epoch `logs` (so `History`,
     CSVLogger and TensorBoard record them) and keeps them in `self.norms`. It warns
     (`UserWarning`, naming the layers) when a layer's norm is below `vanishing_threshold`,
@@ -217,8 +219,11 @@ class GradientMonitor(keras.callbacks.Callback):
         Returns:
             A dict `layer name -> float`, in the order of the model's variables.
         """
+        prefix = f"{self.model.name}/" if self.model is not None else None
         squares = {}
         for path, norm in self.variable_gradient_norms().items():
+            if prefix and path.startswith(prefix):
+                path = path[len(prefix) :]
             layer = _layer_of(path)
             squares[layer] = squares.get(layer, 0.0) + norm * norm
         return {layer: math.sqrt(s) for layer, s in squares.items()}

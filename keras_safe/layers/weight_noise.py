@@ -42,8 +42,8 @@ class WeightNoise(keras.layers.Wrapper):
 
     Works around any layer with trainable weights (Dense, Conv1D/2D/3D, Embedding, ...).
     Non-trainable state of the wrapped layer (e.g. BatchNormalization statistics) is updated
-    as usual; losses the wrapped layer adds in `call` are kept. Weight regularisers of the
-    wrapped layer are computed on the clean weights.
+    as usual; losses the wrapped layer adds (in `call`, or through its activity regularizer)
+    are kept. Weight regularisers of the wrapped layer are computed on the clean weights.
 
     Args:
         layer: the `keras.layers.Layer` to wrap.
@@ -149,6 +149,15 @@ class WeightNoise(keras.layers.Wrapper):
             variable.assign(value)
         for loss in losses:
             self.add_loss(loss)
+        regularizer = self.layer.activity_regularizer
+        if regularizer is not None:
+            # `stateless_call` bypasses `Layer.__call__`, which is where Keras applies the
+            # activity regularizer (normalised by the batch size); do the same here.
+            for output in keras.tree.flatten(outputs):
+                loss = regularizer(output)
+                if len(output.shape) > 0:
+                    loss = ops.divide_no_nan(loss, ops.cast(ops.shape(output)[0], loss.dtype))
+                self.add_loss(loss)
         return outputs
 
     def compute_output_shape(self, input_shape, *args, **kwargs):
@@ -156,6 +165,23 @@ class WeightNoise(keras.layers.Wrapper):
 
     def compute_mask(self, inputs, mask=None):
         return self.layer.compute_mask(inputs, mask)
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        """Creates a `WeightNoise` from `get_config()`'s output (the dict is not modified).
+
+        Args:
+            config: the dict returned by `get_config`.
+            custom_objects: optional dict of custom classes for the wrapped layer.
+
+        Returns:
+            A new `WeightNoise`.
+        """
+        config = dict(config)
+        layer = keras.saving.deserialize_keras_object(
+            config.pop("layer"), custom_objects=custom_objects
+        )
+        return cls(layer, **config)
 
     def get_config(self):
         """Returns the wrapped layer's config and the noise settings.

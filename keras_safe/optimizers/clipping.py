@@ -108,7 +108,8 @@ class GradientClip(keras.optimizers.Optimizer):
 
     With `skip_non_finite=True` (the default) a step whose gradients contain NaN or Inf is
     dropped: the weights and the inner optimizer's state (its slots and `iterations`) stay as
-    they were, and `skipped_steps` grows by one.
+    they were (under DP `iterations` still advances, see below), and `skipped_steps` grows
+    by one.
 
     Statistics, kept in optimizer variables (saved with the optimizer) and returned by
     `step_logs()`: `grad_norm` (global L2 norm of the last step's gradients before clipping),
@@ -126,8 +127,10 @@ class GradientClip(keras.optimizers.Optimizer):
     clipping, summing, noising and averaging, and clips that noisy average: this is
     post-processing of a DP release, so the privacy guarantee (epsilon, delta) is unchanged.
     It can still help, for example by taming the noise-dominated steps of a large model. A
-    skipped non-finite step is still charged by the accountant, because the noisy gradient
-    was computed.
+    skipped non-finite step is still charged to the privacy budget, because its noisy
+    gradient was computed: under DP a skip leaves the weights and optimizer slots alone but
+    advances the inner optimizer's `iterations` (the count the accountant reads); this is not
+    supported together with gradient accumulation.
 
     Args:
         optimizer: the `keras.optimizers.Optimizer` to wrap (the "inner" optimizer), or a
@@ -331,6 +334,8 @@ class GradientClip(keras.optimizers.Optimizer):
         self._variable_paths = [v.path for v in var_list]
         if self.mode == "per_layer" and self.group == "layer":
             self._group_of = [p.rsplit("/", 1)[0] if "/" in p else p for p in self._variable_paths]
+        if self.skip_non_finite:
+            _dp_charged_optimizer(self.inner_optimizer)  # raises early on an unsupported setup
         self.inner_optimizer.build(var_list)
         super().build(var_list)
 
@@ -503,8 +508,15 @@ class GradientClip(keras.optimizers.Optimizer):
         def apply_fn():
             self.inner_optimizer.apply(final, trainable_variables)
 
+        def skip_fn():
+            charged = _dp_charged_optimizer(self.inner_optimizer)
+            if charged is not None:
+                # Under DP the noisy gradient of this step was computed; count the step so
+                # the accountant charges it (see the class docstring).
+                charged.iterations.assign_add(1)
+
         if self.skip_non_finite:
-            ops.cond(finite, apply_fn, lambda: None)
+            ops.cond(finite, apply_fn, skip_fn)
         else:
             apply_fn()
 
@@ -607,6 +619,30 @@ def _positive(name, value, allow_auto=False):
     if not math.isfinite(value):
         raise ValueError(f"Argument `{name}` must be finite; received {name}={value!r}.")
     return float(value)
+
+
+def _dp_charged_optimizer(optimizer):
+    """Under DP, the optimizer whose `iterations` the accountant reads; None without DP.
+
+    A DP optimizer is recognised by its `privatize` method (keras_safe's DP optimizers).
+    """
+    chain = []
+    while optimizer is not None:
+        chain.append(optimizer)
+        optimizer = getattr(optimizer, "inner_optimizer", None)
+    if not any(callable(getattr(o, "privatize", None)) for o in chain):
+        return None
+    innermost = chain[-1]
+    if getattr(innermost, "gradient_accumulation_steps", None) or not isinstance(
+        innermost.iterations, keras.Variable
+    ):
+        raise ValueError(
+            "GradientClip(skip_non_finite=True) around a DP optimizer whose wrapped optimizer "
+            "uses gradient_accumulation_steps is not supported: a skipped batch could not be "
+            "charged to the privacy budget. Fix: pass skip_non_finite=False, or drop "
+            "gradient accumulation."
+        )
+    return innermost
 
 
 def _scale(norm, threshold):
