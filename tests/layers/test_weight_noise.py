@@ -219,3 +219,45 @@ def test_wraps_dense_conv_and_embedding_and_saves():
     # The learnable scales are weights of the model and are saved with it.
     names = [w.path for w in models[2][0].trainable_weights]
     assert sum("noise_scale" in n for n in names) == 2
+
+
+def test_trains_under_dp_with_gradients_at_the_noisy_weights():
+    from keras_safe.optimizers import DPSGD, GradientClip
+    from keras_safe.privacy import make_private
+
+    x = RNG.normal(size=(8, 5)).astype("float32")
+    y = RNG.normal(size=(8, 1)).astype("float32")
+
+    def build(optimizer):
+        keras.utils.set_random_seed(7)
+        model = keras.Sequential(
+            [
+                keras.Input((5,)),
+                WeightNoise(keras.layers.Dense(4, activation="tanh"), stddev=0.3, seed=9),
+                keras.layers.Dense(1),
+            ]
+        )
+        model.compile(optimizer=optimizer, loss="mse")
+        return model
+
+    # Without noise and with a per-example bound nobody reaches, DP-SGD's step is plain SGD's
+    # step; both draw the same weight noise (same seed), so the updates must agree.
+    plain = build(keras.optimizers.SGD(0.1))
+    initial = [w.copy() for w in plain.get_weights()]
+    plain.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    private = make_private(build(DPSGD(learning_rate=0.1, l2_norm_clip=1e6, noise_multiplier=0.0)))
+    for a, b in zip(initial, private.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    private.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    moved = [np.abs(a - b).max() for a, b in zip(initial, plain.get_weights(), strict=True)]
+    assert min(moved) > 1e-4
+    for a, b in zip(plain.get_weights(), private.get_weights(), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+    # And with real DP noise, wrapped in GradientClip, it trains.
+    noisy = make_private(
+        build(GradientClip(DPSGD(learning_rate=0.1, l2_norm_clip=1.0, noise_multiplier=1.0)))
+    )
+    history = noisy.fit(x, y, batch_size=4, epochs=2, verbose=0)
+    assert np.all(np.isfinite(history.history["loss"]))
+    assert {"grad_norm", "clip_fraction", "skipped_steps"} <= set(history.history)

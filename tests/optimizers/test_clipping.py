@@ -356,3 +356,53 @@ def test_statistics_survive_save_and_load(tmp_path):
     assert_saves_in_fresh_process(
         [(m, x[:BATCH]) for m in chosen], fit_after_load=[y[:BATCH]] * len(chosen)
     )
+
+
+# ----------------------------------------------------------------------------- with DP-SGD
+
+
+def test_under_dp_it_clips_the_noisy_average_gradient():
+    from keras_safe.optimizers import DPSGD
+    from keras_safe.privacy import make_private
+
+    x, y = _data()
+    weights = _initial_weights()
+    reference = _Reference("global_norm", clip_norm=20.0)
+    expected = _reference_training(reference, weights, x, y)
+    # No noise and a per-example bound no example reaches: the DP gradient is the batch mean
+    # gradient, which GradientClip then clips as without DP.
+    dp = DPSGD(learning_rate=LR, l2_norm_clip=1e6, noise_multiplier=0.0)
+    optimizer = GradientClip(dp, clip_norm=20.0)
+    model = make_private(_model(optimizer, weights))
+    history = model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
+    for got, want in zip(model.get_weights(), expected, strict=True):
+        np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5)
+    # keras_safe's train step puts the clipping figures into the logs by itself.
+    np.testing.assert_allclose(
+        history.history["clip_fraction"][0], reference.clipped / reference.steps
+    )
+    np.testing.assert_allclose(history.history["grad_norm"][0], reference.last_norm, rtol=1e-4)
+    assert dp.accounting_settings()["steps"] == 6
+
+
+def test_under_dp_a_skipped_step_is_still_charged():
+    from keras_safe.optimizers import DPSGD
+    from keras_safe.privacy import make_private
+
+    x, y = _data(batches=1)
+    dp = DPSGD(learning_rate=LR, l2_norm_clip=1.0, noise_multiplier=1.0)
+    optimizer = GradientClip(dp)
+    model = make_private(_model(optimizer, _initial_weights()))
+    x[2, 0] = np.nan
+    model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0)
+    for before, after in zip(_initial_weights(), model.get_weights(), strict=True):
+        np.testing.assert_array_equal(before, after)
+    assert int(optimizer.step_logs()["skipped_steps"]) == 1
+    assert dp.accounting_settings()["steps"] == 1
+
+    accumulating = DPSGD(
+        learning_rate=LR, l2_norm_clip=1.0, noise_multiplier=1.0, gradient_accumulation_steps=2
+    )
+    model = make_private(_model(GradientClip(accumulating), _initial_weights()))
+    with pytest.raises(ValueError, match="skip_non_finite=False"):
+        model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0)
