@@ -149,3 +149,18 @@ def test_drop_cross_duplicates():
     assert val_frame["a"].tolist() == [3.0]
     with pytest.raises(ValueError, match="different feature shapes"):
         drop_cross_duplicates(np.zeros((2, 3)), np.zeros((2, 4)), np.zeros((1, 3)))
+
+
+def test_stratified_rounding_on_random_class_sizes():
+    rng = np.random.default_rng(0)
+    for trial in range(25):
+        num_classes = int(rng.integers(2, 40))
+        counts = rng.integers(3, 60, size=num_classes)
+        y = np.repeat(np.arange(num_classes), counts)
+        x = np.arange(len(y))[:, None].astype(float)
+        val, test = float(rng.uniform(0.05, 0.4)), float(rng.uniform(0.05, 0.4))
+        parts = train_val_test_split(x, y, val=val, test=test, seed=trial)
+        for (_, part_y), frac in zip(parts, [1 - val - test, val, test], strict=True):
+            assert abs(len(part_y) - len(y) * frac) <= 1
+            per_class = np.bincount(part_y, minlength=num_classes)
+            assert np.all(np.abs(per_class - counts * frac) <= 1 + 1e-9), (trial, frac)
