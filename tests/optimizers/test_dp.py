@@ -1,0 +1,186 @@
+"""DP optimizers: clipping bound, noise scale (statistical), fresh noise, accumulation, saving."""
+
+import math
+
+import keras
+import numpy as np
+import pytest
+from scipy import stats
+
+import keras_safe
+from keras_safe.optimizers import DPSGD, DPAdam, DPOptimizer
+from tests.testing import assert_config_round_trip, assert_saves_in_fresh_process
+
+RNG = np.random.default_rng(0)
+
+
+def _linear(inputs=20, units=50, bias=False):
+    return keras.Sequential([keras.Input((inputs,)), keras.layers.Dense(units, use_bias=bias)])
+
+
+def _private(model, optimizer, loss="mse"):
+    model.compile(optimizer=optimizer, loss=loss)
+    return keras_safe.privacy.make_private(model)
+
+
+def _update(model, x, y, batch_size=None):
+    before = [np.array(v) for v in model.trainable_variables]
+    model.fit(x, y, batch_size=batch_size or len(x), epochs=1, shuffle=False, verbose=0)
+    return [b - np.array(v) for b, v in zip(before, model.trainable_variables)]
+
+
+def test_huge_gradient_single_example_update_has_norm_lr_times_clip():
+    model = _private(_linear(4, 3, bias=True), DPSGD(0.5, l2_norm_clip=0.7, noise_multiplier=0.0))
+    x, y = np.full((1, 4), 100.0), np.full((1, 3), -1e4)
+    update = _update(model, x, y)
+    norm = math.sqrt(sum(float(np.sum(u.astype("float64") ** 2)) for u in update))
+    assert norm == pytest.approx(0.5 * 0.7, rel=1e-5)
+
+
+@pytest.mark.parametrize("sigma", [0.6, 1.3])
+def test_noise_std_matches_lr_sigma_clip_over_batch(sigma):
+    lr, clip, batch = 0.1, 2.0, 16
+    model = _private(_linear(), DPSGD(lr, l2_norm_clip=clip, noise_multiplier=sigma, seed=3))
+    # Zero inputs and targets: every gradient is zero, the update is pure noise.
+    (update,) = _update(model, np.zeros((batch, 20)), np.zeros((batch, 50)))
+    samples = update.ravel()
+    expected = lr * sigma * clip / batch
+    # 1000 samples: chi-square interval for the standard deviation at the 1e-6 level.
+    n = samples.size
+    low = expected * math.sqrt(stats.chi2.ppf(1e-6, n - 1) / (n - 1))
+    high = expected * math.sqrt(stats.chi2.ppf(1 - 1e-6, n - 1) / (n - 1))
+    std = samples.std(ddof=1)
+    assert low < std < high
+    # The same interval excludes 0.67x and 1.5x the right scale, so a wrong sigma fails.
+    assert not low < 0.67 * std < high and not low < 1.5 * std < high
+    assert abs(samples.mean()) < 5 * expected / math.sqrt(n)
+    assert stats.kstest(samples / expected, "norm").pvalue > 1e-4
+
+
+def test_noise_divides_by_expected_batch_size_when_given():
+    model = _private(_linear(), DPSGD(1.0, l2_norm_clip=1.0, noise_multiplier=1.0, batch_size=64))
+    (update,) = _update(model, np.zeros((16, 20)), np.zeros((16, 50)))
+    assert update.std() == pytest.approx(1.0 / 64, rel=0.15)
+
+
+def test_noise_is_fresh_each_step_and_reproducible_with_seed():
+    def two_updates():
+        keras.utils.set_random_seed(42)
+        model = _private(_linear(), DPSGD(1.0, l2_norm_clip=1.0, noise_multiplier=1.0))
+        x, y = np.zeros((8, 20)), np.zeros((8, 50))
+        return _update(model, x, y)[0], _update(model, x, y)[0]
+
+    first, second = two_updates()
+    assert abs(np.corrcoef(first.ravel(), second.ravel())[0, 1]) < 0.2
+    again_first, again_second = two_updates()
+    np.testing.assert_array_equal(first, again_first)
+    np.testing.assert_array_equal(second, again_second)
+
+
+def test_noise_continues_after_reload(tmp_path):
+    keras.utils.set_random_seed(7)
+    model = _private(_linear(), DPSGD(1.0, l2_norm_clip=1.0, noise_multiplier=1.0))
+    x, y = np.zeros((8, 20)), np.zeros((8, 50))
+    first = _update(model, x, y)[0]
+    model.save(tmp_path / "m.keras")
+    keras.utils.set_random_seed(7)  # the same seed again must not replay the first draw
+    reloaded = keras_safe.privacy.make_private(keras.saving.load_model(tmp_path / "m.keras"))
+    assert int(reloaded.optimizer.iterations) == 1
+    second = _update(reloaded, x, y)[0]
+    assert abs(np.corrcoef(first.ravel(), second.ravel())[0, 1]) < 0.2
+
+
+def test_gradient_accumulation_adds_one_noise_draw_per_update():
+    lr, clip, sigma, batch, steps = 1.0, 1.0, 1.0, 8, 4
+    inner = keras.optimizers.SGD(lr, gradient_accumulation_steps=steps)
+    model = _private(_linear(), DPOptimizer(inner, l2_norm_clip=clip, noise_multiplier=sigma))
+    x, y = np.zeros((batch * steps, 20)), np.zeros((batch * steps, 50))
+    (update,) = _update(model, x, y, batch_size=batch)
+    assert int(model.optimizer.iterations) == 1
+    # One update over steps * batch examples with noise sigma * clip once.
+    assert update.std() == pytest.approx(lr * sigma * clip / (steps * batch), rel=0.15)
+
+
+def test_default_train_step_is_refused_not_trained_silently():
+    model = _linear(4, 2)
+    model.compile(optimizer=DPSGD(0.1, l2_norm_clip=1.0, noise_multiplier=1.0), loss="mse")
+    before = [np.array(v) for v in model.trainable_variables]
+    with pytest.raises(RuntimeError, match="make_private"):
+        model.fit(np.ones((4, 4)), np.ones((4, 2)), verbose=0)
+    for b, v in zip(before, model.trainable_variables):
+        np.testing.assert_array_equal(b, np.array(v))
+
+
+def test_custom_train_step_model_is_refused_by_make_private():
+    class Custom(keras.Model):
+        def train_step(self, data):
+            return super().train_step(data)
+
+    inputs = keras.Input((3,))
+    model = Custom(inputs, keras.layers.Dense(1)(inputs))
+    with pytest.raises(ValueError, match="dp_gradients"):
+        keras_safe.privacy.make_private(model)
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        ({"l2_norm_clip": 0.0, "noise_multiplier": 1.0}, "l2_norm_clip"),
+        ({"l2_norm_clip": -1.0, "noise_multiplier": 1.0}, "l2_norm_clip"),
+        ({"noise_multiplier": -0.5}, "noise_multiplier"),
+        ({"noise_multiplier": float("nan")}, "noise_multiplier"),
+        ({"noise_multiplier": 1.0, "num_microbatches": 0}, "num_microbatches"),
+        ({"noise_multiplier": 1.0, "num_microbatches": 2.5}, "num_microbatches"),
+        ({}, "noise_multiplier"),
+        ({"noise_multiplier": 1.0, "delta": 1.5}, "delta"),
+        ({"noise_multiplier": 1.0, "batch_size": 100, "num_examples": 10}, "batch_size"),
+        ({"target_epsilon": 1.0, "num_examples": 100}, "batch_size"),
+        ({"noise_multiplier": 1.0, "accountant": "moments"}, "accountant"),
+    ],
+)
+def test_bad_hyperparameters_name_the_argument(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        DPSGD(0.1, **kwargs)
+
+
+def test_target_epsilon_calibrates_noise():
+    opt = DPSGD(0.1, target_epsilon=2.0, num_examples=1000, batch_size=50, epochs=3, delta=1e-5)
+    spent = keras_safe.privacy.compute_epsilon(
+        num_examples=1000,
+        batch_size=50,
+        epochs=3,
+        noise_multiplier=opt.noise_multiplier,
+        delta=1e-5,
+    )
+    assert spent <= 2.0 + 1e-6
+    assert spent > 1.9
+
+
+def test_configs_round_trip_and_models_save_in_a_fresh_process():
+    optimizers = [
+        DPSGD(0.05, momentum=0.9, l2_norm_clip=1.5, noise_multiplier=1.1, num_microbatches=2),
+        DPAdam(1e-3, beta_1=0.8, l2_norm_clip=1.0, noise_multiplier=0.9, seed=5),
+        DPOptimizer(keras.optimizers.RMSprop(0.01), l2_norm_clip=2.0, noise_multiplier=1.3),
+        DPSGD(
+            keras.optimizers.schedules.ExponentialDecay(0.1, 10, 0.9),
+            l2_norm_clip=1.0,
+            noise_multiplier=1.0,
+        ),
+    ]
+    cases, targets = [], []
+    for optimizer in optimizers:
+        assert_config_round_trip(optimizer)
+        model = _private(_linear(4, 2, bias=True), optimizer)
+        x, y = RNG.normal(size=(8, 4)).astype("float32"), RNG.normal(size=(8, 2))
+        model.fit(x, y, batch_size=4, verbose=0)
+        cases.append((model, x))
+        targets.append(y)
+    assert_saves_in_fresh_process(cases, fit_after_load=targets)
+
+
+def test_learning_rate_callbacks_reach_the_wrapped_optimizer():
+    optimizer = DPSGD(0.1, l2_norm_clip=1.0, noise_multiplier=1.0)
+    model = _private(_linear(4, 2), optimizer)
+    schedule = keras.callbacks.LearningRateScheduler(lambda epoch, lr: 0.01)
+    model.fit(np.ones((8, 4)), np.ones((8, 2)), callbacks=[schedule], verbose=0)
+    assert float(optimizer.inner_optimizer.learning_rate) == pytest.approx(0.01)
