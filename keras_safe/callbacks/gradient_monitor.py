@@ -64,6 +64,11 @@ class GradientMonitor(keras.callbacks.Callback):
     before; each alert is also appended to `self.alerts` as
     `(epoch, layer, kind, norm)` with kind `"vanishing"`, `"exploding"` or `"growing"`.
 
+    Under differential privacy: norms computed on a fixed batch of training examples are not
+    covered by the DP guarantee (they are exact, noiseless functions of those examples), so
+    pass public or held-out data there, or pass no data: the norms recorded by `GradientClip`
+    are those of the noisy DP gradient, post-processing that costs no privacy.
+
     It also copies the `step_logs()` of every optimizer in the chain (for example
     `GradientClip`'s `grad_norm`, `clip_fraction`, `skipped_steps`) into `logs` at the end of
     every batch and epoch, so they show in the progress bar and `History` under Keras's
@@ -190,8 +195,8 @@ class GradientMonitor(keras.callbacks.Callback):
         """
         if self.x is None:
             clip = self._clip or self._find_clip()
-            if clip is None:
-                return {}
+            if clip is None or not clip.built or int(np.asarray(clip.steps)) == 0:
+                return {}  # no step recorded yet (e.g. every step skipped by loss scaling)
             return {p: float(v) for p, v in clip.variable_grad_norms().items()}
         variables = list(self.model.trainable_variables)
         with tf.GradientTape() as tape:

@@ -560,6 +560,11 @@ class GradientClip(keras.optimizers.Optimizer):
         }
 
     @property
+    def steps(self):
+        """Number of `apply` calls seen, skipped ones included (a scalar variable)."""
+        return self._steps
+
+    @property
     def clipped_steps(self):
         """Number of applied steps whose gradients were clipped (a scalar variable)."""
         return self._clipped_steps
