@@ -1,1 +1,49 @@
-"""keras_safe.audit."""
+"""keras_safe.audit: membership inference audits, their metrics and reports, and canary audits.
+
+- `membership_inference(model, members, non_members, attacks=...)` -> `AuditReport`: loss,
+  confidence, entropy, learned and LiRA attacks with ROC AUC, advantage, TPR at low FPR and
+  empirical epsilon lower bounds, per attack and per slice.
+- `canary_audit(model_factory, x, y, num_canaries=...)` -> `CanaryAuditResult`: an empirical
+  epsilon lower bound of a (DP) training recipe to hold against the accountant's epsilon.
+- `attack_metrics`, `epsilon_lower_bound`, `clopper_pearson`, `guessing_epsilon_lower_bound`:
+  the metrics on their own, for scores computed elsewhere.
+"""
+
+from keras_safe.audit.attacks import (
+    KNOWN_ATTACKS,
+    learned_scores,
+    lira_scores,
+    membership_inference,
+    train_shadow_models,
+)
+from keras_safe.audit.canary import CanaryAuditResult, accountant_epsilon, canary_audit
+from keras_safe.audit.features import compute_features
+from keras_safe.audit.metrics import (
+    attack_metrics,
+    clopper_pearson,
+    epsilon_lower_bound,
+    guessing_epsilon_lower_bound,
+    roc_points,
+    tpr_at_fpr,
+)
+from keras_safe.audit.report import SUMMARY_METRICS, AuditReport
+
+__all__ = [
+    "KNOWN_ATTACKS",
+    "SUMMARY_METRICS",
+    "AuditReport",
+    "CanaryAuditResult",
+    "accountant_epsilon",
+    "attack_metrics",
+    "canary_audit",
+    "clopper_pearson",
+    "compute_features",
+    "epsilon_lower_bound",
+    "guessing_epsilon_lower_bound",
+    "learned_scores",
+    "lira_scores",
+    "membership_inference",
+    "roc_points",
+    "tpr_at_fpr",
+    "train_shadow_models",
+]

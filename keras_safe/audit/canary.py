@@ -1,0 +1,380 @@
+"""Canary audit: an empirical epsilon lower bound for a DP training recipe.
+
+The audit follows Steinke, Nasr & Jagielski 2023 ("Privacy Auditing with One (1) Training Run"):
+
+1. `num_canaries` canaries are made (by default, training examples given a wrong label; their
+   correctly labelled originals are removed from the training data).
+2. Each canary is included in the training data independently with probability 1/2.
+3. A model is trained on the data plus the included canaries (the audited run) and, with
+   `reference=True`, a second model on the data without any canary (the reference run).
+4. Each canary is scored by how much lower its loss is under the audited model than under the
+   reference model; the auditor guesses "included" for the top scores and "excluded" for the
+   bottom scores and abstains on the rest.
+5. The number of correct guesses gives, through the paper's hypothesis test, the largest epsilon
+   that (epsilon, delta)-DP is refuted for, with the requested confidence. Several numbers of
+   guesses are tried and the significance is split between them (Bonferroni), so the bound holds
+   for the best of them.
+
+For a correct DP-SGD implementation the bound stays below the accountant's epsilon with
+probability at least `confidence_level`; a bound above it is evidence of a privacy bug.
+"""
+
+from __future__ import annotations
+
+import math
+
+import keras
+import numpy as np
+
+from keras_safe.audit import features as _features
+from keras_safe.audit.metrics import attack_metrics, guessing_epsilon_lower_bound
+
+DEFAULT_FIT_KWARGS = {"epochs": 10, "batch_size": 32}
+
+
+def accountant_epsilon(optimizer, delta):
+    """Epsilon spent so far by the DP optimizer in `optimizer`'s chain, or None.
+
+    Uses the optimizer's `accounting_settings()` (noisy updates taken, noise multiplier and
+    sampling rate `batch_size * accumulation_steps / num_examples`) with the RDP accountant
+    of `keras_safe.privacy.compute_epsilon`.
+
+    Args:
+        optimizer: a Keras optimizer, possibly wrapping a keras_safe DP optimizer.
+        delta: the delta of the guarantee, in (0, 1).
+
+    Returns:
+        The epsilon as a float, or None when the optimizer is not a DP optimizer or lacks the
+        batch size / number of examples needed by the accountant.
+
+    Example:
+        >>> import keras
+        >>> accountant_epsilon(keras.optimizers.SGD(), 1e-5) is None
+        True
+    """
+    try:
+        from keras_safe.privacy import find_dp_optimizer
+    except ImportError:
+        return None
+    dp = find_dp_optimizer(optimizer)
+    if dp is None:
+        return None
+    if hasattr(dp, "accounting_settings"):
+        settings = dp.accounting_settings()
+        steps, noise, rate = (
+            settings["steps"],
+            settings["noise_multiplier"],
+            settings["sampling_rate"],
+        )
+    else:
+        accumulation = getattr(dp, "gradient_accumulation_steps", None) or 1
+        steps = int(np.asarray(dp.iterations)) // accumulation
+        noise = dp.noise_multiplier
+        rate = None
+        if dp.batch_size and dp.num_examples:
+            rate = min(1.0, dp.batch_size * accumulation / dp.num_examples)
+    if rate is None or noise is None:
+        return None
+    if steps == 0:
+        return 0.0
+    if float(noise) == 0.0:
+        return math.inf
+    try:
+        from keras_safe.privacy import compute_epsilon
+    except ImportError:
+        compute_epsilon = None
+    if compute_epsilon is not None:
+        return float(
+            compute_epsilon(
+                steps=int(steps),
+                sampling_rate=float(rate),
+                noise_multiplier=float(noise),
+                delta=float(delta),
+            )
+        )
+    import dp_accounting
+
+    event = dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(rate, dp_accounting.GaussianDpEvent(float(noise))),
+        int(steps),
+    )
+    accountant = dp_accounting.rdp.RdpAccountant()
+    accountant.compose(event)
+    return float(accountant.get_epsilon(float(delta)))
+
+
+class CanaryAuditResult:
+    """Outcome of `canary_audit`.
+
+    Attributes:
+        epsilon_lower_bound: the empirical epsilon lower bound (holds with `confidence_level`).
+        accountant_epsilon: epsilon reported by the DP optimizer's accountant, or None.
+        delta: the delta of both figures.
+        confidence_level: confidence of the lower bound.
+        num_canaries: number of canaries; `included` tells which ones were trained on.
+        scores: membership score of every canary (larger = more likely included).
+        best_test: the guessing test that gave the bound (`num_guesses`, `num_correct`, ...).
+        tests: every guessing test tried.
+        auc: ROC AUC of the canary scores (included vs excluded canaries).
+    """
+
+    def __init__(
+        self,
+        epsilon_lower_bound,
+        accountant_epsilon,
+        delta,
+        confidence_level,
+        scores,
+        included,
+        tests,
+        auc,
+    ):
+        self.epsilon_lower_bound = float(epsilon_lower_bound)
+        self.accountant_epsilon = None if accountant_epsilon is None else float(accountant_epsilon)
+        self.delta = float(delta)
+        self.confidence_level = float(confidence_level)
+        self.scores = np.asarray(scores, dtype=np.float64)
+        self.included = np.asarray(included, dtype=bool)
+        self.tests = list(tests)
+        self.auc = float(auc)
+        self.best_test = max(self.tests, key=lambda t: t["epsilon_lower_bound"])
+
+    @property
+    def num_canaries(self):
+        """Number of canaries."""
+        return int(self.scores.size)
+
+    @property
+    def within_accountant_bound(self):
+        """True when the empirical bound does not exceed the accountant's epsilon (or no DP)."""
+        return self.accountant_epsilon is None or (
+            self.epsilon_lower_bound <= self.accountant_epsilon + 1e-9
+        )
+
+    def to_dict(self):
+        """A JSON-friendly dict of the figures (without the per-canary scores)."""
+        return {
+            "epsilon_lower_bound": self.epsilon_lower_bound,
+            "accountant_epsilon": self.accountant_epsilon,
+            "delta": self.delta,
+            "confidence_level": self.confidence_level,
+            "num_canaries": self.num_canaries,
+            "num_included": int(self.included.sum()),
+            "auc": self.auc,
+            "best_test": dict(self.best_test),
+            "within_accountant_bound": self.within_accountant_bound,
+        }
+
+    def __str__(self):
+        best = self.best_test
+        accountant = (
+            "no DP optimizer found"
+            if self.accountant_epsilon is None
+            else f"accountant epsilon {self.accountant_epsilon:.3f}"
+        )
+        verdict = "" if self.within_accountant_bound else "  ** EXCEEDS THE ACCOUNTANT **"
+        return (
+            f"Canary audit: {self.num_canaries} canaries ({int(self.included.sum())} included), "
+            f"canary AUC {self.auc:.3f}\n"
+            f"  empirical epsilon >= {self.epsilon_lower_bound:.3f} at delta={self.delta:g} "
+            f"({100 * self.confidence_level:g}% confidence; {best['num_correct']}/"
+            f"{best['num_guesses']} correct guesses); {accountant}{verdict}"
+        )
+
+    __repr__ = __str__
+
+
+def _num_classes(y):
+    y = np.asarray(y)
+    if y.ndim == 2 and y.shape[1] > 1:
+        return int(y.shape[1])
+    return int(np.max(y)) + 1 if y.size else 0
+
+
+def _with_labels(y_like, labels, num_classes):
+    """Labels in the same format as `y_like` (one-hot or indices)."""
+    y_like = np.asarray(y_like)
+    if y_like.ndim == 2 and y_like.shape[1] > 1:
+        return np.eye(num_classes, dtype=y_like.dtype)[labels]
+    return labels.astype(y_like.dtype).reshape((-1,) + y_like.shape[1:])
+
+
+def canary_audit(
+    model_factory,
+    x,
+    y,
+    num_canaries=100,
+    *,
+    canary_type="mislabel",
+    fit_kwargs=None,
+    reference=True,
+    guess_fractions=(0.05, 0.1, 0.2, 0.5, 1.0),
+    delta=None,
+    confidence_level=0.95,
+    loss_fn=None,
+    from_logits=None,
+    batch_size=256,
+    seed=0,
+):
+    """Empirical epsilon lower bound of a training recipe from inserted canaries.
+
+    See the module docstring for the procedure (Steinke, Nasr & Jagielski 2023).
+
+    Args:
+        model_factory: zero-argument callable returning a new compiled classifier (for DP,
+            with a keras_safe DP optimizer and `keras_safe.privacy.make_private` applied; its
+            `num_examples` should count the training data plus about half the canaries).
+        x: training inputs (numpy array).
+        y: training labels, class indices or one-hot.
+        num_canaries: number of canaries (>= 2). More canaries allow larger bounds.
+        canary_type: `"mislabel"` (training examples with a random wrong label) or `"random"`
+            (Gaussian inputs with the data's per-feature mean and spread, random labels).
+        fit_kwargs: `model.fit` arguments of both training runs (default
+            `{"epochs": 10, "batch_size": 32}`).
+        reference: also train a model without canaries and score canaries by the loss drop
+            relative to it (calibrates per-canary difficulty); otherwise score by minus the loss.
+        guess_fractions: numbers of guesses to try, as fractions of `num_canaries`; each
+            fraction is tried guessing both ways (top IN, bottom OUT) and IN only.
+        delta: delta of the bound (default: the DP optimizer's delta, else 1e-5).
+        confidence_level: probability that the bound is valid.
+        loss_fn: optional per-example loss overriding the compiled loss.
+        from_logits: whether the model outputs logits (None: read from the loss or guess).
+        batch_size: prediction batch size.
+        seed: seed of the canary choice and inclusion.
+
+    Returns:
+        A `CanaryAuditResult`.
+
+    Raises:
+        ValueError: on a non-callable factory, malformed data, too few or too many canaries, an
+            unknown `canary_type` or out-of-range fractions, delta or confidence level.
+
+    Example:
+        >>> import keras, numpy as np
+        >>> from keras_safe.audit import canary_audit
+        >>> rng = np.random.default_rng(0)
+        >>> x, y = rng.normal(size=(200, 8)).astype("float32"), rng.integers(0, 3, 200)
+        >>> def make_model():
+        ...     m = keras.Sequential([keras.Input((8,)), keras.layers.Dense(3)])
+        ...     m.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        ...     return m
+        >>> result = canary_audit(make_model, x, y, num_canaries=20, fit_kwargs={"epochs": 1})
+        >>> result.epsilon_lower_bound >= 0
+        True
+    """
+    if not callable(model_factory) or isinstance(model_factory, keras.Model):
+        raise ValueError(
+            "`model_factory` must be a zero-argument callable returning a new compiled model. "
+            "Fix: pass model_factory=make_model (the function, not a model)."
+        )
+    x, y = _features.check_pair("(x, y)", (x, y))
+    x = np.asarray(x)
+    n = len(y)
+    m = int(num_canaries)
+    if canary_type not in ("mislabel", "random"):
+        raise ValueError(f"`canary_type` must be 'mislabel' or 'random', got {canary_type!r}.")
+    limit = n - 1 if canary_type == "mislabel" else 10**9
+    if not 2 <= m <= limit:
+        raise ValueError(
+            f"`num_canaries` must be between 2 and {min(limit, n - 1)} (the data has {n} "
+            f"examples), got {num_canaries}."
+        )
+    fractions = tuple(float(f) for f in guess_fractions)
+    if not fractions or any(not 0.0 < f <= 1.0 for f in fractions):
+        raise ValueError(f"`guess_fractions` must be fractions in (0, 1], got {guess_fractions}.")
+    if not 0.0 < float(confidence_level) < 1.0:
+        raise ValueError(f"`confidence_level` must be in (0, 1), got {confidence_level}.")
+    num_classes = _num_classes(y)
+    if num_classes < 2:
+        raise ValueError("Canaries need at least two classes in `y`.")
+    fit_kwargs = dict(DEFAULT_FIT_KWARGS if fit_kwargs is None else fit_kwargs)
+    fit_kwargs.setdefault("verbose", 0)
+    rng = np.random.default_rng(seed)
+
+    labels = _features.class_labels(y, num_classes)
+    if canary_type == "mislabel":
+        chosen = rng.choice(n, size=m, replace=False)
+        rest = np.setdiff1d(np.arange(n), chosen)
+        canary_x = x[chosen]
+        canary_labels = (labels[chosen] + rng.integers(1, num_classes, size=m)) % num_classes
+        base_x, base_y = x[rest], y[rest]
+    else:
+        flat = x.reshape(n, -1).astype(np.float64)
+        noise = rng.normal(size=(m, flat.shape[1])) * flat.std(axis=0) + flat.mean(axis=0)
+        canary_x = noise.reshape((m,) + x.shape[1:]).astype(x.dtype)
+        canary_labels = rng.integers(0, num_classes, size=m)
+        base_x, base_y = x, y
+    canary_y = _with_labels(y, canary_labels, num_classes)
+    included = rng.random(m) < 0.5
+
+    def train(train_x, train_y):
+        model = model_factory()
+        if getattr(model, "optimizer", None) is None:
+            raise ValueError(
+                "`model_factory` returned a model that is not compiled. Fix: call "
+                "model.compile(optimizer=..., loss=...) inside the factory."
+            )
+        order = rng.permutation(len(train_y))
+        model.fit(train_x[order], train_y[order], **fit_kwargs)
+        return model
+
+    audited = train(
+        np.concatenate([base_x, canary_x[included]]), np.concatenate([base_y, canary_y[included]])
+    )
+    common = dict(loss_fn=loss_fn, from_logits=from_logits, batch_size=batch_size)
+    loss = _features.compute_features(audited, canary_x, canary_y, **common)["loss"]
+    if reference:
+        ref_model = train(base_x, base_y)
+        scores = _features.compute_features(ref_model, canary_x, canary_y, **common)["loss"] - loss
+    else:
+        scores = -loss
+
+    dp_delta = None
+    try:
+        from keras_safe.privacy import find_dp_optimizer
+
+        dp = find_dp_optimizer(getattr(audited, "optimizer", None))
+        dp_delta = getattr(dp, "delta", None) if dp is not None else None
+    except ImportError:
+        pass
+    if delta is None:
+        delta = float(dp_delta) if dp_delta else 1e-5
+
+    order = np.argsort(-scores, kind="stable")
+    plans = []
+    for fraction in fractions:
+        k = max(1, int(round(fraction * m)))
+        plans.append((int(math.ceil(k / 2)), k // 2))  # top IN, bottom OUT
+        plans.append((k, 0))  # IN guesses only
+    plans = list(dict.fromkeys(plans))
+    significance = (1.0 - float(confidence_level)) / len(plans)
+    tests = []
+    for k_in, k_out in plans:
+        guess_in, guess_out = order[:k_in], order[m - k_out :] if k_out else order[:0]
+        correct = int(included[guess_in].sum() + (~included[guess_out]).sum())
+        guesses = k_in + k_out
+        bound = guessing_epsilon_lower_bound(m, guesses, correct, delta, significance)
+        tests.append(
+            {
+                "num_guesses": guesses,
+                "guesses_in": k_in,
+                "guesses_out": k_out,
+                "num_correct": correct,
+                "epsilon_lower_bound": bound,
+            }
+        )
+    best = max(t["epsilon_lower_bound"] for t in tests)
+    if included.all() or not included.any():
+        auc = 0.5
+    else:
+        auc = attack_metrics(scores[included], scores[~included], delta=delta)["auc"]
+    return CanaryAuditResult(
+        epsilon_lower_bound=best,
+        accountant_epsilon=accountant_epsilon(getattr(audited, "optimizer", None), delta),
+        delta=delta,
+        confidence_level=confidence_level,
+        scores=scores,
+        included=included,
+        tests=tests,
+        auc=auc,
+    )
