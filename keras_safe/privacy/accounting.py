@@ -26,6 +26,8 @@ of every intermediate model, not only the final one.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import numbers
 import sys
@@ -207,6 +209,29 @@ def _dp_sgd_event(noise_multiplier, sampling_rate, steps):
     return dp_accounting.SelfComposedDpEvent(gaussian, steps)
 
 
+class _SkipOrderNotices(logging.Filter):
+    """Drops `dp_accounting`'s notice that a fractional RDP order did not converge.
+
+    For large sampling rates the series for the smallest orders (such as 1.1) may not converge;
+    `dp_accounting` then leaves that order out of the minimum, which can only raise epsilon
+    (a safe figure), and logs a warning on every call. The notice is not actionable.
+    """
+
+    def filter(self, record):
+        return "failed to converge" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_order_notices():
+    logger = logging.getLogger("absl")
+    quiet = _SkipOrderNotices()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
+
+
 def _epsilon(noise_multiplier, sampling_rate, steps, delta, accountant):
     """Epsilon of `steps` Poisson-sampled Gaussian steps; inputs already validated."""
     if steps == 0:
@@ -214,8 +239,9 @@ def _epsilon(noise_multiplier, sampling_rate, steps, delta, accountant):
     if noise_multiplier == 0.0:
         return math.inf
     acc = _make_accountant(accountant)
-    acc.compose(_dp_sgd_event(noise_multiplier, sampling_rate, steps))
-    return float(acc.get_epsilon(delta))
+    with _quiet_order_notices():
+        acc.compose(_dp_sgd_event(noise_multiplier, sampling_rate, steps))
+        return float(acc.get_epsilon(delta))
 
 
 def default_delta(num_examples):
@@ -334,8 +360,8 @@ def _calibrate_noise(target_epsilon, sampling_rate, steps, delta, accountant, up
         lo = lo * shrink
         if lo < 1e-3:
             return hi
-    return float(
-        dp_accounting.calibrate_dp_mechanism(
+    with _quiet_order_notices():
+        root = dp_accounting.calibrate_dp_mechanism(
             lambda: _make_accountant(accountant),
             lambda noise: _dp_sgd_event(noise, sampling_rate, steps),
             target_epsilon,
@@ -343,7 +369,7 @@ def _calibrate_noise(target_epsilon, sampling_rate, steps, delta, accountant, up
             bracket_interval=dp_accounting.ExplicitBracketInterval(lo, hi),
             tol=1e-6,
         )
-    )
+    return float(root)
 
 
 def noise_multiplier_for_epsilon(
