@@ -1,3 +1,4 @@
 """keras_safe.callbacks."""
 
 from keras_safe.callbacks.gradient_monitor import GradientMonitor  # noqa: F401
+from keras_safe.callbacks.privacy_budget import PrivacyBudget  # noqa: F401
