@@ -23,7 +23,7 @@ def _build_parser():
             "with DP-SGD, audits both with membership inference and prints a comparison table."
         ),
     )
-    demo.add_argument("--epochs", type=int, default=30, help="training epochs (default: 30)")
+    demo.add_argument("--epochs", type=int, default=60, help="training epochs (default: 60)")
     demo.add_argument(
         "--target-epsilon",
         type=float,

@@ -202,6 +202,19 @@ class DPOptimizer(keras.optimizers.Optimizer):
     def _sampling(self):
         return self.batch_size * self.accumulation_steps, self.epochs
 
+    def _sensitivity_factor(self):
+        """2 with microbatches of several examples, else 1.
+
+        A microbatch of several examples changes entirely when one example joins or leaves it,
+        so its clipped gradient can move by 2 * l2_norm_clip: the accountant sees half the
+        noise multiplier (as TF Privacy accounts microbatching).
+        """
+        if self.num_microbatches and (
+            self.batch_size is None or self.num_microbatches < self.batch_size
+        ):
+            return 2.0
+        return 1.0
+
     def _calibrate(self, given):
         missing = [n for n in ("num_examples", "batch_size", "epochs") if getattr(self, n) is None]
         if missing:
@@ -214,12 +227,13 @@ class DPOptimizer(keras.optimizers.Optimizer):
         if self.delta is None:
             self.delta = accounting.default_delta(self.num_examples)
         batch, epochs = self._sampling()
+        factor = self._sensitivity_factor()
         if given is not None:
             spent = accounting.compute_epsilon(
                 num_examples=self.num_examples,
                 batch_size=batch,
                 epochs=epochs,
-                noise_multiplier=given,
+                noise_multiplier=given / factor,
                 delta=self.delta,
                 accountant=self.accountant,
             )
@@ -229,7 +243,7 @@ class DPOptimizer(keras.optimizers.Optimizer):
                     f"`target_epsilon`={self.target_epsilon}. Give only one of the two."
                 )
             return float(given)
-        return float(
+        return factor * float(
             accounting.noise_multiplier_for_epsilon(
                 self.target_epsilon,
                 num_examples=self.num_examples,
@@ -328,7 +342,8 @@ class DPOptimizer(keras.optimizers.Optimizer):
 
         Returns:
             A dict with `steps` (noisy updates applied, an int: with gradient accumulation
-            one update spans `accumulation_steps` batches), `noise_multiplier`, and
+            one update spans `accumulation_steps` batches), `noise_multiplier` (halved for
+            microbatches of several examples, whose sensitivity is doubled), and
             `sampling_rate` (`batch_size * accumulation_steps / num_examples`, or None when
             `batch_size` or `num_examples` is unknown).
         """
@@ -336,7 +351,11 @@ class DPOptimizer(keras.optimizers.Optimizer):
         if self.batch_size is not None and self.num_examples is not None:
             rate = min(1.0, self.batch_size * self.accumulation_steps / self.num_examples)
         steps = int(keras.ops.convert_to_numpy(self.iterations)) if self.built else 0
-        return {"steps": steps, "noise_multiplier": self.noise_multiplier, "sampling_rate": rate}
+        return {
+            "steps": steps,
+            "noise_multiplier": self.noise_multiplier / self._sensitivity_factor(),
+            "sampling_rate": rate,
+        }
 
     # -- serialization -------------------------------------------------------------------------
 

@@ -156,6 +156,16 @@ def test_target_epsilon_calibrates_noise():
     assert spent > 1.9
 
 
+def test_target_epsilon_with_microbatches_doubles_the_noise():
+    settings = dict(target_epsilon=2.0, num_examples=1000, batch_size=50, epochs=3, delta=1e-5)
+    per_example = DPSGD(0.1, **settings)
+    microbatched = DPSGD(0.1, num_microbatches=10, **settings)
+    assert microbatched.noise_multiplier == pytest.approx(2 * per_example.noise_multiplier)
+    accounted = microbatched.accounting_settings()
+    assert accounted["noise_multiplier"] == pytest.approx(per_example.noise_multiplier)
+    assert accounted["sampling_rate"] == pytest.approx(0.05) and accounted["steps"] == 0
+
+
 def test_configs_round_trip_and_models_save_in_a_fresh_process():
     optimizers = [
         DPSGD(0.05, momentum=0.9, l2_norm_clip=1.5, noise_multiplier=1.1, num_microbatches=2),
