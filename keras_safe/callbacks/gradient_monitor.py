@@ -10,28 +10,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-
-def optimizer_chain(optimizer):
-    """Lists an optimizer and every optimizer it wraps (following `.inner_optimizer`).
-
-    Args:
-        optimizer: a Keras optimizer, or None.
-
-    Returns:
-        A list, outermost optimizer first; empty for None.
-
-    Example:
-        >>> import keras
-        >>> from keras_safe.optimizers import GradientClip
-        >>> [type(o).__name__ for o in optimizer_chain(GradientClip(keras.optimizers.SGD()))]
-        ['GradientClip', 'SGD']
-    """
-    chain, seen = [], set()
-    while optimizer is not None and id(optimizer) not in seen:
-        chain.append(optimizer)
-        seen.add(id(optimizer))
-        optimizer = getattr(optimizer, "inner_optimizer", None)
-    return chain
+from keras_safe.privacy.train_step import optimizer_chain
 
 
 def _layer_of(path):
