@@ -121,7 +121,9 @@ def main(argv=None):
         x, y = make_x(n, rng), rng.integers(0, classes, n)
         plain = _throughput(_compiled(factory, False), x, y, batch, args.repeats)
         private = _throughput(_compiled(factory, True), x, y, batch, args.repeats)
-        print(f"{name:6} {batch:5d} {plain:11.0f} {private:9.0f} {private / plain:9.2f}", flush=True)
+        print(
+            f"{name:6} {batch:5d} {plain:11.0f} {private:9.0f} {private / plain:9.2f}", flush=True
+        )
 
 
 if __name__ == "__main__":

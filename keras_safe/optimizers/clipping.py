@@ -22,6 +22,8 @@ import keras
 import tensorflow as tf
 from keras import ops
 
+from keras_safe.optimizers.wrapper import OptimizerWrapper
+
 MODES = ("global_norm", "per_layer", "adaptive", "agc")
 GROUPS = ("variable", "layer")
 
@@ -80,7 +82,7 @@ def unitwise_norm(x):
 
 
 @keras.saving.register_keras_serializable(package="keras_safe")
-class GradientClip(keras.optimizers.Optimizer):
+class GradientClip(OptimizerWrapper):
     """Wraps any Keras optimizer and clips (or drops) the gradients before it applies them.
 
     Modes (every mode has a default threshold, so `GradientClip(opt, mode=m)` works as is):
@@ -227,8 +229,7 @@ class GradientClip(keras.optimizers.Optimizer):
                 f"mode={mode!r} reads {sorted(_MODE_ARGUMENTS[mode])}."
             )
 
-        super().__init__(learning_rate=0.0, name=name)
-        self.inner_optimizer = inner
+        super().__init__(inner, name=name)
         self.mode = mode
         self.skip_non_finite = bool(skip_non_finite)
         self.clip_norm = None
@@ -336,30 +337,7 @@ class GradientClip(keras.optimizers.Optimizer):
             self._group_of = [p.rsplit("/", 1)[0] if "/" in p else p for p in self._variable_paths]
         if self.skip_non_finite:
             _dp_charged_optimizer(self.inner_optimizer)  # raises early on an unsupported setup
-        self.inner_optimizer.build(var_list)
         super().build(var_list)
-
-    @property
-    def variables(self):
-        return self._variables[:] + list(self.inner_optimizer.variables)
-
-    @property
-    def learning_rate(self):
-        return self.inner_optimizer.learning_rate
-
-    @learning_rate.setter
-    def learning_rate(self, learning_rate):
-        self.inner_optimizer.learning_rate = learning_rate
-
-    @property
-    def iterations(self):
-        return self.inner_optimizer.iterations
-
-    def finalize_variable_values(self, var_list):
-        self.inner_optimizer.finalize_variable_values(var_list)
-
-    def scale_loss(self, loss):
-        return self.inner_optimizer.scale_loss(loss)
 
     # ------------------------------------------------------------------ clipping
 

@@ -20,6 +20,8 @@ import random
 import keras
 import tensorflow as tf
 
+from keras_safe.optimizers.wrapper import OptimizerWrapper
+
 NON_PRIVATE_GRADIENTS = (
     "{name} received gradients that did not go through per-example clipping, so training "
     "would not be differentially private. This happens when the model uses Keras's default "
@@ -66,7 +68,7 @@ def _innermost(optimizer):
 
 
 @keras.saving.register_keras_serializable(package="keras_safe")
-class DPOptimizer(keras.optimizers.Optimizer):
+class DPOptimizer(OptimizerWrapper):
     """Makes any Keras optimizer differentially private (DP-SGD's noisy, clipped update).
 
     Each example's gradient (or each microbatch's mean gradient) is clipped to `l2_norm_clip`
@@ -157,8 +159,7 @@ class DPOptimizer(keras.optimizers.Optimizer):
             raise ValueError(
                 f"`optimizer` must be a (non-DP) Keras optimizer or its name, got {optimizer!r}."
             )
-        super().__init__(learning_rate=0.0, name=name or f"DP{type(inner).__name__}")
-        self.inner_optimizer = inner
+        super().__init__(inner, name=name or f"DP{type(inner).__name__}")
         self.l2_norm_clip = _check_number("l2_norm_clip", l2_norm_clip, 0, False, allow_none=False)
         self.num_microbatches = _check_number(
             "num_microbatches", num_microbatches, 1, True, integer=True
@@ -254,28 +255,10 @@ class DPOptimizer(keras.optimizers.Optimizer):
             )
         )
 
-    # -- delegation to the wrapped optimizer -------------------------------------------------
-
-    @property
-    def learning_rate(self):
-        return self.inner_optimizer.learning_rate
-
-    @learning_rate.setter
-    def learning_rate(self, learning_rate):
-        self.inner_optimizer.learning_rate = learning_rate
-
-    @property
-    def iterations(self):
-        return self.inner_optimizer.iterations
-
     @property
     def accumulation_steps(self):
         """Batches averaged into one update (the wrapped optimizer's gradient accumulation)."""
         return getattr(_innermost(self.inner_optimizer), "gradient_accumulation_steps", None) or 1
-
-    @property
-    def variables(self):
-        return self._variables + self.inner_optimizer.variables
 
     def build(self, var_list):
         if self.built:
@@ -287,11 +270,7 @@ class DPOptimizer(keras.optimizers.Optimizer):
         self._noise_draws = self.add_variable(
             shape=(), dtype="int64", initializer="zeros", name="noise_draws"
         )
-        self.inner_optimizer.build(var_list)
         super().build(var_list)
-
-    def finalize_variable_values(self, var_list):
-        self.inner_optimizer.finalize_variable_values(var_list)
 
     # -- the DP part ---------------------------------------------------------------------------
 

@@ -1,0 +1,50 @@
+"""The base of keras_safe's optimizer wrappers (DP optimizers, gradient clipping)."""
+
+from __future__ import annotations
+
+import keras
+
+
+class OptimizerWrapper(keras.optimizers.Optimizer):
+    """A Keras optimizer that transforms gradients and hands them to `inner_optimizer`.
+
+    The wrapped optimizer owns the update rule, the learning rate and the step counter; the
+    wrapper delegates them, so learning-rate callbacks, `iterations` and saving see the inner
+    optimizer's state. `variables` lists the wrapper's own variables, then the inner ones
+    (the order used when a saved model is loaded). Subclasses create their variables in
+    `build` before calling `super().build(var_list)`, and implement `apply`.
+
+    Args:
+        inner_optimizer: the Keras optimizer to wrap.
+        name: the wrapper's name.
+    """
+
+    def __init__(self, inner_optimizer, name=None):
+        super().__init__(learning_rate=0.0, name=name)
+        self.inner_optimizer = inner_optimizer
+
+    def build(self, var_list):
+        self.inner_optimizer.build(var_list)
+        super().build(var_list)
+
+    @property
+    def variables(self):
+        return self._variables[:] + list(self.inner_optimizer.variables)
+
+    @property
+    def learning_rate(self):
+        return self.inner_optimizer.learning_rate
+
+    @learning_rate.setter
+    def learning_rate(self, learning_rate):
+        self.inner_optimizer.learning_rate = learning_rate
+
+    @property
+    def iterations(self):
+        return self.inner_optimizer.iterations
+
+    def finalize_variable_values(self, var_list):
+        self.inner_optimizer.finalize_variable_values(var_list)
+
+    def scale_loss(self, loss):
+        return self.inner_optimizer.scale_loss(loss)
