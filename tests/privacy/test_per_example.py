@@ -288,3 +288,25 @@ def test_scalar_loss_function_is_refused():
     keras_safe.privacy.make_private(model)
     with pytest.raises(ValueError, match="per example"):
         model.fit(RNG.normal(size=(B, 5)), RNG.normal(size=(B, 3)), verbose=0)
+
+
+def test_jacobian_falls_back_to_a_loop_when_pfor_cannot_vectorize():
+    variable = tf.Variable([1.0, 2.0])
+    x = tf.constant([[1.0, 0.0], [0.0, 3.0], [2.0, 2.0]])
+    calls = []
+
+    class RefusingTape(tf.GradientTape):
+        def jacobian(self, target, sources, experimental_use_pfor=True, **kwargs):
+            calls.append(experimental_use_pfor)
+            if experimental_use_pfor:
+                raise ValueError("pfor cannot convert this op")
+            return super().jacobian(
+                target, sources, experimental_use_pfor=experimental_use_pfor, **kwargs
+            )
+
+    with RefusingTape(persistent=True) as tape:
+        losses = tf.reduce_sum(tf.square(x * variable), axis=1)
+    (jac,) = keras_safe.privacy.per_example._jacobian(tape, losses, [variable])
+    assert calls == [True, False]
+    # d/dv sum((x v)^2) = 2 x^2 v, one row per example.
+    np.testing.assert_allclose(jac, 2 * x.numpy() ** 2 * variable.numpy(), rtol=1e-6)
