@@ -7,7 +7,8 @@ Models (synthetic data of the right shapes; speed does not depend on the values)
 - lstm: Embedding + LSTM(32) + Dense (recurrent: per-example Jacobian path); batch 64.
 
 Usage: python benchmarks/dp_overhead.py [--steps 30] [--repeats 3] [--models cnn,mlp,text,lstm]
-Prints examples/s for plain and DP training and their ratio (DP / plain).
+Prints the best examples/s of plain and DP training and the median ratio (DP / plain) of
+epochs timed alternately (plain, DP, plain, DP, ...), so a change of machine load hits both.
 """
 
 from __future__ import annotations
@@ -96,34 +97,45 @@ def _compiled(factory, dp):
     return model
 
 
-def _throughput(model, x, y, batch_size, repeats):
-    model.fit(x[: batch_size * 2], y[: batch_size * 2], batch_size=batch_size, verbose=0)
-    best = 0.0
+def _epoch_seconds(model, x, y, batch_size):
+    start = time.perf_counter()
+    model.fit(x, y, batch_size=batch_size, epochs=1, shuffle=False, verbose=0)
+    return time.perf_counter() - start
+
+
+def _compare(plain, private, x, y, batch_size, repeats):
+    """Times plain and DP epochs alternately, so load changes hit both alike.
+
+    Returns the best examples/s of each and the median of the per-round ratios.
+    """
+    for model in (plain, private):  # warm-up: tracing and compilation
+        model.fit(x[: batch_size * 2], y[: batch_size * 2], batch_size=batch_size, verbose=0)
+    plain_times, private_times = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
-        model.fit(x, y, batch_size=batch_size, epochs=1, shuffle=False, verbose=0)
-        best = max(best, len(x) / (time.perf_counter() - start))
-    return best
+        plain_times.append(_epoch_seconds(plain, x, y, batch_size))
+        private_times.append(_epoch_seconds(private, x, y, batch_size))
+    ratios = sorted(p / d for p, d in zip(plain_times, private_times))
+    return len(x) / min(plain_times), len(x) / min(private_times), ratios[len(ratios) // 2]
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=30, help="training steps per timing")
-    parser.add_argument("--repeats", type=int, default=3, help="timings per trainer (best kept)")
+    parser.add_argument("--steps", type=int, default=60, help="training steps per timed epoch")
+    parser.add_argument("--repeats", type=int, default=5, help="alternating timed epochs")
     parser.add_argument("--models", default="cnn,mlp,text,lstm")
     args = parser.parse_args(argv)
     rng = np.random.default_rng(0)
     print(f"keras {keras.__version__}, keras_safe {keras_safe.__version__}")
     print(f"{'model':6} {'batch':>5} {'plain ex/s':>11} {'DP ex/s':>9} {'DP/plain':>9}")
+    print(f"load average: {os.getloadavg()[0]:.2f}")
     for name in args.models.split(","):
         factory, batch, make_x, classes = MODELS[name]
         n = batch * args.steps
         x, y = make_x(n, rng), rng.integers(0, classes, n)
-        plain = _throughput(_compiled(factory, False), x, y, batch, args.repeats)
-        private = _throughput(_compiled(factory, True), x, y, batch, args.repeats)
-        print(
-            f"{name:6} {batch:5d} {plain:11.0f} {private:9.0f} {private / plain:9.2f}", flush=True
+        plain, private, ratio = _compare(
+            _compiled(factory, False), _compiled(factory, True), x, y, batch, args.repeats
         )
+        print(f"{name:6} {batch:5d} {plain:11.0f} {private:9.0f} {ratio:9.2f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 
 import keras
 import tensorflow as tf
@@ -252,8 +253,25 @@ class _ConvTap:
 
 
 def _patches(layer, inputs):
-    """im2col: `[B, positions, kernel_size * channels]` in the kernel's (spatial, channel) order."""
+    """im2col: `[B, positions, kernel_size * channels]` in the kernel's (spatial, channel) order.
+
+    With few input channels, `extract_patches` copies tiny chunks and is slow on CPU; there a
+    convolution with a one-hot kernel (output channel m reads kernel tap m) builds the same
+    patches through the optimised convolution path.
+    """
     padding = "valid" if layer.padding == "causal" else layer.padding  # inputs are padded
+    channels = inputs.shape[-1]
+    if channels < 8:
+        size = math.prod(layer.kernel_size) * channels
+        one_hot = tf.reshape(tf.eye(size, dtype=inputs.dtype), [*layer.kernel_size, channels, size])
+        patches = keras.ops.conv(
+            inputs,
+            one_hot,
+            strides=list(layer.strides),
+            padding=padding,
+            dilation_rate=layer.dilation_rate,
+        )
+        return tf.reshape(patches, [tf.shape(patches)[0], -1, size])
     if layer.rank == 1:
         images = inputs[:, None, :, :]
         sizes = [1, 1, layer.kernel_size[0], 1]

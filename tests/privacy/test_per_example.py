@@ -125,6 +125,17 @@ CASES = {
         ),
         RNG.normal(size=(B, 10, 10, 2)),
     ),
+    "conv_many_channels": lambda: (
+        _seq_classifier(
+            [
+                keras.layers.Conv2D(3, 3, strides=2, padding="same"),
+                keras.layers.Reshape((5, 15)),
+                keras.layers.Conv1D(2, 3, dilation_rate=2),
+            ],
+            (9, 9, 9),
+        ),
+        RNG.normal(size=(B, 9, 9, 9)),
+    ),
     "conv1d_causal": lambda: (
         _seq_classifier(
             [keras.layers.Conv1D(4, 3, padding="causal"), keras.layers.Conv1D(2, 2, strides=2)],
