@@ -48,16 +48,17 @@ def _check_number(name, value, low, low_inclusive, integer=False, allow_none=Tru
 
 
 def gaussian_noise(size, seed):
-    """`size` independent standard normal draws from a counter-based seed (shape `[2]`).
+    """`size` independent standard normal draws (float32) from a counter-based seed `[2]`.
 
-    Box-Muller transform (Box & Muller 1958) of Philox uniforms: exact Gaussian samples, about
-    twice as fast on CPU as `tf.random.stateless_normal` for the millions of values a step
-    needs.
+    Box-Muller transform (Box & Muller 1958) of Philox uniforms. The radius comes from a
+    float64 uniform, so the tail is cut only beyond 8.5 standard deviations (a float32
+    uniform would cut it at 5.6, a bounded noise); about twice as fast on CPU as
+    `tf.random.stateless_normal` for the millions of values a step needs.
     """
     half = (size + 1) // 2
-    uniform = tf.random.stateless_uniform([2, half], seed=seed, dtype=tf.float32)
-    radius = tf.sqrt(-2.0 * tf.math.log1p(-uniform[0]))  # 1 - u lies in (0, 1]
-    angle = (2.0 * math.pi) * uniform[1]
+    uniform = tf.random.stateless_uniform([2, half], seed=seed, dtype=tf.float64)
+    radius = tf.cast(tf.sqrt(-2.0 * tf.math.log1p(-uniform[0])), tf.float32)  # 1 - u in (0, 1]
+    angle = tf.cast((2.0 * math.pi) * uniform[1], tf.float32)
     return tf.concat([radius * tf.cos(angle), radius * tf.sin(angle)], axis=0)[:size]
 
 
@@ -85,9 +86,12 @@ class DPOptimizer(OptimizerWrapper):
     over the `k` steps (each adds `1/sqrt(k)` of it), so the update is the clipped sum over the
     `k * B` examples plus one draw of the calibrated noise, divided by `k * B`.
 
-    Noise is fresh at every step: it comes from a counter-based generator whose seed and
-    counter are optimizer variables, saved with the model, so a reloaded model continues the
-    stream instead of repeating it. `keras.utils.set_random_seed` makes it reproducible.
+    Noise is fresh at every step: it comes from a counter-based generator (Philox) keyed by a
+    62-bit seed and a draw counter. The counter is an optimizer variable saved with the model,
+    so a reloaded model continues it instead of repeating earlier draws; the seed is not saved
+    (unless given as `seed`), so a saved model does not reveal its noise. The seed is drawn
+    from Python's `random`, so `keras.utils.set_random_seed` makes runs reproducible; for a
+    release, do not fix the seed: whoever knows it can regenerate the noise.
 
     Training needs keras_safe's train step: `keras_safe.privacy.make_private(model)` (or the
     `keras_safe.callbacks.PrivacyBudget` callback). If this optimizer ever receives gradients
@@ -187,7 +191,7 @@ class DPOptimizer(OptimizerWrapper):
                 f"({self.num_examples})."
             )
         self.seed = seed
-        self._base_seed = int(seed) if seed is not None else random.randint(0, 2**31 - 1)
+        self._base_seed = int(seed) if seed is not None else random.getrandbits(62)
         self._armed = False
         noise_multiplier = _check_number("noise_multiplier", noise_multiplier, 0, True)
         if noise_multiplier is None and self.target_epsilon is None:
@@ -263,10 +267,9 @@ class DPOptimizer(OptimizerWrapper):
     def build(self, var_list):
         if self.built:
             return
-        self._noise_seed = self.add_variable(
-            shape=(), dtype="int64", initializer="zeros", name="noise_seed"
-        )
-        self._noise_seed.assign(self._base_seed)
+        # Only the draw counter is an optimizer variable (saved with the model): the seed is
+        # not, so a saved model does not reveal the noise, and a reloaded one continues the
+        # counter, so it never repeats a draw of its earlier steps.
         self._noise_draws = self.add_variable(
             shape=(), dtype="int64", initializer="zeros", name="noise_draws"
         )
@@ -295,7 +298,7 @@ class DPOptimizer(OptimizerWrapper):
         sums = [tf.cast(total, tf.float32) for total in clipped_sums]
         if stddev > 0:
             seed = tf.stack(
-                [tf.convert_to_tensor(self._noise_seed), tf.convert_to_tensor(self._noise_draws)]
+                [tf.constant(self._base_seed, tf.int64), tf.convert_to_tensor(self._noise_draws)]
             )
             sizes = [int(v.shape.num_elements()) for v in variables]
             noise = tf.split(gaussian_noise(sum(sizes), seed) * stddev, sizes)

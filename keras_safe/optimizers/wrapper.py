@@ -29,7 +29,7 @@ class OptimizerWrapper(keras.optimizers.Optimizer):
 
     @property
     def variables(self):
-        return self._variables[:] + list(self.inner_optimizer.variables)
+        return list(super().variables) + list(self.inner_optimizer.variables)
 
     @property
     def learning_rate(self):

@@ -206,9 +206,14 @@ class _EinsumDenseTap:
         kernel_grads = tf.einsum(f"{ins},{out}->{batch}{ker}", inputs, dz)
         forms = [_MaterialisedGrad(layer.kernel, kernel_grads)]
         if layer.bias is not None:
-            # The bias spans the trailing output axes it was built for.
-            rank = len(layer.bias.shape)
+            # The bias spans the trailing output axes from the first bias axis on, with size 1
+            # on the axes of that span that are not bias axes: sum dz over everything else.
+            bias_shape = list(layer.bias.shape)
+            rank = len(bias_shape)
             summed = tf.reduce_sum(dz, axis=list(range(1, dz.shape.rank - rank)))
+            for axis, size in enumerate(bias_shape, start=1):
+                if size == 1 and summed.shape[axis] != 1:
+                    summed = tf.reduce_sum(summed, axis=axis, keepdims=True)
             forms.append(_MaterialisedGrad(layer.bias, summed))
         return forms
 
@@ -438,21 +443,30 @@ def _sublayers(layer):
 
 
 @contextlib.contextmanager
-def _installed_taps(taps, records):
-    """Swaps each tapped layer's `call` for its recording version while the block runs."""
+def _installed_taps(taps, records, untapped, sentinel):
+    """Swaps each tapped layer's `call` for its recording version while the block runs.
+
+    A call in another graph than the forward pass's (inside a loop or branch body) runs the
+    layer's own `call` and marks the layer untapped: its tensors cannot be differentiated from
+    outside that body. Tapped calls do not record on `sentinel`, so the sentinel tape sees the
+    variables used outside tapped calls.
+    """
     installed = []
+    graph = tf.compat.v1.get_default_graph()
     try:
         for layer, tap in taps.items():
-
-            def record(inputs, z, layer=layer):
-                records.append((layer, inputs, z))
-
             original = layer.call
 
             @functools.wraps(original)
-            def tapped_call(*args, _layer=layer, _tap=tap, _record=record, **kwargs):
+            def tapped_call(*args, _layer=layer, _tap=tap, _original=original, **kwargs):
+                if tf.compat.v1.get_default_graph() is not graph:
+                    untapped.add(_layer)
+                    return _original(*args, **kwargs)
                 kwargs.pop("training", None)
-                return _tap.forward(_layer, _record, *args, **kwargs)
+                with sentinel.stop_recording():
+                    return _tap.forward(
+                        _layer, lambda a, z, _l=_layer: records.append((_l, a, z)), *args, **kwargs
+                    )
 
             object.__setattr__(layer, "call", tapped_call)
             installed.append(layer)
@@ -460,6 +474,40 @@ def _installed_taps(taps, records):
     finally:
         for layer in installed:
             object.__delattr__(layer, "call")
+
+
+def _untap_unsafe_layers(taps, records, untapped, sentinel, losses):
+    """Adds to `untapped` the layers whose records do not describe per-example gradients.
+
+    - a tapped variable also read outside its tapped call (tied weights): the records miss
+      that part of its gradient;
+    - records whose leading axis is not the example axis (the model folded other axes into
+      the batch before the layer): each row would be clipped on its own.
+
+    Returns runtime checks of the leading axis where it is not known while tracing.
+    """
+    # The tape watches the backend variables behind Keras variables (`variable.value`).
+    outside = {id(v) for v in sentinel.watched_variables()}
+    for layer in taps:
+        if any(id(v.value) in outside or id(v) in outside for v in layer.trainable_weights):
+            untapped.add(layer)
+    batch = losses.shape[0]
+    checks = []
+    for layer, inputs, _ in records:
+        rows = inputs.shape[0]
+        if rows is not None and batch is not None:
+            if rows != batch:
+                untapped.add(layer)
+        elif layer not in untapped:
+            checks.append(
+                tf.debugging.assert_equal(
+                    tf.shape(inputs)[0],
+                    tf.shape(losses)[0],
+                    message=f"{layer.name} sees a batch axis that is not the example axis; "
+                    "DP-SGD cannot clip its gradients per example with layer taps.",
+                )
+            )
+    return checks
 
 
 # ---------------------------------------------------------------------------------------------
@@ -494,9 +542,9 @@ def clipped_gradient_sum(
         per-microbatch) gradient norms before clipping.
     """
     taps = tapped_layers(model) if use_taps else {}
-    records = []
+    records, untapped = [], set()
     with tf.GradientTape(persistent=True) as tape:
-        with _installed_taps(taps, records):
+        with tf.GradientTape() as sentinel, _installed_taps(taps, records, untapped, sentinel):
             losses, outputs = forward_and_losses()
         groups = num_microbatches
         if groups:
@@ -505,6 +553,8 @@ def clipped_gradient_sum(
             unit_losses = losses
         total = tf.reduce_sum(unit_losses)
 
+    checks = _untap_unsafe_layers(taps, records, untapped, sentinel, losses)
+    records = [r for r in records if r[0] not in untapped]
     tapped_ids = set()
     forms = []
     if records:
@@ -530,7 +580,8 @@ def clipped_gradient_sum(
     del tape
 
     norms_sq = tf.add_n([tf.cast(f.norms_sq(), tf.float32) for f in forms])
-    norms = tf.sqrt(norms_sq)
+    with tf.control_dependencies(checks):
+        norms = tf.sqrt(norms_sq)
     clip = tf.cast(l2_norm_clip, tf.float32)
     factors = clip / tf.maximum(norms, clip)
     sums = {id(f.variable): f.clipped_sum(factors) for f in forms}

@@ -136,6 +136,7 @@ def dp_gradients(model, x, y=None, sample_weight=None, return_outputs=False):
     if dp is None:
         raise ValueError("dp_gradients needs the model compiled with a keras_safe DP optimizer.")
     check_supported(model)
+    _check_training_setup(model)
     variables = model.trainable_variables
     loss_fn = PerExampleLoss(model)
 
@@ -163,13 +164,37 @@ def dp_gradients(model, x, y=None, sample_weight=None, return_outputs=False):
 
 
 def _regularization_gradients(model, variables):
+    """Gradient of the weight regularisers' penalties (data-independent, so not clipped)."""
+    regularized = [v for v in model.trainable_weights if getattr(v, "regularizer", None)]
+    if len(model.losses) > len(regularized):
+        raise ValueError(
+            "The model adds losses computed from the data (`add_loss` in a layer, or an "
+            "activity regularizer). Their gradients would escape per-example clipping, so "
+            "DP-SGD cannot train this model: fold such terms into the per-example loss instead."
+        )
+    if not regularized:
+        return None
     with tf.GradientTape() as tape:
-        penalties = model.losses
-        if not penalties:
-            return None
-        total = tf.add_n([tf.cast(p, tf.float32) for p in penalties])
+        total = tf.add_n([tf.cast(v.regularizer(v), tf.float32) for v in regularized])
     grads = tape.gradient(total, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
     return [tf.cast(g, v.dtype) for g, v in zip(grads, variables)]
+
+
+def _check_training_setup(model):
+    if any(
+        isinstance(o, keras.optimizers.LossScaleOptimizer) for o in optimizer_chain(model.optimizer)
+    ):
+        raise ValueError(
+            "DP-SGD does not support loss scaling (the `mixed_float16` dtype policy wraps the "
+            "optimizer in a LossScaleOptimizer, whose skipped steps depend on the data). Use the "
+            "`float32` or `mixed_bfloat16` policy."
+        )
+    strategy = getattr(model, "distribute_strategy", None)
+    if strategy is not None and strategy.num_replicas_in_sync > 1:
+        raise ValueError(
+            "DP-SGD runs on one replica: with several, each would add its own noise before the "
+            "gradients are summed. Train outside the distribution strategy."
+        )
 
 
 def _loss_metric(model):

@@ -194,3 +194,47 @@ def test_learning_rate_callbacks_reach_the_wrapped_optimizer():
     schedule = keras.callbacks.LearningRateScheduler(lambda epoch, lr: 0.01)
     model.fit(np.ones((8, 4)), np.ones((8, 2)), callbacks=[schedule], verbose=0)
     assert float(optimizer.inner_optimizer.learning_rate) == pytest.approx(0.01)
+
+
+def _pure_noise_update(**kwargs):
+    model = _private(_linear(), DPSGD(1.0, l2_norm_clip=1.0, noise_multiplier=1.0, **kwargs))
+    return _update(model, np.zeros((8, 20)), np.zeros((8, 50)))[0]
+
+
+def test_different_seeds_and_unseeded_runs_draw_different_noise():
+    first, second = _pure_noise_update(), _pure_noise_update()
+    assert abs(np.corrcoef(first.ravel(), second.ravel())[0, 1]) < 0.2
+    a, b = _pure_noise_update(seed=1), _pure_noise_update(seed=2)
+    assert abs(np.corrcoef(a.ravel(), b.ravel())[0, 1]) < 0.2
+    np.testing.assert_allclose(a, _pure_noise_update(seed=1), atol=1e-6)
+
+
+def test_saved_model_does_not_hold_the_noise_seed():
+    optimizer = DPSGD(1.0, l2_norm_clip=1.0, noise_multiplier=1.0, seed=None)
+    _private(_linear(), optimizer)
+    optimizer.build(_linear().trainable_variables)
+    names = [v.name for v in optimizer.variables]
+    assert "noise_draws" in names and not any("seed" in n for n in names)
+    assert optimizer.get_config()["seed"] is None
+
+
+def test_data_dependent_add_loss_is_refused():
+    class Penalised(keras.layers.Layer):
+        def call(self, x):
+            self.add_loss(keras.ops.mean(keras.ops.square(x)))
+            return x
+
+    model = keras.Sequential([keras.Input((4,)), Penalised(), keras.layers.Dense(2)])
+    model = _private(model, DPSGD(0.1, l2_norm_clip=1.0, noise_multiplier=1.0))
+    with pytest.raises(ValueError, match="add_loss"):
+        model.fit(np.ones((4, 4)), np.ones((4, 2)), verbose=0)
+
+
+def test_mixed_float16_loss_scaling_is_refused():
+    keras.mixed_precision.set_dtype_policy("mixed_float16")
+    try:
+        model = _private(_linear(4, 2), DPSGD(0.1, l2_norm_clip=1.0, noise_multiplier=1.0))
+        with pytest.raises(ValueError, match="mixed_bfloat16"):
+            model.fit(np.ones((4, 4)), np.ones((4, 2)), verbose=0)
+    finally:
+        keras.mixed_precision.set_dtype_policy("float32")

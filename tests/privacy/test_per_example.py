@@ -321,3 +321,49 @@ def test_jacobian_falls_back_to_a_loop_when_pfor_cannot_vectorize():
     assert calls == [True, False]
     # d/dv sum((x v)^2) = 2 x^2 v, one row per example.
     np.testing.assert_allclose(jac, 2 * x.numpy() ** 2 * variable.numpy(), rtol=1e-6)
+
+
+def test_einsum_dense_bias_on_some_of_the_trailing_axes():
+    layer = keras.layers.EinsumDense("abc,cde->abde", output_shape=(4, 2, 3), bias_axes="d")
+    model = _seq_classifier([layer], (4, 5))
+    assert_matches_reference(model, RNG.normal(size=(B, 4, 5)), _labels())
+
+
+def test_batch_folded_into_rows_is_still_clipped_per_example():
+    # Each example's 8 rows go through one Dense as 8 batch rows: the taps must not clip
+    # each row on its own (that would let one example move the weights by 8 C).
+    inputs = keras.Input((8, 5))
+    rows = keras.ops.reshape(inputs, (-1, 5))
+    out = keras.ops.reshape(keras.layers.Dense(3)(rows), (-1, 8, 3))
+    model = keras.Model(inputs, keras.layers.Dense(3)(keras.ops.mean(out, axis=1)))
+    assert_matches_reference(model, RNG.normal(size=(B, 8, 5)), _labels())
+
+
+def test_tied_embedding_used_as_output_projection():
+    class Tied(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.embedding = keras.layers.Embedding(5, 3)
+            self.hidden = keras.layers.Dense(3, activation="tanh")
+
+        def call(self, ids):
+            h = self.hidden(keras.ops.mean(self.embedding(ids), axis=1))
+            return keras.ops.matmul(h, keras.ops.transpose(self.embedding.embeddings))
+
+    x = RNG.integers(0, 5, (B, 4))
+    assert_matches_reference(Tied(), x, RNG.integers(0, 5, B))
+
+
+def test_dense_inside_a_recurrent_cell():
+    class Cell(keras.layers.Layer):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.state_size = 4
+            self.dense = keras.layers.Dense(4, activation="tanh")
+
+        def call(self, inputs, states):
+            h = self.dense(keras.ops.concatenate([inputs, states[0]], axis=-1))
+            return h, [h]
+
+    model = _seq_classifier([keras.layers.RNN(Cell())], (3, 2))
+    assert_matches_reference(model, RNG.normal(size=(B, 3, 2)), _labels())
