@@ -238,3 +238,15 @@ def test_mixed_float16_loss_scaling_is_refused():
             model.fit(np.ones((4, 4)), np.ones((4, 2)), verbose=0)
     finally:
         keras.mixed_precision.set_dtype_policy("float32")
+
+
+def test_gaussian_noise_is_standard_normal():
+    from keras_safe.optimizers.dp import gaussian_noise
+
+    z = gaussian_noise(400_001, np.array([3, 9], "int64")).numpy().astype("float64")
+    assert z.shape == (400_001,)
+    assert abs(z.mean()) < 5 / np.sqrt(z.size) and abs(z.std() - 1) < 5 / np.sqrt(2 * z.size)
+    assert stats.kstest(z, "norm").pvalue > 1e-4
+    # The two halves (cosine and sine branches) are uncorrelated.
+    half = z.size // 2
+    assert abs(np.corrcoef(z[:half], z[half : 2 * half])[0, 1]) < 5 / np.sqrt(half)
