@@ -47,6 +47,20 @@ def _check_number(name, value, low, low_inclusive, integer=False, allow_none=Tru
     return int(value) if integer else float(value)
 
 
+DP_ARGUMENTS = (
+    "l2_norm_clip",
+    "noise_multiplier",
+    "num_microbatches",
+    "target_epsilon",
+    "num_examples",
+    "batch_size",
+    "epochs",
+    "delta",
+    "accountant",
+    "seed",
+)
+
+
 def gaussian_noise(size, seed):
     """`size` independent standard normal draws (float32) from a counter-based seed `[2]`.
 
@@ -347,18 +361,7 @@ class DPOptimizer(OptimizerWrapper):
     # -- serialization -------------------------------------------------------------------------
 
     def _dp_config(self):
-        return {
-            "l2_norm_clip": self.l2_norm_clip,
-            "noise_multiplier": self.noise_multiplier,
-            "num_microbatches": self.num_microbatches,
-            "target_epsilon": self.target_epsilon,
-            "num_examples": self.num_examples,
-            "batch_size": self.batch_size,
-            "epochs": self.epochs,
-            "delta": self.delta,
-            "accountant": self.accountant,
-            "seed": self.seed,
-        }
+        return {key: getattr(self, key) for key in DP_ARGUMENTS}
 
     def get_config(self):
         return {
@@ -382,39 +385,10 @@ class _BuiltInDP(DPOptimizer):
     _inner_class = None
     _inner_args = ()
 
-    def __init__(
-        self,
-        *args,
-        l2_norm_clip=1.0,
-        noise_multiplier=None,
-        num_microbatches=None,
-        target_epsilon=None,
-        num_examples=None,
-        batch_size=None,
-        epochs=None,
-        delta=None,
-        accountant="rdp",
-        seed=None,
-        name=None,
-        **kwargs,
-    ):
-        inner_kwargs = dict(zip(self._inner_args, args))
-        inner_kwargs.update(kwargs)
-        inner = self._inner_class(**inner_kwargs)
-        super().__init__(
-            inner,
-            l2_norm_clip=l2_norm_clip,
-            noise_multiplier=noise_multiplier,
-            num_microbatches=num_microbatches,
-            target_epsilon=target_epsilon,
-            num_examples=num_examples,
-            batch_size=batch_size,
-            epochs=epochs,
-            delta=delta,
-            accountant=accountant,
-            seed=seed,
-            name=name or type(self).__name__,
-        )
+    def __init__(self, *args, name=None, **kwargs):
+        dp_kwargs = {key: kwargs.pop(key) for key in DP_ARGUMENTS if key in kwargs}
+        inner = self._inner_class(**dict(zip(self._inner_args, args)), **kwargs)
+        super().__init__(inner, name=name or type(self).__name__, **dp_kwargs)
 
     def get_config(self):
         inner = self.inner_optimizer.get_config()
