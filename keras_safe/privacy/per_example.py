@@ -9,11 +9,15 @@ Three tiers, chosen per variable:
 1. Layer taps ("ghost clipping", Goodfellow 2015; Lee & Kifer 2020; Li et al. 2022). While the
    training forward pass runs, supported layers (Dense, EinsumDense, Conv1D, Conv2D, Embedding,
    LayerNormalization, GroupNormalization) record their input and expose their pre-activation
-   output. One backward pass to those outputs gives, for each example, the factors of its weight
+   output; recurrent layers (SimpleRNN, LSTM, GRU) run unrolled so their cells can be tapped
+   at every time step. One backward pass to those outputs gives, for each example, the factors
+   of its weight
    gradient (for Dense: input `a_i` and output gradient `g_i`, gradient `a_i^T g_i`). Norms come
    from the factors (`|a_i|^2 |g_i|^2`, or Gram matrices for sequences, whichever is cheaper:
    "mixed ghost clipping", Bu et al. 2022) and the clipped sum is one weighted matmul per layer.
-2. Every other trainable variable (recurrent layers, custom layers): per-example gradients from a
+2. Every other trainable variable (custom layers, cells inside symbolic loops, layers whose
+   batch axis is not the example axis or whose weights are also used elsewhere): per-example
+   gradients from a
    Jacobian of the per-example losses, vectorized with `pfor` over the same forward pass.
 3. If `pfor` cannot vectorize a layer's gradient, the Jacobian runs as a loop over examples.
 
@@ -395,7 +399,121 @@ class _GroupNormTap:
         return _affine_forms(layer, normalized, dz, [layer.axis % dz.shape.rank])
 
 
-TAPS = (_DenseTap, _EinsumDenseTap, _ConvTap, _EmbeddingTap, _LayerNormTap, _GroupNormTap)
+def _first_state(states):
+    return states[0] if isinstance(states, (list, tuple)) else states
+
+
+def _plain_cell(layer, cls):
+    return _plain_keras_call(layer, cls) and not layer.dropout and not layer.recurrent_dropout
+
+
+class _SimpleRNNCellTap:
+    """`h_t = act(x_t K + b + h_{t-1} U)`: one pre-activation, two outer products."""
+
+    @staticmethod
+    def supports(layer):
+        return _plain_cell(layer, keras.layers.SimpleRNNCell)
+
+    @staticmethod
+    def forward(layer, record, sequence, states, *args, **kwargs):
+        previous = _first_state(states)
+        z = tf.matmul(sequence, layer.kernel) + tf.matmul(previous, layer.recurrent_kernel)
+        if layer.bias is not None:
+            z = z + layer.bias
+        record((sequence, previous), z)
+        output = layer.activation(z) if layer.activation is not None else z
+        return output, [output] if isinstance(states, (list, tuple)) else output
+
+    @staticmethod
+    def forms(layer, saved, dz):
+        return _recurrent_forms(layer, saved, dz, dz)
+
+
+class _LSTMCellTap:
+    """Keras's LSTM cell: `z = x_t K + h_{t-1} U + b`, gates i, f, c, o from `z`."""
+
+    @staticmethod
+    def supports(layer):
+        return _plain_cell(layer, keras.layers.LSTMCell)
+
+    @staticmethod
+    def forward(layer, record, inputs, states, *args, **kwargs):
+        h_prev, c_prev = states[0], states[1]
+        z = tf.matmul(inputs, layer.kernel) + tf.matmul(h_prev, layer.recurrent_kernel)
+        if layer.use_bias:
+            z = z + layer.bias
+        record((inputs, h_prev), z)
+        z_i, z_f, z_c, z_o = tf.split(z, 4, axis=-1)
+        carry = layer.recurrent_activation(z_f) * c_prev + layer.recurrent_activation(
+            z_i
+        ) * layer.activation(z_c)
+        h = layer.recurrent_activation(z_o) * layer.activation(carry)
+        return h, [h, carry]
+
+    @staticmethod
+    def forms(layer, saved, dz):
+        return _recurrent_forms(layer, saved, dz, dz)
+
+
+class _GRUCellTap:
+    """Keras's GRU cell with `reset_after=True` (the default): two pre-activations."""
+
+    @staticmethod
+    def supports(layer):
+        return _plain_cell(layer, keras.layers.GRUCell) and layer.reset_after
+
+    @staticmethod
+    def forward(layer, record, inputs, states, *args, **kwargs):
+        h_prev = _first_state(states)
+        from_inputs = tf.matmul(inputs, layer.kernel)
+        from_state = tf.matmul(h_prev, layer.recurrent_kernel)
+        if layer.use_bias:
+            from_inputs = from_inputs + layer.bias[0]
+            from_state = from_state + layer.bias[1]
+        record((inputs, h_prev), from_inputs, from_state)
+        x_z, x_r, x_h = tf.split(from_inputs, 3, axis=-1)
+        s_z, s_r, s_h = tf.split(from_state, 3, axis=-1)
+        update = layer.recurrent_activation(x_z + s_z)
+        reset = layer.recurrent_activation(x_r + s_r)
+        candidate = layer.activation(x_h + reset * s_h)
+        h = update * h_prev + (1 - update) * candidate
+        return h, [h] if isinstance(states, (list, tuple)) else h
+
+    @staticmethod
+    def forms(layer, saved, d_inputs, d_state):
+        forms = _recurrent_forms(layer, saved, d_inputs, d_state, bias=False)
+        if layer.use_bias:
+            forms.append(_MaterialisedGrad(layer.bias, tf.stack([d_inputs, d_state], axis=1)))
+        return forms
+
+
+def _recurrent_forms(layer, saved, d_inputs, d_state, bias=True):
+    inputs, previous = saved
+    forms = [
+        _OuterProductGrad(layer.kernel, inputs[:, None], d_inputs[:, None], layer.kernel.shape),
+        _OuterProductGrad(
+            layer.recurrent_kernel,
+            previous[:, None],
+            d_state[:, None],
+            layer.recurrent_kernel.shape,
+        ),
+    ]
+    if bias and getattr(layer, "bias", None) is not None:
+        forms.append(_MaterialisedGrad(layer.bias, d_inputs))
+    return forms
+
+
+TAPS = (
+    _DenseTap,
+    _EinsumDenseTap,
+    _ConvTap,
+    _EmbeddingTap,
+    _LayerNormTap,
+    _GroupNormTap,
+    _SimpleRNNCellTap,
+    _LSTMCellTap,
+    _GRUCellTap,
+)
 
 
 def _find_tap(layer):
@@ -465,10 +583,47 @@ def _installed_taps(taps, records, untapped, sentinel):
                 kwargs.pop("training", None)
                 with sentinel.stop_recording():
                     return _tap.forward(
-                        _layer, lambda a, z, _l=_layer: records.append((_l, a, z)), *args, **kwargs
+                        _layer,
+                        lambda a, *zs, _l=_layer: records.append((_l, a, zs)),
+                        *args,
+                        **kwargs,
                     )
 
             object.__setattr__(layer, "call", tapped_call)
+            installed.append(layer)
+        yield
+    finally:
+        for layer in installed:
+            object.__delattr__(layer, "call")
+
+
+MAX_UNROLL = 200
+
+
+@contextlib.contextmanager
+def _unrolled(rnn_layers):
+    """Runs recurrent layers with tapped cells unrolled (time steps up to `MAX_UNROLL`).
+
+    Unrolled, every step's cell call lives in the forward pass's graph, so the cell taps can
+    record it; with a symbolic loop the cell falls back to the per-example Jacobian.
+    """
+    installed = []
+    try:
+        for layer in rnn_layers:
+            original = layer.call
+
+            @functools.wraps(original)
+            def unrolled_call(sequences, *args, _layer=layer, _original=original, **kwargs):
+                steps = keras.tree.flatten(sequences)[0].shape[1]
+                if _layer.unroll or steps is None or steps > MAX_UNROLL:
+                    return _original(sequences, *args, **kwargs)
+                object.__setattr__(_layer, "unroll", True)
+                try:
+                    return _original(sequences, *args, **kwargs)
+                finally:
+                    object.__setattr__(_layer, "unroll", False)
+
+            object.__setattr__(layer, "call", unrolled_call)
             installed.append(layer)
         yield
     finally:
@@ -493,7 +648,8 @@ def _untap_unsafe_layers(taps, records, untapped, sentinel, losses):
             untapped.add(layer)
     batch = losses.shape[0]
     checks = []
-    for layer, inputs, _ in records:
+    for layer, saved, _ in records:
+        inputs = keras.tree.flatten(saved)[0]
         rows = inputs.shape[0]
         if rows is not None and batch is not None:
             if rows != batch:
@@ -543,8 +699,17 @@ def clipped_gradient_sum(
     """
     taps = tapped_layers(model) if use_taps else {}
     records, untapped = [], set()
+    rnns = [
+        layer
+        for layer in _all_layers(model)
+        if isinstance(layer, keras.layers.RNN) and getattr(layer, "cell", None) in taps
+    ]
     with tf.GradientTape(persistent=True) as tape:
-        with tf.GradientTape() as sentinel, _installed_taps(taps, records, untapped, sentinel):
+        with (
+            tf.GradientTape() as sentinel,
+            _installed_taps(taps, records, untapped, sentinel),
+            _unrolled(rnns),
+        ):
             losses, outputs = forward_and_losses()
         groups = num_microbatches
         if groups:
@@ -558,11 +723,14 @@ def clipped_gradient_sum(
     tapped_ids = set()
     forms = []
     if records:
-        zs = [z for _, _, z in records]
+        zs = [z for _, _, record_zs in records for z in record_zs]
         dzs = tape.gradient(total, zs, unconnected_gradients=tf.UnconnectedGradients.ZERO)
         by_variable = {}
-        for (layer, inputs, _), dz in zip(records, dzs):
-            for form in taps[layer].forms(layer, inputs, dz):
+        position = 0
+        for layer, saved, record_zs in records:
+            record_dzs = dzs[position : position + len(record_zs)]
+            position += len(record_zs)
+            for form in taps[layer].forms(layer, saved, *record_dzs):
                 by_variable.setdefault(id(form.variable), []).append(form)
         for var_forms in by_variable.values():
             form = var_forms[0] if len(var_forms) == 1 else _merge(var_forms)
@@ -590,7 +758,19 @@ def clipped_gradient_sum(
 
 
 def _merge(forms):
-    """Combines the forms of a variable used by several calls of one layer."""
+    """Combines the forms of a variable used by several calls of one layer.
+
+    Outer products `A_c^T G_c` summed over calls are one outer product of the inputs and output
+    gradients concatenated along the sequence axis (recurrent cells, shared layers); other
+    mixtures are materialised and added.
+    """
+    if all(isinstance(f, _OuterProductGrad) for f in forms):
+        return _OuterProductGrad(
+            forms[0].variable,
+            tf.concat([f.a for f in forms], axis=1),
+            tf.concat([f.g for f in forms], axis=1),
+            forms[0].shape,
+        )
     materialised = []
     for form in forms:
         if isinstance(form, _MaterialisedGrad):

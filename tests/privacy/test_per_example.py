@@ -367,3 +367,17 @@ def test_dense_inside_a_recurrent_cell():
 
     model = _seq_classifier([keras.layers.RNN(Cell())], (3, 2))
     assert_matches_reference(model, RNG.normal(size=(B, 3, 2)), _labels())
+
+
+@pytest.mark.parametrize(
+    "layer",
+    [lambda: keras.layers.LSTM(4), lambda: keras.layers.GRU(3), lambda: keras.layers.SimpleRNN(3)],
+    ids=["lstm", "gru", "simple_rnn"],
+)
+def test_recurrent_layers_use_cell_taps_not_the_jacobian(layer, monkeypatch):
+    def no_jacobian(*args, **kwargs):
+        raise AssertionError("the per-example Jacobian should not be needed")
+
+    monkeypatch.setattr(keras_safe.privacy.per_example, "_jacobian", no_jacobian)
+    model = _seq_classifier([layer()], (5, 3))
+    assert_matches_reference(model, RNG.normal(size=(B, 5, 3)), _labels())
