@@ -10,15 +10,15 @@ Three tiers, chosen per variable:
    training forward pass runs, supported layers (Dense, EinsumDense, Conv1D, Conv2D, Embedding,
    LayerNormalization, GroupNormalization) record their input and expose their pre-activation
    output; recurrent layers (SimpleRNN, LSTM, GRU) run unrolled so their cells can be tapped
-   at every time step. One backward pass to those outputs gives, for each example, the factors
-   of its weight
-   gradient (for Dense: input `a_i` and output gradient `g_i`, gradient `a_i^T g_i`). Norms come
+   at every time step. One backward pass to those outputs gives, for each example, the
+   factors of its weight gradient (for Dense: input `a_i` and output gradient `g_i`, gradient
+   `a_i^T g_i`). Norms come
    from the factors (`|a_i|^2 |g_i|^2`, or Gram matrices for sequences, whichever is cheaper:
    "mixed ghost clipping", Bu et al. 2022) and the clipped sum is one weighted matmul per layer.
 2. Every other trainable variable (custom layers, cells inside symbolic loops, layers whose
    batch axis is not the example axis or whose weights are also used elsewhere): per-example
-   gradients from a
-   Jacobian of the per-example losses, vectorized with `pfor` over the same forward pass.
+   gradients from a Jacobian of the per-example losses, vectorized with `pfor` over the same
+   forward pass.
 3. If `pfor` cannot vectorize a layer's gradient, the Jacobian runs as a loop over examples.
 
 Microbatches (TF Privacy's `num_microbatches`) are handled by grouping examples: a microbatch is
