@@ -250,3 +250,26 @@ def test_gaussian_noise_is_standard_normal():
     # The two halves (cosine and sine branches) are uncorrelated.
     half = z.size // 2
     assert abs(np.corrcoef(z[:half], z[half : 2 * half])[0, 1]) < 5 / np.sqrt(half)
+
+
+def test_mixed_bfloat16_trains():
+    keras.mixed_precision.set_dtype_policy("mixed_bfloat16")
+    try:
+        model = keras.Sequential(
+            [
+                keras.Input((8,)),
+                keras.layers.Dense(16, activation="relu"),
+                keras.layers.LayerNormalization(),
+                keras.layers.Dense(3, dtype="float32"),
+            ]
+        )
+        model = _private(
+            model,
+            DPSGD(0.1, l2_norm_clip=1.0, noise_multiplier=1.0),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        )
+        history = model.fit(RNG.random((32, 8)), RNG.integers(0, 3, 32), epochs=2, verbose=0)
+        assert np.all(np.isfinite(history.history["loss"]))
+        assert all(v.dtype == "float32" for v in model.trainable_variables)
+    finally:
+        keras.mixed_precision.set_dtype_policy("float32")
