@@ -47,6 +47,19 @@ def _group(t, groups):
     return tf.reshape(t, new_shape)
 
 
+def _scaled_rows(t, scale, factors):
+    """`t` with example i multiplied by `scale[i]` (None: 1), and zeroed where `factors[i]` is 0.
+
+    A zero factor marks an example whose gradient norm is not finite: it is dropped whole (not
+    multiplied by 0, which keeps NaN), so one bad example cannot poison the step.
+    """
+    shape = [-1] + [1] * (t.shape.rank - 1)
+    keep = tf.reshape(factors > 0, shape)
+    if scale is not None:
+        t = t * tf.reshape(tf.cast(scale, t.dtype), shape)
+    return tf.where(keep, t, tf.zeros_like(t))
+
+
 class _OuterProductGrad:
     """Per-example gradient `A_i^T G_i` (A: `[B, T, K]`, G: `[B, T, O]`), reshaped to `shape`."""
 
@@ -77,8 +90,11 @@ class _OuterProductGrad:
         return tf.reduce_sum(tf.square(per_example), axis=[1, 2])
 
     def clipped_sum(self, factors):
-        weighted = self.g * tf.cast(factors, self.g.dtype)[:, None, None]
-        grad = tf.einsum("btk,bto->ko", self.a, weighted)
+        grad = tf.einsum(
+            "btk,bto->ko",
+            _scaled_rows(self.a, None, factors),
+            _scaled_rows(self.g, factors, factors),
+        )
         return tf.reshape(grad, self.shape)
 
 
@@ -98,8 +114,7 @@ class _MaterialisedGrad:
         return tf.reduce_sum(tf.square(flat), axis=1)
 
     def clipped_sum(self, factors):
-        factors = tf.cast(factors, self.per_example.dtype)
-        return tf.tensordot(factors, self.per_example, axes=1)
+        return tf.reduce_sum(_scaled_rows(self.per_example, factors, factors), axis=0)
 
 
 class _EmbeddingGrad:
@@ -119,7 +134,7 @@ class _EmbeddingGrad:
         return tf.reduce_sum(same * gram, axis=[1, 2])
 
     def clipped_sum(self, factors):
-        weighted = self.g * tf.cast(factors, self.g.dtype)[:, None, None]
+        weighted = _scaled_rows(self.g, factors, factors)
         depth = tf.shape(self.g)[-1]
         return tf.math.unsorted_segment_sum(
             tf.reshape(weighted, [-1, depth]),
@@ -751,7 +766,9 @@ def clipped_gradient_sum(
     with tf.control_dependencies(checks):
         norms = tf.sqrt(norms_sq)
     clip = tf.cast(l2_norm_clip, tf.float32)
-    factors = clip / tf.maximum(norms, clip)
+    # Examples with a non-finite norm (NaN or inf in their data or loss) get factor 0 and are
+    # dropped from the sum: otherwise one such example would turn the whole step into NaN.
+    factors = tf.where(tf.math.is_finite(norms), clip / tf.maximum(norms, clip), 0.0)
     sums = {id(f.variable): f.clipped_sum(factors) for f in forms}
     clipped = [tf.cast(sums[id(v)], v.dtype) for v in variables]
     return clipped, losses, outputs, norms

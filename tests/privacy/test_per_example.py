@@ -381,3 +381,22 @@ def test_recurrent_layers_use_cell_taps_not_the_jacobian(layer, monkeypatch):
     monkeypatch.setattr(keras_safe.privacy.per_example, "_jacobian", no_jacobian)
     model = _seq_classifier([layer()], (5, 3))
     assert_matches_reference(model, RNG.normal(size=(B, 5, 3)), _labels())
+
+
+def test_a_non_finite_example_is_dropped_not_spread_over_the_step():
+    x = RNG.normal(size=(B, 6))
+    y = _labels()
+    model = CASES["dense"]()[0]
+    model.compile(
+        optimizer=keras_safe.optimizers.DPSGD(1.0, l2_norm_clip=0.5, noise_multiplier=0.0),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    keras_safe.privacy.make_private(model)
+    before = [np.array(v) for v in model.trainable_variables]
+    # The reference: the other examples' clipped gradients, divided by the full batch size.
+    expected = _reference_update(model, x[1:], y[1:], 0.5)
+    bad = x.copy()
+    bad[0, 0] = np.nan
+    model.fit(bad, y, batch_size=B, epochs=1, shuffle=False, verbose=0)
+    for b, a, e in zip(before, model.trainable_variables, expected):
+        np.testing.assert_allclose(b - np.array(a), e * (B - 1) / B, atol=1e-5)
