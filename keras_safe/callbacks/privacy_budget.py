@@ -28,7 +28,9 @@ class PrivacyBudget(keras.callbacks.Callback):
     accumulation). Those are saved with the model, so a second `fit`, or a model
     saved mid-training and loaded again, keeps counting: the epsilon never silently restarts
     from zero. With `gradient_accumulation_steps=k` on the optimizer, one noisy update spans
-    `k` batches and the sampling rate is `k * batch_size / num_examples`.
+    `k` batches, each Poisson sampled on its own and adding `1/sqrt(k)` of the noise: an
+    example can appear in several of them, so each update is accounted as `k` steps at
+    sampling rate `batch_size / num_examples` with noise multiplier `/ sqrt(k)`.
 
     Every epoch it writes `epsilon` and `delta` into `logs`, so they appear in the progress
     bar and `History`; list `PrivacyBudget` before `CSVLogger` or `TensorBoard` in `callbacks`
@@ -44,12 +46,9 @@ class PrivacyBudget(keras.callbacks.Callback):
 
     What it infers, and from where:
 
-    - `num_examples`: this argument, else the optimizer's `num_examples`, else from `fit`:
-      with `S` batches per epoch of `batch_size` examples the data holds between
-      `(S - 1) * batch_size + 1` and `S * batch_size` examples; the callback uses the lower
-      end, which gives the larger (safe) epsilon, and prints it. This assumes an epoch is
-      one pass over the data (not true with `steps_per_epoch` on repeated data): pass
-      `num_examples` for the exact figure.
+    - `num_examples`: this argument, else the optimizer's `num_examples`; it is required (a
+      count inferred from `fit` would be wrong for `poisson_batches`, whose one `fit` epoch
+      spans several passes over the data).
     - `batch_size`: the optimizer's `batch_size` (the expected batch size). Keras does not
       tell callbacks the batch size, so it must be set on the optimizer (use the value given
       to `fit`).
@@ -129,11 +128,16 @@ class PrivacyBudget(keras.callbacks.Callback):
     # -- Keras hooks ---------------------------------------------------------------------------
 
     def set_model(self, model):
-        """Keeps the model and installs keras_safe's DP train step on it."""
+        """Keeps the model and installs keras_safe's DP train step on it.
+
+        A model with its own `train_step` keeps it (it computes its gradients with
+        `keras_safe.privacy.dp_gradients`; a DP optimizer refuses any other gradients).
+        """
         from keras_safe.privacy import make_private
 
         super().set_model(model)
-        make_private(model)
+        if type(model).train_step is keras.Model.train_step:
+            make_private(model)
 
     def on_train_begin(self, logs=None):
         self._settings = self._resolve_settings()
@@ -305,7 +309,13 @@ class PrivacyBudget(keras.callbacks.Callback):
                 f"n = {num_examples} training examples.",
             )
         delta = accounting._check_delta(delta)
-        sampling_rate = min(1.0, batch_size * accumulation / num_examples)
+        # With k accumulated batches, each batch is Poisson sampled on its own and adds 1/sqrt(k)
+        # of the noise, so one example can appear in several batches of an update. Releasing
+        # every batch's noisy sum would reveal at least as much, so each update is accounted
+        # as k steps at rate batch_size / n with noise multiplier / sqrt(k) (post-processing).
+        if accumulation > 1:
+            effective_noise = effective_noise / math.sqrt(accumulation)
+        sampling_rate = min(1.0, batch_size / num_examples)
         return {
             "noise_multiplier": float(noise),
             "effective_noise": effective_noise,
@@ -316,25 +326,22 @@ class PrivacyBudget(keras.callbacks.Callback):
         }
 
     def _infer_num_examples(self, batch_size):
-        steps_per_epoch = (self.params or {}).get("steps")
-        if not steps_per_epoch:
-            raise ValueError(
-                "PrivacyBudget cannot tell how many training examples there are (fit did not "
-                "report a number of batches per epoch). Fix: pass num_examples=... to "
-                "PrivacyBudget or to the DP optimizer."
-            )
-        num_examples = (int(steps_per_epoch) - 1) * int(batch_size) + 1
-        self._say_once(
-            ("num_examples", num_examples),
-            f"PrivacyBudget: num_examples not given; {steps_per_epoch} batches of {batch_size} "
-            f"per epoch mean at least {num_examples} examples, and that lower bound is used "
-            "(it gives the larger epsilon). Pass num_examples=... for the exact figure.",
+        raise ValueError(
+            "PrivacyBudget needs the number of training examples, and cannot infer it safely "
+            "from fit (with keras_safe.privacy.poisson_batches one fit epoch spans several "
+            "passes over the data). Fix: pass num_examples=... to PrivacyBudget or to the DP "
+            "optimizer."
         )
-        return num_examples
 
     def _key(self):
         s = self._settings
-        return (s["effective_noise"], s["sampling_rate"], s["delta"], self.accountant)
+        return (
+            s["effective_noise"],
+            s["sampling_rate"],
+            s["accumulation"],
+            s["delta"],
+            self.accountant,
+        )
 
     def _epsilon_for(self, steps):
         if self._settings is None:
@@ -343,7 +350,11 @@ class PrivacyBudget(keras.callbacks.Callback):
         if key not in self._epsilon_cache:
             s = self._settings
             self._epsilon_cache[key] = accounting._epsilon(
-                s["effective_noise"], s["sampling_rate"], int(steps), s["delta"], self.accountant
+                s["effective_noise"],
+                s["sampling_rate"],
+                int(steps) * s["accumulation"],
+                s["delta"],
+                self.accountant,
             )
         return self._epsilon_cache[key]
 

@@ -128,11 +128,12 @@ class GradientClip(OptimizerWrapper):
     does not replace it. `GradientClip(DPSGD(...))` receives the gradient after per-example
     clipping, summing, noising and averaging, and clips that noisy average: this is
     post-processing of a DP release, so the privacy guarantee (epsilon, delta) is unchanged.
-    It can still help, for example by taming the noise-dominated steps of a large model. A
-    skipped non-finite step is still charged to the privacy budget, because its noisy
-    gradient was computed: under DP a skip leaves the weights and optimizer slots alone but
-    advances the inner optimizer's `iterations` (the count the accountant reads); this is not
-    supported together with gradient accumulation.
+    It can still help, for example by taming the noise-dominated steps of a large model.
+    DP-SGD drops any example whose gradient is not finite before summing, so the noisy
+    gradient is finite and steps are not skipped for one bad example (a skip would reveal it).
+    Should a skip happen anyway, it is still charged to the privacy budget: it leaves the
+    weights and optimizer slots alone but advances the inner optimizer's `iterations` (the
+    count the accountant reads); this is not supported together with gradient accumulation.
 
     Args:
         optimizer: the `keras.optimizers.Optimizer` to wrap (the "inner" optimizer), or a

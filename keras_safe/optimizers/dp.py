@@ -121,9 +121,13 @@ class DPOptimizer(OptimizerWrapper):
         l2_norm_clip: clipping bound C on each example's gradient L2 norm (> 0).
         noise_multiplier: noise standard deviation as a multiple of C (>= 0). Give this or
             `target_epsilon`.
-        num_microbatches: if set, the batch is split into this many microbatches whose mean
-            gradients are clipped (TF Privacy's semantics); the batch size must be divisible
-            by it. None (default) clips each example.
+        num_microbatches: if set, the batch is split into this many microbatches of
+            consecutive examples whose mean gradients are clipped (TF Privacy's semantics); the
+            batch size must be divisible by it. One example can move its microbatch's clipped
+            gradient by twice `l2_norm_clip`, so the accounting halves the noise multiplier;
+            that analysis assumes an example's microbatch does not depend on the others in the
+            batch (fixed positions), which Poisson batches do not give: use per-example
+            clipping (None, the default) with `poisson_batches`.
         target_epsilon: calibrate `noise_multiplier` to reach this epsilon after `epochs`
             epochs over `num_examples` examples at `batch_size` (needs all three).
         num_examples: number of training examples (for calibration and accounting).
@@ -223,21 +227,21 @@ class DPOptimizer(OptimizerWrapper):
         else:
             self.noise_multiplier = noise_multiplier
 
-    def _sampling(self):
-        return self.batch_size * self.accumulation_steps, self.epochs
+    def _accounted_noise(self, noise_multiplier):
+        """The noise multiplier the accountant sees for one accounted step.
 
-    def _sensitivity_factor(self):
-        """2 with microbatches of several examples, else 1.
-
-        A microbatch of several examples changes entirely when one example joins or leaves it,
-        so its clipped gradient can move by 2 * l2_norm_clip: the accountant sees half the
-        noise multiplier (as TF Privacy accounts microbatching).
+        - Microbatches of several examples: a microbatch changes entirely when one example
+          joins or leaves it, so its clipped gradient can move by 2 * l2_norm_clip: half the
+          noise (as TF Privacy accounts microbatching).
+        - Gradient accumulation over k batches: each batch is Poisson sampled on its own and
+          adds 1/sqrt(k) of the noise, so an update is accounted as k steps at noise / sqrt(k).
         """
+        factor = 1.0
         if self.num_microbatches and (
             self.batch_size is None or self.num_microbatches < self.batch_size
         ):
-            return 2.0
-        return 1.0
+            factor = 2.0
+        return noise_multiplier / (factor * math.sqrt(self.accumulation_steps))
 
     def _calibrate(self, given):
         missing = [n for n in ("num_examples", "batch_size", "epochs") if getattr(self, n) is None]
@@ -250,14 +254,12 @@ class DPOptimizer(OptimizerWrapper):
 
         if self.delta is None:
             self.delta = accounting.default_delta(self.num_examples)
-        batch, epochs = self._sampling()
-        factor = self._sensitivity_factor()
         if given is not None:
             spent = accounting.compute_epsilon(
                 num_examples=self.num_examples,
-                batch_size=batch,
-                epochs=epochs,
-                noise_multiplier=given / factor,
+                batch_size=self.batch_size,
+                epochs=self.epochs,
+                noise_multiplier=self._accounted_noise(given),
                 delta=self.delta,
                 accountant=self.accountant,
             )
@@ -267,16 +269,15 @@ class DPOptimizer(OptimizerWrapper):
                     f"`target_epsilon`={self.target_epsilon}. Give only one of the two."
                 )
             return float(given)
-        return factor * float(
-            accounting.noise_multiplier_for_epsilon(
-                self.target_epsilon,
-                num_examples=self.num_examples,
-                batch_size=batch,
-                epochs=epochs,
-                delta=self.delta,
-                accountant=self.accountant,
-            )
+        accounted = accounting.noise_multiplier_for_epsilon(
+            self.target_epsilon,
+            num_examples=self.num_examples,
+            batch_size=self.batch_size,
+            epochs=self.epochs,
+            delta=self.delta,
+            accountant=self.accountant,
         )
+        return float(accounted) / self._accounted_noise(1.0)
 
     @property
     def accumulation_steps(self):
@@ -339,22 +340,22 @@ class DPOptimizer(OptimizerWrapper):
         raise NotImplementedError("DP optimizers run on the TensorFlow backend only.")
 
     def accounting_settings(self):
-        """What an accountant needs: noisy updates taken so far, noise and sampling rate.
+        """What an accountant needs: accounted steps so far, their noise and sampling rate.
 
         Returns:
-            A dict with `steps` (noisy updates applied, an int: with gradient accumulation
-            one update spans `accumulation_steps` batches), `noise_multiplier` (halved for
-            microbatches of several examples, whose sensitivity is doubled), and
-            `sampling_rate` (`batch_size * accumulation_steps / num_examples`, or None when
-            `batch_size` or `num_examples` is unknown).
+            A dict with `steps` (accounted steps: one per noisy update, or `k` per update with
+            gradient accumulation over `k` batches, each batch being sampled on its own),
+            `noise_multiplier` (per accounted step: divided by 2 for microbatches of several
+            examples, whose sensitivity is doubled, and by `sqrt(k)` with accumulation), and
+            `sampling_rate` (`batch_size / num_examples`, or None when either is unknown).
         """
         rate = None
         if self.batch_size is not None and self.num_examples is not None:
-            rate = min(1.0, self.batch_size * self.accumulation_steps / self.num_examples)
-        steps = int(keras.ops.convert_to_numpy(self.iterations)) if self.built else 0
+            rate = min(1.0, self.batch_size / self.num_examples)
+        updates = int(keras.ops.convert_to_numpy(self.iterations))
         return {
-            "steps": steps,
-            "noise_multiplier": self.noise_multiplier / self._sensitivity_factor(),
+            "steps": updates * self.accumulation_steps,
+            "noise_multiplier": self._accounted_noise(self.noise_multiplier),
             "sampling_rate": rate,
         }
 

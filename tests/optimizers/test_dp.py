@@ -273,3 +273,14 @@ def test_mixed_bfloat16_trains():
         assert all(v.dtype == "float32" for v in model.trainable_variables)
     finally:
         keras.mixed_precision.set_dtype_policy("float32")
+
+
+def test_gradient_accumulation_is_accounted_per_batch():
+    settings = dict(target_epsilon=2.0, num_examples=1000, batch_size=50, epochs=3, delta=1e-5)
+    plain = DPSGD(0.1, **settings)
+    accumulated = DPSGD(0.1, gradient_accumulation_steps=4, **settings)
+    # Each of the 4 batches adds 1/2 of the noise, so the total noise is twice as large.
+    assert accumulated.noise_multiplier == pytest.approx(2 * plain.noise_multiplier)
+    accounted = accumulated.accounting_settings()
+    assert accounted["noise_multiplier"] == pytest.approx(plain.noise_multiplier)
+    assert accounted["sampling_rate"] == pytest.approx(0.05)
