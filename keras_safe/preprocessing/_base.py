@@ -155,6 +155,11 @@ class AdaptableFeatureLayer(keras.layers.Layer):
 
     # -- adapt -----------------------------------------------------------------------------
     @property
+    def uses_data(self):
+        """Whether `adapt` derives statistics from the data (False for data-free settings)."""
+        return True
+
+    @property
     def is_adapted(self):
         """Whether `adapt` has run (also true on a loaded model whose layer was adapted)."""
         return self.built and float(self.adapt_count.numpy()) > 0
@@ -194,6 +199,12 @@ class AdaptableFeatureLayer(keras.layers.Layer):
         owner = type(self).__name__
         array, names = to_numpy(data, owner)
         num_features = array.shape[-1]
+        if self.dp_epsilon is not None and array.ndim > 2:
+            raise ValueError(
+                f"{owner}.adapt() with `dp_epsilon` needs one row per record (2-D data), got "
+                f"shape {array.shape}: a record spanning several rows would count several "
+                "times and break the privacy guarantee. Reshape to (records, features) first."
+            )
         rows = array.reshape(-1, num_features)
         if rows.shape[0] == 0 or num_features == 0:
             raise ValueError(
@@ -209,7 +220,8 @@ class AdaptableFeatureLayer(keras.layers.Layer):
             )
         rng = _dp_stats.make_rng(self.seed)
         spent = self._adapt_rows(rows, names, rng)
-        self.adapt_count.assign(float(rows.shape[0]))
+        # Under DP the exact row count would be a release outside the mechanism: keep a flag.
+        self.adapt_count.assign(float(rows.shape[0]) if self.dp_epsilon is None else 1.0)
         self.dp_epsilon_spent_variable.assign(float(spent))
 
     def _require_finite_columns(self, rows, names):

@@ -80,6 +80,10 @@ class Imputer(AdaptableFeatureLayer):
         self.add_indicator = bool(add_indicator)
         self.missing_counts = None
 
+    @property
+    def uses_data(self):
+        return self.strategy != "constant"
+
     def _create_state(self, num_features):
         self.fill = self.add_weight(
             name="fill",
@@ -90,7 +94,8 @@ class Imputer(AdaptableFeatureLayer):
 
     def _adapt_rows(self, rows, names, rng):
         finite = np.isfinite(rows)
-        self.missing_counts = (~finite).sum(axis=0)
+        # Exact counts are kept for the data owner only without DP (they are not released).
+        self.missing_counts = (~finite).sum(axis=0) if self.dp_epsilon is None else None
         if self.strategy == "constant":
             self.fill.assign(np.full(rows.shape[1], self.fill_value, dtype="float32"))
             return 0.0

@@ -103,6 +103,10 @@ class InputGuard(AdaptableFeatureLayer):
         self.check_finite = bool(check_finite)
         self.bounds = _dp_stats.normalize_bounds(bounds, "InputGuard", name="bounds")
 
+    @property
+    def uses_data(self):
+        return self.bounds is None
+
     def _create_state(self, num_features):
         if self.bounds is not None:
             lo, hi = _dp_stats.bounds_per_feature(self.bounds, num_features, "InputGuard", "bounds")

@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import math
+
 import keras
 import numpy as np
 
 from keras_safe.preprocessing._base import to_numpy
+
+
+def _adapted_on_data(layer):
+    """Whether `layer` holds statistics of the data adapted without DP."""
+    adapted = getattr(layer, "is_adapted", None)
+    if adapted is not None:
+        return bool(adapted) and getattr(layer, "uses_data", True)
+    return hasattr(layer, "adapt")  # a Keras preprocessing layer adapted inside the stack
 
 
 @keras.saving.register_keras_serializable(package="keras_safe")
@@ -125,8 +135,19 @@ class PreprocessingStack(keras.layers.Layer):
 
     @property
     def dp_epsilon_spent(self):
-        """Sum of the epsilons spent by the layers' `adapt` (basic composition)."""
-        return float(sum(getattr(layer, "dp_epsilon_spent", 0.0) for layer in self._stack))
+        """Sum of the epsilons spent by the layers' `adapt` (basic composition).
+
+        Infinite when a layer adapted on exact statistics (a keras_safe layer without
+        `dp_epsilon`, or a Keras preprocessing layer such as `Normalization`): the stack then
+        releases non-private statistics of the data.
+        """
+        total = 0.0
+        for layer in self._stack:
+            if getattr(layer, "dp_epsilon", None) is not None:
+                total += float(layer.dp_epsilon_spent)
+            elif _adapted_on_data(layer):
+                return math.inf
+        return total
 
     def call(self, inputs):
         x = inputs

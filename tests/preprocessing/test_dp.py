@@ -140,3 +140,20 @@ def test_epsilon_accounting_per_layer_and_stack():
     assert stack.dp_epsilon_spent == pytest.approx(1.5)
     with pytest.raises(ValueError, match="3 features"):
         Imputer(dp_epsilon=1.0, dp_bounds=([0, 0], [1, 1])).adapt(x)
+
+
+def test_dp_adapt_keeps_no_exact_statistics_and_stack_reports_non_private_layers():
+    x = np.random.default_rng(1).uniform(size=(1234, 2))
+    layer = RobustNormalization(dp_epsilon=1.0, dp_bounds=(0.0, 1.0), seed=0)
+    layer.adapt(x)
+    assert layer.is_adapted and float(layer.adapt_count.numpy()) != 1234.0
+    imputer = Imputer(dp_epsilon=1.0, dp_bounds=(0.0, 1.0), seed=0)
+    imputer.adapt(x)
+    assert imputer.missing_counts is None
+    with pytest.raises(ValueError, match="2-D"):
+        RobustNormalization(dp_epsilon=1.0, dp_bounds=(0.0, 1.0)).adapt(x.reshape(617, 2, 2))
+    exact = PreprocessingStack(
+        [RobustNormalization(), RobustNormalization(dp_epsilon=1.0, dp_bounds=(-9, 9))]
+    )
+    exact.adapt(x)
+    assert exact.dp_epsilon_spent == float("inf")
