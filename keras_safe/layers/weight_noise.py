@@ -147,7 +147,10 @@ class WeightNoise(keras.layers.Wrapper):
         )
         for variable, value in zip(self.layer.non_trainable_variables, new_state, strict=True):
             variable.assign(value)
-        for loss in losses:
+        # `losses` ends with the wrapped layer's weight penalties at the noisy weights; those
+        # at the clean weights are already in `model.losses`, so keep only the added losses.
+        penalties = sum(1 for v in self.layer.trainable_weights if v.regularizer is not None)
+        for loss in losses[: len(losses) - penalties]:
             self.add_loss(loss)
         regularizer = self.layer.activity_regularizer
         if regularizer is not None:

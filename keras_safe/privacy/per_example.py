@@ -811,17 +811,11 @@ def _merge(forms):
 def _jacobian(tape, unit_losses, variables):
     """Per-example gradients `[B, *v.shape]` by a Jacobian: vectorized, else a loop."""
     try:
-        jac = tape.jacobian(
-            unit_losses,
-            variables,
-            experimental_use_pfor=True,
-            unconnected_gradients=tf.UnconnectedGradients.ZERO,
-        )
+        jac = tape.jacobian(unit_losses, variables, experimental_use_pfor=True)
     except (ValueError, NotImplementedError, TypeError, tf.errors.OpError):
-        jac = tape.jacobian(
-            unit_losses,
-            variables,
-            experimental_use_pfor=False,
-            unconnected_gradients=tf.UnconnectedGradients.ZERO,
-        )
-    return jac
+        jac = tape.jacobian(unit_losses, variables, experimental_use_pfor=False)
+    rows = tf.shape(unit_losses)[:1]
+    return [
+        tf.zeros(tf.concat([rows, v.shape], axis=0), v.dtype) if j is None else j
+        for j, v in zip(jac, variables)
+    ]

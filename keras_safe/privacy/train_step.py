@@ -176,8 +176,11 @@ def _regularization_gradients(model, variables):
         return None
     with tf.GradientTape() as tape:
         total = tf.add_n([tf.cast(v.regularizer(v), tf.float32) for v in regularized])
-    grads = tape.gradient(total, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-    return [tf.cast(g, v.dtype) for g, v in zip(grads, variables)]
+    grads = tape.gradient(total, variables)
+    return [
+        tf.zeros(v.shape, v.dtype) if g is None else tf.cast(g, v.dtype)
+        for g, v in zip(grads, variables)
+    ]
 
 
 def _check_training_setup(model):

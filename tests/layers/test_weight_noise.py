@@ -261,3 +261,22 @@ def test_trains_under_dp_with_gradients_at_the_noisy_weights():
     history = noisy.fit(x, y, batch_size=4, epochs=2, verbose=0)
     assert np.all(np.isfinite(history.history["loss"]))
     assert {"grad_norm", "clip_fraction", "skipped_steps"} <= set(history.history)
+
+
+def test_weight_regularizer_counted_once_and_trains_under_dp():
+    import keras_safe
+
+    layer = WeightNoise(keras.layers.Dense(3, kernel_regularizer=keras.regularizers.L2(0.1)))
+    model = keras.Sequential([keras.Input((4,)), layer])
+    x = np.random.default_rng(0).normal(size=(8, 4)).astype("float32")
+    model(x, training=True)
+    assert len(model.losses) == 1  # the penalty at the clean weights only
+    kernel = np.array(layer.layer.kernel)
+    np.testing.assert_allclose(float(model.losses[0]), 0.1 * np.sum(kernel**2), rtol=1e-5)
+    model.compile(
+        optimizer=keras_safe.optimizers.DPSGD(0.1, l2_norm_clip=1.0, noise_multiplier=1.0),
+        loss="mse",
+    )
+    keras_safe.privacy.make_private(model)
+    history = model.fit(x, np.zeros((8, 3)), verbose=0)
+    assert np.isfinite(history.history["loss"][0])

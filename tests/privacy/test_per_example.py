@@ -400,3 +400,15 @@ def test_a_non_finite_example_is_dropped_not_spread_over_the_step():
     model.fit(bad, y, batch_size=B, epochs=1, shuffle=False, verbose=0)
     for b, a, e in zip(before, model.trainable_variables, expected):
         np.testing.assert_allclose(b - np.array(a), e * (B - 1) / B, atol=1e-5)
+
+
+def test_a_trainable_variable_the_loss_does_not_use():
+    class Unused(keras.layers.Layer):
+        def build(self, input_shape):
+            self.w = self.add_weight(shape=(2,), initializer="ones")
+
+        def call(self, x):
+            return x
+
+    model = _seq_classifier([keras.layers.Dense(4), Unused()], (5,))
+    assert_matches_reference(model, RNG.normal(size=(B, 5)), _labels())
