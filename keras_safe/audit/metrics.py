@@ -11,8 +11,9 @@ to satisfy `FPR + exp(epsilon) * FNR >= 1 - delta` and `FNR + exp(epsilon) * FPR
 
     epsilon >= max(log((1 - delta - FNR) / FPR), log((1 - delta - FPR) / FNR)).
 
-The rates are replaced by Clopper-Pearson confidence bounds (Clopper & Pearson 1934) so that the
-bound holds with the requested confidence rather than only on the observed sample.
+The rates are replaced by Clopper-Pearson confidence bounds (Clopper & Pearson 1934). Picking the
+best threshold on the same scores makes the result a diagnostic rather than a proof;
+`keras_safe.audit.canary_audit` gives a valid bound (Steinke, Nasr & Jagielski 2023).
 """
 
 from __future__ import annotations
@@ -173,11 +174,12 @@ def epsilon_lower_bound(
     """Empirical epsilon lower bound of a threshold attack with Clopper-Pearson confidence.
 
     For every threshold of the ROC curve, the false positive and false negative counts give
-    Clopper-Pearson intervals of FPR and FNR; the upper ends give the bound that holds with
-    probability `confidence_level` (Jagielski et al. 2020), the observed rates give the point
-    estimate, and the lower ends give the upper end of the interval. The best threshold is taken
-    on the same scores, so the bound is slightly optimistic; `canary_audit` gives a bound that
-    accounts for that choice.
+    Clopper-Pearson intervals of FPR and FNR; their upper ends give the bound (Jagielski et al.
+    2020), the observed rates give the point estimate, and the lower ends give the upper end of
+    the interval. The best threshold is taken on the same scores, and the members and
+    non-members of one trained model are not independent trials of the training algorithm, so
+    this is a diagnostic, not a proof: with a correct epsilon=1 mechanism it exceeded 1 in about
+    10% of trials at 95% confidence (not 5%). `canary_audit` gives a statistically valid bound.
 
     Args:
         member_scores: scores of the training examples (larger = more likely a member).
@@ -230,8 +232,9 @@ def attack_metrics(member_scores, non_member_scores, delta=1e-5, confidence_leve
     Returns:
         A dict with `n_members`, `n_non_members`, `auc` (ROC AUC, scikit-learn),
         `advantage` (max over thresholds of TPR - FPR, Yeom et al. 2018), `tpr_at_0.1%_fpr`,
-        `tpr_at_1%_fpr` (Carlini et al. 2022), `epsilon_lower_bound` (holds with
-        `confidence_level`), `epsilon_estimate` (from the observed rates) and `epsilon_ci_high`.
+        `tpr_at_1%_fpr` (Carlini et al. 2022), `epsilon_lower_bound` (a diagnostic, see
+        `epsilon_lower_bound`; `canary_audit` gives a valid bound), `epsilon_estimate`
+        (from the observed rates) and `epsilon_ci_high`.
 
     Raises:
         ValueError: on empty or non-finite scores or out-of-range `delta` / `confidence_level`.
