@@ -51,13 +51,18 @@ def _scaled_rows(t, scale, factors):
     """`t` with example i multiplied by `scale[i]` (None: 1), and zeroed where `factors[i]` is 0.
 
     A zero factor marks an example whose gradient norm is not finite: it is dropped whole (not
-    multiplied by 0, which keeps NaN), so one bad example cannot poison the step.
+    multiplied by 0, which keeps NaN), so one bad example cannot poison the step. The extra
+    pass over `t` runs only in a step that has such an example.
     """
     shape = [-1] + [1] * (t.shape.rank - 1)
-    keep = tf.reshape(factors > 0, shape)
     if scale is not None:
         t = t * tf.reshape(tf.cast(scale, t.dtype), shape)
-    return tf.where(keep, t, tf.zeros_like(t))
+    keep = factors > 0
+    return tf.cond(
+        tf.reduce_all(keep),
+        lambda: t,
+        lambda: tf.where(tf.reshape(keep, shape), t, tf.zeros_like(t)),
+    )
 
 
 class _OuterProductGrad:
