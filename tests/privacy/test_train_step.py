@@ -167,3 +167,22 @@ def test_digits_with_dp_reaches_a_sensible_accuracy():
     model.fit(data, epochs=1, verbose=0)
     accuracy = model.evaluate(x_test, y_test, verbose=0)[1]
     assert accuracy >= 0.85
+
+
+def test_dp_step_compiles_with_xla():
+    # On GPUs Keras compiles the train step with XLA by default ("auto").
+    inputs = keras.Input((6, 6, 2))
+    h = keras.layers.Conv2D(4, 3, activation="relu")(inputs)
+    h = keras.layers.Reshape((4, 16))(h)
+    h = keras.layers.LSTM(3)(h)
+    model = keras.Model(inputs, keras.layers.Dense(2)(h))
+    model.compile(
+        optimizer=_dp(),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        jit_compile=True,
+    )
+    keras_safe.privacy.make_private(model)
+    assert model.jit_compile
+    x = RNG.normal(size=(16, 6, 6, 2)).astype("float32")
+    history = model.fit(x, RNG.integers(0, 2, 16), batch_size=8, epochs=2, verbose=0)
+    assert np.all(np.isfinite(history.history["loss"]))
