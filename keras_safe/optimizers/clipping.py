@@ -576,23 +576,6 @@ class GradientClip(OptimizerWrapper):
             "skip_non_finite": self.skip_non_finite,
         }
 
-    @classmethod
-    def from_config(cls, config, custom_objects=None):
-        """Creates a `GradientClip` from `get_config()`'s output.
-
-        Args:
-            config: the dict returned by `get_config`.
-            custom_objects: optional dict of custom classes for the inner optimizer.
-
-        Returns:
-            A new `GradientClip`.
-        """
-        config = dict(config)
-        inner = keras.saving.deserialize_keras_object(
-            config.pop("optimizer"), custom_objects=custom_objects
-        )
-        return cls(inner, **config)
-
 
 def _positive(name, value, allow_auto=False):
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:

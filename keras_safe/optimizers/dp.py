@@ -371,14 +371,6 @@ class DPOptimizer(OptimizerWrapper):
             **self._dp_config(),
         }
 
-    @classmethod
-    def from_config(cls, config, custom_objects=None):
-        config = dict(config)
-        config["optimizer"] = keras.saving.deserialize_keras_object(
-            config["optimizer"], custom_objects=custom_objects
-        )
-        return cls(**config)
-
 
 class _BuiltInDP(DPOptimizer):
     """DP version of one built-in Keras optimizer, configured with that optimizer's arguments."""

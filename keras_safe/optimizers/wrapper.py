@@ -48,3 +48,20 @@ class OptimizerWrapper(keras.optimizers.Optimizer):
 
     def scale_loss(self, loss):
         return self.inner_optimizer.scale_loss(loss)
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        """Rebuilds the wrapper from `get_config()` (its `"optimizer"` is the inner optimizer).
+
+        Args:
+            config: the dict returned by `get_config` (not modified).
+            custom_objects: optional dict of custom classes for the inner optimizer.
+
+        Returns:
+            A new wrapper.
+        """
+        config = dict(config)
+        inner = keras.saving.deserialize_keras_object(
+            config.pop("optimizer"), custom_objects=custom_objects
+        )
+        return cls(inner, **config)
