@@ -8,6 +8,7 @@ Subpackages:
     preprocessing: cleaning and normalising layers, leak-free splitting.
     callbacks: privacy budget, audits and gradient monitoring during `fit`.
     security: adversarial attacks and adversarial training.
+    training: the one train step (make_private, dp_gradients).
     audit: membership inference audits, metrics and reports.
 """
 
@@ -30,6 +31,7 @@ from keras_safe import (  # noqa: E402
     privacy,
     regularizers,
     security,
+    training,
 )
 
 __version__ = "0.1.0"
@@ -43,5 +45,6 @@ __all__ = [
     "privacy",
     "regularizers",
     "security",
+    "training",
     "__version__",
 ]

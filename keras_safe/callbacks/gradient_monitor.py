@@ -10,7 +10,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_safe.privacy.train_step import optimizer_chain
+from keras_safe.optimizers.wrapper import optimizer_chain
 
 
 def _layer_of(path):

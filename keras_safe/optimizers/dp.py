@@ -20,7 +20,7 @@ import random
 import keras
 import tensorflow as tf
 
-from keras_safe.optimizers.wrapper import OptimizerWrapper
+from keras_safe.optimizers.wrapper import OptimizerWrapper, optimizer_chain
 
 NON_PRIVATE_GRADIENTS = (
     "{name} received gradients that did not go through per-example clipping, so training "
@@ -446,3 +446,26 @@ class DPAdam(_BuiltInDP):
 
     _inner_class = keras.optimizers.Adam
     _inner_args = ("learning_rate", "beta_1", "beta_2", "epsilon", "amsgrad")
+
+
+def find_dp_optimizer(optimizer):
+    """Returns the DP optimizer in a chain of optimizer wrappers, or None.
+
+    Args:
+        optimizer: a Keras optimizer, possibly wrapping others through `inner_optimizer`.
+
+    Returns:
+        The first `keras_safe.optimizers.DPOptimizer` in the chain, or None.
+
+    Example:
+
+    >>> import keras
+    >>> from keras_safe.optimizers import DPSGD, GradientClip
+    >>> dp = DPSGD(learning_rate=0.1, l2_norm_clip=1.0, noise_multiplier=1.0)
+    >>> find_dp_optimizer(GradientClip(dp)) is dp
+    True
+    """
+    for candidate in optimizer_chain(optimizer):
+        if isinstance(candidate, DPOptimizer):
+            return candidate
+    return None

@@ -1,8 +1,47 @@
-"""The base of keras_safe's optimizer wrappers (DP optimizers, gradient clipping)."""
-
-from __future__ import annotations
+"""The base of keras_safe's optimizer wrappers (DP optimizers, gradient clipping), and the one
+helper that walks a chain of wrapped optimizers."""
 
 import keras
+
+__all__ = ["OptimizerWrapper", "innermost", "optimizer_chain"]
+
+
+def optimizer_chain(optimizer):
+    """Lists an optimizer and every optimizer it wraps (following `.inner_optimizer`).
+
+    Args:
+        optimizer: a Keras optimizer, or None.
+
+    Returns:
+        A list, outermost optimizer first; empty for None.
+
+    Example:
+
+    >>> import keras
+    >>> from keras_safe.optimizers import GradientClip
+    >>> [type(o).__name__ for o in optimizer_chain(GradientClip(keras.optimizers.SGD()))]
+    ['GradientClip', 'SGD']
+    """
+    chain, seen = [], set()
+    while optimizer is not None and id(optimizer) not in seen:
+        chain.append(optimizer)
+        seen.add(id(optimizer))
+        optimizer = getattr(optimizer, "inner_optimizer", None)
+    return chain
+
+
+def innermost(optimizer):
+    """The optimizer at the end of a chain of wrappers (the one that updates the weights).
+
+    Example:
+
+    >>> import keras
+    >>> from keras_safe.optimizers import GradientClip
+    >>> type(innermost(GradientClip(keras.optimizers.Adam()))).__name__
+    'Adam'
+    """
+    chain = optimizer_chain(optimizer)
+    return chain[-1] if chain else None
 
 
 class OptimizerWrapper(keras.optimizers.Optimizer):

@@ -8,59 +8,18 @@ With any other optimizer it is Keras's usual step. Either way it reports the los
 as Keras does, plus the figures of optimizers in the wrapper chain that define `step_logs()`.
 """
 
-from __future__ import annotations
-
 import types
 
 import keras
 import tensorflow as tf
 
+from keras_safe.optimizers.dp import find_dp_optimizer
+from keras_safe.optimizers.wrapper import optimizer_chain
 from keras_safe.privacy.losses import PerExampleLoss
 from keras_safe.privacy.model_checks import check_supported
 from keras_safe.privacy.per_example import clipped_gradient_sum
 
 _MARK = "_keras_safe_train_step"
-
-
-def optimizer_chain(optimizer):
-    """Lists an optimizer and every optimizer it wraps (following `.inner_optimizer`).
-
-    Args:
-        optimizer: a Keras optimizer, or None.
-
-    Returns:
-        A list, outermost optimizer first; empty for None.
-
-    Example:
-
-    >>> import keras
-    >>> from keras_safe.optimizers import GradientClip
-    >>> [type(o).__name__ for o in optimizer_chain(GradientClip(keras.optimizers.SGD()))]
-    ['GradientClip', 'SGD']
-    """
-    chain, seen = [], set()
-    while optimizer is not None and id(optimizer) not in seen:
-        chain.append(optimizer)
-        seen.add(id(optimizer))
-        optimizer = getattr(optimizer, "inner_optimizer", None)
-    return chain
-
-
-def find_dp_optimizer(optimizer):
-    """Returns the DP optimizer in a chain of optimizer wrappers, or None.
-
-    Args:
-        optimizer: a Keras optimizer, possibly wrapping others through `inner_optimizer`.
-
-    Returns:
-        The first `keras_safe.optimizers.DPOptimizer` in the chain, or None.
-    """
-    from keras_safe.optimizers.dp import DPOptimizer
-
-    for candidate in optimizer_chain(optimizer):
-        if isinstance(candidate, DPOptimizer):
-            return candidate
-    return None
 
 
 def make_private(model):
