@@ -14,10 +14,11 @@ from keras_safe.privacy.accounting import (
 from keras_safe.privacy.model_checks import UnsupportedLayer, validate
 from keras_safe.privacy.sampling import poisson_batches
 
-# Re-exports from the layer above (a package __init__ may re-export); imported last so that the
-# modules of this package are complete before keras_safe.training imports them.
-from keras_safe.training.train_step import dp_gradients, make_private  # noqa: E402, I001
-from keras_safe.optimizers.dp import find_dp_optimizer  # noqa: E402
+# isort: split
+# Re-exports from the layers above (a package __init__ may re-export); imported last so that the
+# modules of this package are complete before those layers import them.
+from keras_safe.optimizers.dp import find_dp_optimizer
+from keras_safe.training.train_step import dp_gradients, make_private
 
 __all__ = [
     "UnsupportedLayer",
