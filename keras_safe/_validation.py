@@ -13,6 +13,7 @@ import numbers
 
 __all__ = [
     "ArgumentError",
+    "PrivacyError",
     "check_choice",
     "check_number",
     "check_probability",
@@ -22,6 +23,14 @@ __all__ = [
 
 class ArgumentError(ValueError):
     """A wrong argument: the message names the argument, the requirement and the fix."""
+
+
+class PrivacyError(RuntimeError):
+    """keras_safe cannot prove a step private, so it refuses to take it (it fails closed).
+
+    The message says what could not be proven and how to fix it. Nothing was trained: the
+    weights, the optimizer and the privacy ledger are as they were before the call.
+    """
 
 
 def fail(name, value, requirement, fix=None):
