@@ -20,6 +20,7 @@ import random
 import keras
 import tensorflow as tf
 
+from keras_safe.optimizers import provenance
 from keras_safe.optimizers.wrapper import OptimizerWrapper, optimizer_chain
 
 NON_PRIVATE_GRADIENTS = (
@@ -215,7 +216,6 @@ class DPOptimizer(OptimizerWrapper):
             )
         self.seed = seed
         self._base_seed = int(seed) if seed is not None else random.getrandbits(62)
-        self._armed = False
         noise_multiplier = _check_number("noise_multiplier", noise_multiplier, 0, True)
         if noise_multiplier is None and self.target_epsilon is None:
             raise ValueError(
@@ -300,7 +300,8 @@ class DPOptimizer(OptimizerWrapper):
     def privatize(self, clipped_sums, denominator, variables):
         """Adds the calibrated Gaussian noise to clipped gradient sums and averages them.
 
-        This is the only way gradients reach `apply`: it arms the next `apply` call.
+        The returned tensors are recorded as this step's DP release
+        (`keras_safe.optimizers.provenance`); `apply` accepts no other gradient tensors.
 
         Args:
             clipped_sums: list of tensors, the sums of per-example (or per-microbatch)
@@ -325,13 +326,12 @@ class DPOptimizer(OptimizerWrapper):
             sums = [total + tf.reshape(n, tf.shape(total)) for total, n in zip(sums, noise)]
         noisy = [tf.cast(total / denominator, v.dtype) for total, v in zip(sums, variables)]
         self._noise_draws.assign_add(1)
-        self._armed = True
-        return noisy
+        return provenance.mark_released(noisy)
 
     def apply(self, grads, trainable_variables=None):
-        if not self._armed:
+        grads = list(grads)
+        if provenance.unreleased(grads):
             raise RuntimeError(NON_PRIVATE_GRADIENTS.format(name=type(self).__name__))
-        self._armed = False
         if not self.built:
             self.build(trainable_variables)
         self.inner_optimizer.apply(grads, trainable_variables)

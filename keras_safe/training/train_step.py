@@ -13,6 +13,7 @@ import types
 import keras
 import tensorflow as tf
 
+from keras_safe.optimizers import provenance
 from keras_safe.optimizers.dp import find_dp_optimizer
 from keras_safe.optimizers.wrapper import optimizer_chain
 from keras_safe.privacy.losses import PerExampleLoss
@@ -116,7 +117,9 @@ def dp_gradients(model, x, y=None, sample_weight=None, return_outputs=False):
     grads = dp.privatize(clipped, denominator, variables)
     regularization = _regularization_gradients(model, variables)
     if regularization is not None:
-        grads = [g + r for g, r in zip(grads, regularization)]
+        # The weight penalty's gradient does not depend on the data: adding it to the release
+        # is post-processing, so the sum is a release too.
+        grads = provenance.mark_released([g + r for g, r in zip(grads, regularization)])
     if return_outputs:
         return grads, (losses, y_pred)
     return grads
