@@ -2,51 +2,37 @@
 
 The model side (keras_safe's train step, installed by `keras_safe.privacy.make_private`) computes
 the sum of per-example gradients clipped to `l2_norm_clip`. The optimizer then adds Gaussian
-noise, divides by the batch size and applies the result with the wrapped optimizer:
+noise, divides by the expected batch size and applies the result with the wrapped optimizer:
 
     g = (sum_i clip(grad_i, C) + N(0, (noise_multiplier * C)^2 I)) / B
 
-where B is the expected batch size (`batch_size`, for Poisson sampling), else the number of
-examples in the batch, or the number of microbatches when `num_microbatches` is set (then each
-microbatch's mean gradient is clipped instead of each example's). This is the Gaussian
-mechanism of Abadi et al. 2016, "Deep Learning with Differential Privacy".
+where B is the expected batch size, or the number of microbatches when `num_microbatches` is set
+(then each microbatch's mean gradient is clipped instead of each example's). This is the
+Gaussian mechanism of Abadi et al. 2016, "Deep Learning with Differential Privacy".
 """
 
-from __future__ import annotations
-
-import math
-import random
+import dataclasses
 
 import keras
 import tensorflow as tf
 
+from keras_safe._validation import check_choice, check_number, check_probability, fail
 from keras_safe.optimizers import provenance
-from keras_safe.optimizers.wrapper import OptimizerWrapper, optimizer_chain
+from keras_safe.optimizers.noise import fresh_seed, gaussian_noise
+from keras_safe.optimizers.wrapper import OptimizerWrapper, innermost, optimizer_chain
+from keras_safe.privacy.accounting import DPSchedule, accountant_names, default_delta
+
+__all__ = ["DPAdam", "DPOptimizer", "DPSGD", "NON_PRIVATE_GRADIENTS", "find_dp_optimizer"]
 
 NON_PRIVATE_GRADIENTS = (
-    "{name} received gradients that did not go through per-example clipping, so training "
-    "would not be differentially private. This happens when the model uses Keras's default "
-    "train step (or its own `train_step`). Fix: call `model = keras_safe.privacy.make_private("
-    "model)` before `fit` (or pass `keras_safe.callbacks.PrivacyBudget()` to `fit`, which does "
-    "it for you). In a custom training loop, compute gradients with "
-    "`keras_safe.privacy.dp_gradients(model, x, y)` instead of `tape.gradient`."
+    "{name} received gradients that are not the DP release of this step (per-example clipped "
+    "and noised by keras_safe), so applying them would not be differentially private. This "
+    "happens when the model uses Keras's default train step (or its own `train_step` that "
+    "applies other gradients). Fix: call `model = keras_safe.privacy.make_private(model)` "
+    "before `fit` (or pass `keras_safe.callbacks.PrivacyBudget()` to `fit`, which does it for "
+    "you). In a custom training loop, apply exactly what "
+    "`keras_safe.privacy.dp_gradients(model, x, y)` returns."
 )
-
-
-def _check_number(name, value, low, low_inclusive, integer=False, allow_none=True):
-    if value is None:
-        if allow_none:
-            return None
-        raise ValueError(f"`{name}` is required.")
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"`{name}` must be a number, got {value!r}.")
-    if integer and int(value) != value:
-        raise ValueError(f"`{name}` must be a whole number, got {value!r}.")
-    if not math.isfinite(value) or value < low or (value == low and not low_inclusive):
-        bound = f">= {low}" if low_inclusive else f"> {low}"
-        raise ValueError(f"`{name}` must be finite and {bound}, got {value!r}.")
-    return int(value) if integer else float(value)
-
 
 DP_ARGUMENTS = (
     "l2_norm_clip",
@@ -62,32 +48,6 @@ DP_ARGUMENTS = (
 )
 
 
-def gaussian_noise(size, seed):
-    """`size` independent standard normal draws (float32) from a counter-based seed `[2]`.
-
-    Box-Muller transform (Box & Muller 1958) of Philox uniforms. The radius comes from a
-    float64 uniform, so the tail is cut only beyond 8.5 standard deviations (a float32
-    uniform would cut it at 5.6, a bounded noise); about twice as fast on CPU as
-    `tf.random.stateless_normal` for the millions of values a step needs.
-    """
-    half = (size + 1) // 2
-    # 1 - u in (0, 1] from a 53-bit uniform; the angle needs no more than float32. The angle's
-    # stream sits 2^40 draws ahead on the counter, out of reach of the per-step counter.
-    u = tf.random.stateless_uniform([half], seed=seed, dtype=tf.float64)
-    v = tf.random.stateless_uniform(
-        [half], seed=seed + tf.constant([0, 1 << 40], tf.int64), dtype=tf.float32
-    )
-    radius = tf.sqrt(-2.0 * tf.math.log(tf.cast(1.0 - u, tf.float32)))
-    angle = (2.0 * math.pi) * v
-    return tf.concat([radius * tf.cos(angle), radius * tf.sin(angle)], axis=0)[:size]
-
-
-def _innermost(optimizer):
-    while hasattr(optimizer, "inner_optimizer"):
-        optimizer = optimizer.inner_optimizer
-    return optimizer
-
-
 @keras.saving.register_keras_serializable(package="keras_safe")
 class DPOptimizer(OptimizerWrapper):
     """Makes any Keras optimizer differentially private (DP-SGD's noisy, clipped update).
@@ -95,27 +55,34 @@ class DPOptimizer(OptimizerWrapper):
     Each example's gradient (or each microbatch's mean gradient) is clipped to `l2_norm_clip`
     in global L2 norm over all trainable variables, the clipped gradients are summed, Gaussian
     noise with standard deviation `l2_norm_clip * noise_multiplier` is added once per update,
-    and the result is divided by the batch size: the expected batch size `batch_size` when
-    given (Poisson sampling), else the number of examples in the batch, or the number of
-    microbatches. The wrapped optimizer then applies it as usual (momentum, Adam moments,
-    weight decay and learning-rate schedules act on the noisy gradient: post-processing, the
-    guarantee is unchanged).
+    and the result is divided by the expected batch size (or the number of microbatches). The
+    wrapped optimizer then applies it as usual (momentum, Adam moments, weight decay and
+    learning-rate schedules act on the noisy gradient: post-processing, the guarantee is
+    unchanged).
+
+    The data settings are read from `fit`: on arrays, the number of examples and the batch size
+    given to `fit`; on `keras_safe.privacy.poisson_batches`, the settings it was built with.
+    Declare `num_examples` and `batch_size` only for other inputs (a generic `tf.data` pipeline,
+    `train_on_batch`, a custom loop); declared values that disagree with what `fit` does are
+    refused, since they would misstate epsilon.
 
     With `gradient_accumulation_steps=k` on the wrapped optimizer, one update averages `k`
     batches: noise of total standard deviation `l2_norm_clip * noise_multiplier` is spread
-    over the `k` steps (each adds `1/sqrt(k)` of it), so the update is the clipped sum over the
-    `k * B` examples plus one draw of the calibrated noise, divided by `k * B`.
+    over the `k` batches (each adds `1/sqrt(k)` of it); see `keras_safe.privacy.DPSchedule` for
+    how that, and microbatching, is accounted.
 
-    Noise is fresh at every step: it comes from a counter-based generator (Philox) keyed by a
-    62-bit seed and a draw counter. The counter is an optimizer variable saved with the model,
-    so a reloaded model continues it instead of repeating earlier draws; the seed is not saved
-    (unless given as `seed`), so a saved model does not reveal its noise. The seed is drawn
-    from Python's `random`, so `keras.utils.set_random_seed` makes runs reproducible; for a
-    release, do not fix the seed: whoever knows it can regenerate the noise.
+    Noise is fresh at every step: a counter-based generator (Philox) keyed by a 62-bit seed and a
+    draw counter. The seed comes from the operating system's entropy, whatever the global Keras
+    or NumPy seed, and is not saved, so neither `keras.utils.set_random_seed` nor a saved model
+    lets anyone regenerate the noise; the counter is saved, so a reloaded model never repeats a
+    draw. `seed=...` makes the noise reproducible for debugging: whoever knows that seed can
+    regenerate the noise and subtract it, so the guarantee is void for a release, and the
+    model's privacy ledger marks those steps as seeded.
 
     Training needs keras_safe's train step: `keras_safe.privacy.make_private(model)` (or the
-    `keras_safe.callbacks.PrivacyBudget` callback). If this optimizer ever receives gradients
-    that did not go through per-example clipping it raises, rather than train non-privately.
+    `keras_safe.callbacks.PrivacyBudget` callback). `apply` accepts only the gradient tensors
+    this optimizer released in the same step; anything else raises instead of training
+    non-privately.
 
     Args:
         optimizer: the Keras optimizer to wrap (instance or name, e.g. `"sgd"`).
@@ -123,29 +90,29 @@ class DPOptimizer(OptimizerWrapper):
         noise_multiplier: noise standard deviation as a multiple of C (>= 0). Give this or
             `target_epsilon`.
         num_microbatches: if set, the batch is split into this many microbatches of
-            consecutive examples whose mean gradients are clipped (TF Privacy's semantics); the
-            batch size must be divisible by it. One example can move its microbatch's clipped
-            gradient by twice `l2_norm_clip`, so the accounting halves the noise multiplier;
-            that analysis assumes an example's microbatch does not depend on the others in the
-            batch (fixed positions), which Poisson batches do not give: use per-example
-            clipping (None, the default) with `poisson_batches`.
-        target_epsilon: calibrate `noise_multiplier` to reach this epsilon after `epochs`
-            epochs over `num_examples` examples at `batch_size` (needs all three).
-        num_examples: number of training examples (for calibration and accounting).
-        batch_size: expected batch size; the divisor of the noisy sum, and the sampling rate
-            `batch_size / num_examples` of the accountant.
-        epochs: planned number of epochs (for calibration).
-        delta: the delta of (epsilon, delta)-DP; defaults to
-            `keras_safe.privacy.default_delta(num_examples)` when calibrating.
-        accountant: `"rdp"` or `"pld"`, the accountant used for calibration.
-        seed: seed of the noise stream; None draws one from Python's `random` (seeded by
-            `keras.utils.set_random_seed`).
+            consecutive examples whose mean gradients are clipped (TF Privacy's semantics);
+            every batch size must be divisible by it. Use per-example clipping (None, the
+            default) with `poisson_batches`.
+        target_epsilon: calibrate `noise_multiplier` so that the planned run spends this
+            epsilon. The plan is `epochs` epochs (the `epochs` given to `fit`, or declared here)
+            over the training data at its batch size, `epochs * ceil(n / batch_size)` batches;
+            calibrated at the start of `fit` unless `num_examples`, `batch_size` and `epochs`
+            are all declared.
+        num_examples: number of training examples, for inputs keras_safe cannot count.
+        batch_size: expected batch size (the divisor of the noisy sum), for inputs keras_safe
+            cannot read it from.
+        epochs: planned number of epochs (for calibration before `fit`).
+        delta: the delta of (epsilon, delta)-DP used for calibration; defaults to
+            `keras_safe.privacy.default_delta(num_examples)`.
+        accountant: `"rdp"` or `"pld"` (or another registered accountant), for calibration.
+        seed: None (the default: OS entropy, the only setting valid for a release), or an
+            integer for reproducible, non-private noise.
         name: optimizer name.
 
     Raises:
-        ValueError: on a non-positive clip, a negative noise multiplier, a bad microbatch
-            count, both or neither of `noise_multiplier` and `target_epsilon`, or calibration
-            settings that are missing or inconsistent.
+        keras_safe._validation.ArgumentError: on a non-positive clip, a negative noise
+            multiplier, a bad microbatch count, both or neither of `noise_multiplier` and
+            `target_epsilon`, or calibration settings that are inconsistent.
 
     Example:
 
@@ -177,112 +144,112 @@ class DPOptimizer(OptimizerWrapper):
         **kwargs,
     ):
         if kwargs:
-            raise ValueError(
-                f"DPOptimizer got unexpected arguments {sorted(kwargs)}; set optimizer "
-                "options (learning rate, weight decay, gradient accumulation...) on the wrapped "
-                "optimizer instead."
+            fail(
+                "kwargs",
+                sorted(kwargs),
+                "empty (DPOptimizer takes only DP arguments)",
+                "set optimizer options (learning rate, weight decay, gradient accumulation...) "
+                "on the wrapped optimizer instead.",
             )
         inner = keras.optimizers.get(optimizer)
         if isinstance(inner, DPOptimizer) or not isinstance(inner, keras.optimizers.Optimizer):
-            raise ValueError(
-                f"`optimizer` must be a (non-DP) Keras optimizer or its name, got {optimizer!r}."
-            )
+            fail("optimizer", optimizer, "a (non-DP) Keras optimizer or its name")
         super().__init__(inner, name=name or f"DP{type(inner).__name__}")
-        self.l2_norm_clip = _check_number("l2_norm_clip", l2_norm_clip, 0, False, allow_none=False)
-        self.num_microbatches = _check_number(
-            "num_microbatches", num_microbatches, 1, True, integer=True
+        self.l2_norm_clip = check_number("l2_norm_clip", l2_norm_clip, low=0, low_inclusive=False)
+        self.num_microbatches = check_number(
+            "num_microbatches", num_microbatches, low=1, integer=True, allow_none=True
         )
-        self.num_examples = _check_number("num_examples", num_examples, 1, True, integer=True)
-        self.batch_size = _check_number("batch_size", batch_size, 1, True, integer=True)
-        self.epochs = _check_number("epochs", epochs, 0, False)
-        self.target_epsilon = _check_number("target_epsilon", target_epsilon, 0, False)
-        self.delta = _check_number("delta", delta, 0, False)
-        if self.delta is not None and self.delta >= 1:
-            raise ValueError(
-                f"`delta` must be in (0, 1), got {delta!r}; a typical value is "
-                "below 1/num_examples."
-            )
-        if accountant not in ("rdp", "pld"):
-            raise ValueError(f"`accountant` must be 'rdp' or 'pld', got {accountant!r}.")
-        self.accountant = accountant
-        if (
-            self.num_examples is not None
-            and self.batch_size is not None
-            and self.batch_size > self.num_examples
-        ):
-            raise ValueError(
-                f"`batch_size` ({self.batch_size}) is larger than `num_examples` "
-                f"({self.num_examples})."
-            )
+        self.num_examples = check_number(
+            "num_examples", num_examples, low=1, integer=True, allow_none=True
+        )
+        self.batch_size = check_number(
+            "batch_size", batch_size, low=1, integer=True, allow_none=True
+        )
+        self.epochs = check_number("epochs", epochs, low=0, low_inclusive=False, allow_none=True)
+        self.target_epsilon = check_number(
+            "target_epsilon", target_epsilon, low=0, low_inclusive=False, allow_none=True
+        )
+        self.delta = check_probability("delta", delta, allow_none=True)
+        self.accountant = check_choice("accountant", accountant, accountant_names())
+        if self.num_examples and self.batch_size and self.batch_size > self.num_examples:
+            fail("batch_size", self.batch_size, f"at most num_examples ({self.num_examples})")
+        if seed is not None:
+            seed = check_number("seed", seed, low=0, integer=True)
         self.seed = seed
-        self._base_seed = int(seed) if seed is not None else random.getrandbits(62)
-        noise_multiplier = _check_number("noise_multiplier", noise_multiplier, 0, True)
-        if noise_multiplier is None and self.target_epsilon is None:
-            raise ValueError(
-                "Give `noise_multiplier` (for example 1.1) or `target_epsilon` (with "
-                "`num_examples`, `batch_size` and `epochs`) so the noise can be set."
-            )
-        if self.target_epsilon is not None:
-            self.noise_multiplier = self._calibrate(noise_multiplier)
-        else:
-            self.noise_multiplier = noise_multiplier
-
-    def _accounted_noise(self, noise_multiplier):
-        """The noise multiplier the accountant sees for one accounted step.
-
-        - Microbatches of several examples: a microbatch changes entirely when one example
-          joins or leaves it, so its clipped gradient can move by 2 * l2_norm_clip: half the
-          noise (as TF Privacy accounts microbatching).
-        - Gradient accumulation over k batches: each batch is Poisson sampled on its own and
-          adds 1/sqrt(k) of the noise, so an update is accounted as k steps at noise / sqrt(k).
-        """
-        factor = 1.0
-        if self.num_microbatches and (
-            self.batch_size is None or self.num_microbatches < self.batch_size
-        ):
-            factor = 2.0
-        return noise_multiplier / (factor * math.sqrt(self.accumulation_steps))
-
-    def _calibrate(self, given):
-        missing = [n for n in ("num_examples", "batch_size", "epochs") if getattr(self, n) is None]
-        if missing:
-            raise ValueError(
-                f"`target_epsilon` needs {', '.join('`' + m + '`' for m in missing)} to "
-                "calibrate the noise multiplier."
-            )
-        from keras_safe.privacy import accounting
-
-        if self.delta is None:
-            self.delta = accounting.default_delta(self.num_examples)
-        if given is not None:
-            spent = accounting.compute_epsilon(
-                num_examples=self.num_examples,
-                batch_size=self.batch_size,
-                epochs=self.epochs,
-                noise_multiplier=self._accounted_noise(given),
-                delta=self.delta,
-                accountant=self.accountant,
-            )
-            if spent > self.target_epsilon * (1 + 1e-6):
-                raise ValueError(
-                    f"`noise_multiplier`={given} gives epsilon={spent:.4f}, above "
-                    f"`target_epsilon`={self.target_epsilon}. Give only one of the two."
-                )
-            return float(given)
-        accounted = accounting.noise_multiplier_for_epsilon(
-            self.target_epsilon,
-            num_examples=self.num_examples,
-            batch_size=self.batch_size,
-            epochs=self.epochs,
-            delta=self.delta,
-            accountant=self.accountant,
+        self._base_seed = seed if seed is not None else fresh_seed()
+        noise_multiplier = check_number(
+            "noise_multiplier", noise_multiplier, low=0, allow_none=True
         )
-        return float(accounted) / self._accounted_noise(1.0)
+        if noise_multiplier is None and self.target_epsilon is None:
+            fail(
+                "noise_multiplier",
+                None,
+                "given, or `target_epsilon` instead",
+                "give `noise_multiplier` (for example 1.1) or `target_epsilon` so the noise can "
+                "be set.",
+            )
+        self.noise_multiplier = noise_multiplier
+        if (
+            self.target_epsilon is not None
+            and self.num_examples
+            and self.batch_size
+            and self.epochs
+        ):
+            self.calibrate(self.schedule(), self.epochs)
+
+    # -- settings and calibration ----------------------------------------------------------------
 
     @property
     def accumulation_steps(self):
         """Batches averaged into one update (the wrapped optimizer's gradient accumulation)."""
-        return getattr(_innermost(self.inner_optimizer), "gradient_accumulation_steps", None) or 1
+        return getattr(innermost(self.inner_optimizer), "gradient_accumulation_steps", None) or 1
+
+    @property
+    def seeded(self):
+        """True when the noise comes from a user-given seed (reproducible: not for a release)."""
+        return self.seed is not None
+
+    @property
+    def needs_calibration(self):
+        """True while `target_epsilon` is given but the noise is not yet calibrated."""
+        return self.noise_multiplier is None
+
+    def schedule(self, num_examples=None, batch_size=None, steps_per_epoch=None):
+        """The `DPSchedule` of this optimizer on data of the given size (declared values are
+        checked against it)."""
+        return DPSchedule.from_optimizer(self, num_examples, batch_size, steps_per_epoch)
+
+    def calibrate(self, schedule, epochs):
+        """Sets (or checks) `noise_multiplier` so `epochs` epochs of `schedule` spend at most
+        `target_epsilon`.
+
+        With a noise multiplier already given (or calibrated) it checks that the plan stays
+        within the target instead.
+
+        Raises:
+            keras_safe._validation.ArgumentError: when a given noise misses the target.
+        """
+        if self.target_epsilon is None:
+            return self.noise_multiplier
+        batches = schedule.batches_for_epochs(epochs)
+        delta = self.delta if self.delta is not None else default_delta(schedule.num_examples)
+        if self.noise_multiplier is None:
+            self.noise_multiplier = float(
+                schedule.calibrate(self.target_epsilon, batches, delta, self.accountant)
+            )
+            return self.noise_multiplier
+        planned = dataclasses.replace(schedule, noise_multiplier=self.noise_multiplier)
+        spent = planned.epsilon(batches, delta, self.accountant)
+        if spent > self.target_epsilon * (1 + 1e-6):
+            fail(
+                "noise_multiplier",
+                self.noise_multiplier,
+                f"large enough for target_epsilon={self.target_epsilon} over {batches} batches "
+                f"(it gives epsilon={spent:.4f})",
+                "give only `target_epsilon` and let keras_safe calibrate the noise for the "
+                "steps that will run.",
+            )
+        return self.noise_multiplier
 
     def build(self, var_list):
         if self.built:
@@ -295,7 +262,7 @@ class DPOptimizer(OptimizerWrapper):
         )
         super().build(var_list)
 
-    # -- the DP part ---------------------------------------------------------------------------
+    # -- the DP part -----------------------------------------------------------------------------
 
     def privatize(self, clipped_sums, denominator, variables):
         """Adds the calibrated Gaussian noise to clipped gradient sums and averages them.
@@ -306,15 +273,26 @@ class DPOptimizer(OptimizerWrapper):
         Args:
             clipped_sums: list of tensors, the sums of per-example (or per-microbatch)
                 gradients clipped to `l2_norm_clip`, aligned with `variables`.
-            denominator: the divisor (expected batch size, batch size or microbatch count).
+            denominator: the divisor (expected batch size, or microbatch count).
             variables: the trainable variables the sums belong to.
 
         Returns:
             The list of noisy averaged gradients.
+
+        Raises:
+            keras_safe._validation.ArgumentError: when the noise was never calibrated.
         """
+        if self.noise_multiplier is None:
+            fail(
+                "noise_multiplier",
+                None,
+                "calibrated before the first step",
+                "train with `fit` (which calibrates `target_epsilon` for the planned epochs), "
+                "or declare `num_examples`, `batch_size` and `epochs` on the optimizer.",
+            )
         if not self.built:
             self.build(variables)
-        stddev = self.l2_norm_clip * self.noise_multiplier / math.sqrt(self.accumulation_steps)
+        stddev = self.l2_norm_clip * self.noise_multiplier / self.accumulation_steps**0.5
         denominator = tf.cast(denominator, tf.float32)
         sums = [tf.cast(total, tf.float32) for total in clipped_sums]
         if stddev > 0:
@@ -339,27 +317,7 @@ class DPOptimizer(OptimizerWrapper):
     def stateless_apply(self, optimizer_variables, grads, trainable_variables):
         raise NotImplementedError("DP optimizers run on the TensorFlow backend only.")
 
-    def accounting_settings(self):
-        """What an accountant needs: accounted steps so far, their noise and sampling rate.
-
-        Returns:
-            A dict with `steps` (accounted steps: one per noisy update, or `k` per update with
-            gradient accumulation over `k` batches, each batch being sampled on its own),
-            `noise_multiplier` (per accounted step: divided by 2 for microbatches of several
-            examples, whose sensitivity is doubled, and by `sqrt(k)` with accumulation), and
-            `sampling_rate` (`batch_size / num_examples`, or None when either is unknown).
-        """
-        rate = None
-        if self.batch_size is not None and self.num_examples is not None:
-            rate = min(1.0, self.batch_size / self.num_examples)
-        updates = int(keras.ops.convert_to_numpy(self.iterations))
-        return {
-            "steps": updates * self.accumulation_steps,
-            "noise_multiplier": self._accounted_noise(self.noise_multiplier),
-            "sampling_rate": rate,
-        }
-
-    # -- serialization -------------------------------------------------------------------------
+    # -- serialization ---------------------------------------------------------------------------
 
     def _dp_config(self):
         return {key: getattr(self, key) for key in DP_ARGUMENTS}

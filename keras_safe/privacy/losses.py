@@ -7,10 +7,16 @@ mean over its (unmasked) time steps. Plain Keras averages these over the batch; 
 their clipped gradients and divides by the (expected) batch size.
 """
 
-from __future__ import annotations
-
 import keras
+import numpy as np
 import tensorflow as tf
+
+from keras_safe._validation import PrivacyError, fail
+
+__all__ = ["PerExampleLoss", "check_per_example"]
+
+# Examples in the probe batch of `check_per_example`.
+_PROBE = 3
 
 
 class PerExampleLoss:
@@ -19,16 +25,27 @@ class PerExampleLoss:
     Args:
         model: a compiled Keras model.
 
+    Every loss function is probed once (eagerly, on a few random examples shaped like the
+    model's outputs, see `check_per_example`): it must return one value per example, and each
+    example's value must not change when another example of the batch changes. A loss that
+    reduces over the batch axis would otherwise be taken for per-example losses, and clipping
+    its "per-example" gradients would not bound one example's influence.
+
     Raises:
-        ValueError: if the model is not compiled with a loss, or a loss cannot be split into
-            per-example terms.
+        keras_safe._validation.ArgumentError: if the model is not compiled with a loss, or a
+            loss is not a string, `keras.losses.Loss` or function.
+        keras_safe._validation.PrivacyError: if a loss does not give one value per example that
+            depends on that example alone.
     """
 
     def __init__(self, model):
         if getattr(model, "loss", None) is None:
-            raise ValueError(
-                "DP training needs the model compiled with a `loss` (for example "
-                "`model.compile(optimizer=DPSGD(...), loss='sparse_categorical_crossentropy')`)."
+            fail(
+                "loss",
+                None,
+                "given to `model.compile`",
+                "compile with a loss, for example `model.compile(optimizer=DPSGD(...), "
+                "loss='sparse_categorical_crossentropy')`.",
             )
         self.model = model
         loss = model.loss
@@ -38,6 +55,7 @@ class PerExampleLoss:
                 weights = model.get_compile_config().get("loss_weights")
         self._losses = loss
         self._weights = weights
+        self._checked = set()
 
     def _loss_for_output(self, index, name, num_outputs):
         loss = self._losses
@@ -85,10 +103,14 @@ class PerExampleLoss:
             fn = self._loss_for_output(i, name, len(preds))
             if fn is None or target is None:
                 continue
+            key = (i, tuple(pred.shape[1:]), tuple(np.shape(target)[1:]))
+            if key not in self._checked:
+                check_per_example(fn, target, pred, name=_loss_name(self._losses, i, name))
+                self._checked.add(key)
             per_example = _per_example(fn, target, pred, sw) * self._weight_for_output(i, name)
             total = per_example if total is None else total + per_example
         if total is None:
-            raise ValueError("No output of the model has a loss; DP training needs one.")
+            fail("loss", self._losses, "a loss for at least one output of the model")
         return total
 
 
@@ -110,10 +132,7 @@ def _resolve(loss):
         return resolved.call if isinstance(resolved, keras.losses.Loss) else resolved
     if callable(loss):
         return loss
-    raise ValueError(
-        f"Cannot use loss {loss!r} for DP training: expected a string, a "
-        "keras.losses.Loss or a function."
-    )
+    fail("loss", loss, "a string, a keras.losses.Loss or a function for DP training")
 
 
 def _per_example(fn, y_true, y_pred, sample_weight):
@@ -122,10 +141,10 @@ def _per_example(fn, y_true, y_pred, sample_weight):
     y_true = tf.cast(tf.convert_to_tensor(y_true), y_pred.dtype)
     values = tf.convert_to_tensor(fn(y_true, y_pred))
     if values.shape.rank == 0:
-        raise ValueError(
+        raise PrivacyError(
             "The loss function returned a scalar for the whole batch, so DP-SGD cannot tell "
-            "examples apart. Use a Keras loss (string or keras.losses.Loss), or a function that "
-            "returns one value per example (no reduction over the batch)."
+            "examples apart. Fix: use a Keras loss (string or keras.losses.Loss), or a function "
+            "that returns one value per example (no reduction over the batch)."
         )
     values = tf.cast(values, tf.float32)
     weight = tf.ones_like(values)
@@ -152,3 +171,86 @@ def _match_rank(weight, values):
     while weight.shape.rank < values.shape.rank:
         weight = weight[..., None]
     return weight
+
+
+def _loss_name(losses, index, output):
+    loss = losses
+    if isinstance(losses, dict):
+        loss = losses.get(output)
+    elif isinstance(losses, (list, tuple)):
+        loss = losses[index]
+    if isinstance(loss, str):
+        return loss
+    return getattr(loss, "name", None) or getattr(loss, "__name__", None) or type(loss).__name__
+
+
+def _probe_like(tensor, rng, examples=_PROBE):
+    """Random values of `tensor`'s dtype and trailing shape, `examples` rows."""
+    shape = [examples] + [1 if d is None else int(d) for d in tensor.shape[1:]]
+    dtype = tf.as_dtype(tensor.dtype)
+    if dtype.is_integer or dtype.is_bool:
+        return tf.zeros(shape, dtype)
+    return tf.constant(rng.uniform(0.05, 0.95, size=shape), dtype)
+
+
+def check_per_example(fn, y_true, y_pred, name="loss"):
+    """Checks that `fn(y_true, y_pred)` gives one value per example depending on it alone.
+
+    Runs `fn` eagerly on a probe batch of random examples shaped like `y_true` and `y_pred`
+    (whatever the calling context: it also works while a train step is being traced), then
+    changes the first example's prediction and checks that no other example's loss moved.
+
+    Args:
+        fn: the loss function `fn(y_true, y_pred)` (no reduction over the batch expected).
+        y_true: a tensor shaped like the targets (only its dtype and trailing shape are used).
+        y_pred: a tensor shaped like the predictions (likewise).
+        name: the loss's name for the error message.
+
+    Raises:
+        keras_safe._validation.PrivacyError: naming the loss when it reduces over the batch or
+            mixes examples.
+
+    Example:
+        >>> import keras, tensorflow as tf
+        >>> check_per_example(keras.losses.get("mse"), tf.zeros((4, 3)), tf.zeros((4, 3)))
+        >>> try:
+        ...     check_per_example(lambda t, p: tf.reduce_mean((t - p) ** 2, axis=0),
+        ...                       tf.zeros((4, 3)), tf.zeros((4, 3)), name="batch_mse")
+        ... except Exception as error:
+        ...     print(type(error).__name__)
+        PrivacyError
+    """
+    rng = np.random.default_rng(0)
+    with tf.init_scope():
+        target = _probe_like(y_true, rng)
+        pred = _probe_like(y_pred, rng)
+        if not tf.as_dtype(pred.dtype).is_floating:
+            return
+        base = _reduce(fn(tf.cast(target, pred.dtype), pred))
+        changed = tf.concat([pred[:1] * 0.5 + 0.25, pred[1:]], axis=0)
+        moved = _reduce(fn(tf.cast(target, pred.dtype), changed))
+        problem = None
+        if base.shape.rank == 0:
+            problem = "it returned a single value for the whole batch"
+        elif base.shape.rank != 1 or base.shape[0] != _PROBE:
+            problem = (
+                f"it returned shape {tuple(base.shape)} for a batch of {_PROBE} examples, not "
+                "one value per example"
+            )
+        elif not np.allclose(base.numpy()[1:], moved.numpy()[1:], rtol=1e-6, atol=1e-9):
+            problem = "changing one example changed the loss of other examples"
+    if problem:
+        raise PrivacyError(
+            f"The loss {name!r} cannot be split per example for DP-SGD: {problem}. A loss "
+            "that averages over the batch (or mixes examples) would make per-example clipping "
+            "meaningless. Fix: use a Keras loss (string or keras.losses.Loss), or a function "
+            "that returns one value per example, computed from that example alone."
+        )
+
+
+def _reduce(values):
+    """Per-example values `[B]` from a loss output, averaging any trailing axes."""
+    values = tf.convert_to_tensor(values)
+    if values.shape.rank is not None and values.shape.rank > 1:
+        values = tf.reduce_mean(values, axis=list(range(1, values.shape.rank)))
+    return values

@@ -1,13 +1,48 @@
 """Poisson sampling: the batch construction that DP-SGD's epsilon accounting assumes."""
 
-from __future__ import annotations
-
+import dataclasses
 import math
-import random
+import secrets
 
 import keras
 import numpy as np
 import tensorflow as tf
+
+from keras_safe._validation import check_number, fail
+
+__all__ = ["PoissonInfo", "default_max_batch_size", "poisson_batches", "poisson_info"]
+
+# The most a padded batch may be exceeded with, per step, for `max_batch_size` to be accepted.
+MAX_OVERFLOW_PROBABILITY = 1e-6
+_INFO = "_keras_safe_poisson"
+
+
+@dataclasses.dataclass(frozen=True)
+class PoissonInfo:
+    """What a `poisson_batches` dataset was built with (read by `fit` on a private model)."""
+
+    num_examples: int
+    batch_size: int
+    max_batch_size: int
+    steps: int
+    steps_per_epoch: int
+
+
+def poisson_info(dataset):
+    """The `PoissonInfo` of a dataset made by `poisson_batches`, else None."""
+    return getattr(dataset, _INFO, None)
+
+
+def _overflow_bound(n, q, rows):
+    """Chernoff bound on P(Binomial(n, q) > rows)."""
+    k = rows + 1
+    if k > n:
+        return 0.0
+    if k <= n * q:
+        return 1.0
+    a = k / n
+    kl = a * math.log(a / q) + ((1 - a) * math.log((1 - a) / (1 - q)) if a < 1 else -math.log(q))
+    return math.exp(-n * kl)
 
 
 def default_max_batch_size(batch_size, num_examples):
@@ -30,35 +65,43 @@ def poisson_batches(
 
     DP-SGD's accountants (`keras_safe.privacy.compute_epsilon`) assume Poisson sampling: at
     each step every example joins the batch with probability `q = batch_size / n`, so batch
-    sizes vary around `batch_size`. Shuffled fixed-size batches (what `fit` does by default)
+    sizes vary around `batch_size`. The sampling must be secret for the amplification the
+    accountant counts on: the seed comes from the operating system's entropy unless given.
+    Shuffled fixed-size batches (what `fit` does by default)
     are not covered by that analysis; the epsilon computed for Poisson sampling is then an
     estimate, commonly reported but not a proven guarantee (see Chua et al. 2024, "How
     Private are DP-SGD Implementations?").
 
     To keep shapes fixed (one traced step, XLA friendly), each batch is padded to
     `max_batch_size` rows; padding rows have sample weight 0, so their loss and gradient are
-    zero and they do not count. In the rare event that more than `max_batch_size` examples are
-    drawn, the extra ones are dropped (a truncated Poisson sample; the default size makes that
-    less likely than 1e-9 per step). Give the DP optimizer the same `batch_size`, so it divides
-    the noisy sum by the expected batch size rather than the padded one.
+    zero and they do not count. A sample is never truncated: `max_batch_size` must make an
+    overflow less likely than 1e-6 per step (the default, `batch_size + 6.5 std + 4`, makes it
+    less likely than 1e-9), and a batch that would overflow anyway stops the input pipeline
+    with an error instead of dropping examples. A private model's `fit` reads `num_examples`
+    and `batch_size` from the dataset (it divides the noisy sum by the expected batch size,
+    not the padded one).
 
     Args:
         x: inputs: an array, or a dict/list/tuple of arrays with the same first dimension.
         y: targets (same structure rules), or None.
         sample_weight: optional per-example weights, multiplied with the padding mask.
         batch_size: the expected batch size `q * n`.
-        epochs: the dataset yields `epochs * round(n / batch_size)` batches.
-        seed: seed of the sampling; None draws one from Python's `random` (seeded by
-            `keras.utils.set_random_seed`).
+        epochs: the dataset yields `ceil(epochs * ceil(n / batch_size))` batches, as many as
+            `fit` on arrays runs for `epochs` epochs.
+        seed: seed of the sampling; None (the default) draws one from the operating system's
+            entropy. A fixed seed makes the batches predictable, which voids the amplification
+            by sampling in a release.
         max_batch_size: rows per padded batch; default `batch_size + 6.5 std + 4`.
 
     Returns:
         A `tf.data.Dataset` of `(x, y, sample_weight)` batches for `model.fit` (pass
-        `epochs=1` to fit, or `steps_per_epoch=round(n / batch_size)` with `epochs`).
+        `epochs=1` to fit); `keras_safe.privacy.sampling.poisson_info(dataset)` tells what it
+        was built with.
 
     Raises:
-        ValueError: on a batch size that is not positive or exceeds the data, mismatched
-            lengths, or empty data.
+        keras_safe._validation.ArgumentError: on a batch size that is not positive or exceeds
+            the data, mismatched lengths, empty data, or a `max_batch_size` too small to hold
+            a Poisson sample.
 
     Example:
 
@@ -70,28 +113,32 @@ def poisson_batches(
     True
     """
     arrays = keras.tree.flatten(x)
-    if not arrays:
-        raise ValueError("`x` is empty.")
+    if not arrays or int(np.shape(arrays[0])[0]) == 0:
+        fail("x", type(x).__name__, "non-empty data", "pass at least one example.")
     n = int(np.shape(arrays[0])[0])
-    if n == 0:
-        raise ValueError("`x` has no examples.")
     for name, part in (("x", x), ("y", y), ("sample_weight", sample_weight)):
         for array in keras.tree.flatten(part) if part is not None else []:
             if int(np.shape(array)[0]) != n:
-                raise ValueError(f"`{name}` has {np.shape(array)[0]} rows but `x` has {n}.")
-    if not isinstance(batch_size, (int, np.integer)) or batch_size <= 0:
-        raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
-    if batch_size > n:
-        raise ValueError(f"`batch_size` ({batch_size}) is larger than the data ({n} examples).")
-    if epochs <= 0:
-        raise ValueError(f"`epochs` must be positive, got {epochs!r}.")
-    rows = int(max_batch_size or default_max_batch_size(batch_size, n))
-    if rows < 1:
-        raise ValueError(f"`max_batch_size` must be positive, got {max_batch_size!r}.")
+                fail(name, f"{np.shape(array)[0]} rows", f"{n} rows, as many as `x`")
+    batch_size = check_number("batch_size", batch_size, low=1, high=n, integer=True)
+    epochs = check_number("epochs", epochs, low=0, low_inclusive=False)
     q = batch_size / n
-    steps = int(round(epochs * n / batch_size))
+    default_rows = default_max_batch_size(batch_size, n)
+    rows = check_number(
+        "max_batch_size", max_batch_size if max_batch_size else default_rows, low=1, integer=True
+    )
+    if _overflow_bound(n, q, rows) > MAX_OVERFLOW_PROBABILITY:
+        fail(
+            "max_batch_size",
+            rows,
+            f"large enough to hold a Poisson sample of mean {batch_size} (a batch would "
+            f"overflow with probability up to {_overflow_bound(n, q, rows):.2g} per step)",
+            f"leave it out (default {default_rows}) or pass at least {default_rows}.",
+        )
+    steps_per_epoch = math.ceil(n / batch_size)
+    steps = math.ceil(epochs * steps_per_epoch - 1e-9)
     if seed is None:
-        seed = random.randint(0, 2**31 - 1)
+        seed = secrets.randbits(62)
     weights = (
         np.ones(n, "float32") if sample_weight is None else np.asarray(sample_weight, "float32")
     )
@@ -101,15 +148,24 @@ def poisson_batches(
 
     def sample(step):
         draw = tf.random.stateless_uniform([n], seed=tf.stack([tf.cast(seed, tf.int64), step]))
-        chosen = tf.where(draw < q)[:, 0][:rows]
+        chosen = tf.where(draw < q)[:, 0]
         count = tf.shape(chosen)[0]
-        padded = tf.pad(chosen, [[0, rows - count]])
+        check = tf.debugging.assert_less_equal(
+            count,
+            rows,
+            message=f"A Poisson batch drew more than max_batch_size={rows} examples; keras_safe "
+            "never truncates a Poisson sample. Fix: pass a larger max_batch_size.",
+        )
+        with tf.control_dependencies([check]):
+            padded = tf.pad(chosen, [[0, rows - count]])
         mask = tf.cast(tf.range(rows) < count, tf.float32)
-
         batch = tf.nest.map_structure(lambda t: tf.gather(t, padded), tensors)
         if y is None:
             return batch[0], None, batch[1] * mask
         return batch[0], batch[1], batch[2] * mask
 
     dataset = tf.data.Dataset.range(steps).map(sample, num_parallel_calls=tf.data.AUTOTUNE)
-    return dataset.prefetch(2)
+    dataset = dataset.prefetch(2)
+    info = PoissonInfo(n, batch_size, rows, steps, steps_per_epoch)
+    object.__setattr__(dataset, _INFO, info)
+    return dataset

@@ -4,6 +4,19 @@ DP-SGD (per-example clipping, then the DP optimizer's noise), adversarial traini
 clipping are stages of this step, so they compose in one `fit`.
 """
 
-from keras_safe.training.train_step import dp_gradients, make_private
+from keras_safe.training.private_model import SafeFunctional, SafeSequential, install, make_private
+from keras_safe.training.stages import TrainingStage, get_stages, set_stages
+from keras_safe.training.state import is_private
+from keras_safe.training.train_step import dp_gradients
 
-__all__ = ["dp_gradients", "make_private"]
+__all__ = [
+    "SafeFunctional",
+    "SafeSequential",
+    "TrainingStage",
+    "dp_gradients",
+    "get_stages",
+    "install",
+    "is_private",
+    "make_private",
+    "set_stages",
+]

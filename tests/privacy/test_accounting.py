@@ -330,17 +330,17 @@ def test_cli_target_epsilon_prints_noise():
 def test_cli_bad_input_names_argument(capsys):
     import argparse
 
-    from keras_safe.privacy import accounting
+    from keras_safe import cli
 
-    parser = accounting.add_cli_arguments(argparse.ArgumentParser())
+    parser = cli.add_epsilon_arguments(argparse.ArgumentParser())
     args = parser.parse_args(
         ["--num-examples", "100", "--batch-size", "500", "--epochs", "1",
          "--noise-multiplier", "1.0"]
     )  # fmt: skip
-    assert accounting.run_cli(args) == 2
+    assert cli.run_epsilon(args) == 2
     captured = capsys.readouterr()
     assert "batch_size" in captured.err and captured.out == ""
     args = parser.parse_args(["--steps", "100", "--sampling-rate", "0.01", "--noise-multiplier",
                               "-1", "--delta", "1e-5"])  # fmt: skip
-    assert accounting.run_cli(args) == 2
+    assert cli.run_epsilon(args) == 2
     assert "noise_multiplier" in capsys.readouterr().err
