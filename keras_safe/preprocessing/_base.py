@@ -1,95 +1,22 @@
-"""Shared machinery of the adaptable feature layers: data conversion and the base layer."""
-
-from __future__ import annotations
+"""The base layer of the adaptable feature layers, and the one adapt loop they share."""
 
 import keras
 import numpy as np
-import tensorflow as tf
 
+from keras_safe._data import describe, to_numpy
+from keras_safe._validation import check_number, fail
 from keras_safe.preprocessing import _dp_stats
 
-
-def _is_dataframe(data):
-    return type(data).__name__ == "DataFrame" and hasattr(data, "iloc")
-
-
-def _is_series(data):
-    return type(data).__name__ == "Series" and hasattr(data, "iloc")
-
-
-def _first(element):
-    """The features of a dataset element `x`, `(x, y)` or `(x, y, sample_weight)`."""
-    if isinstance(element, (tuple, list)):
-        return element[0]
-    return element
-
-
-def to_numpy(data, owner):
-    """Materialises `data` as a float64 numpy array with the rows on the first axis.
-
-    Args:
-        data: numpy array, tensor, pandas DataFrame/Series, nested list, `tf.data.Dataset`
-            (batched or not; elements `x`, `(x, y)` or `(x, y, w)`), or an iterable of batches.
-        owner: name used in error messages.
-
-    Returns:
-        `(array, feature_names)`; `feature_names` is a list of column names for DataFrames,
-        else None.
-
-    Raises:
-        TypeError: for unsupported or non-numeric data.
-        ValueError: for data without a feature axis.
-    """
-    names = None
-    if _is_dataframe(data):
-        names = [str(c) for c in data.columns]
-        try:
-            array = data.to_numpy(dtype="float64", na_value=np.nan)
-        except (TypeError, ValueError) as err:
-            raise TypeError(
-                f"{owner}: every DataFrame column must be numeric; encode categorical "
-                f"columns first ({err})."
-            ) from None
-    elif _is_series(data):
-        names = [str(data.name)]
-        array = data.to_numpy(dtype="float64", na_value=np.nan).reshape(-1, 1)
-    elif isinstance(data, tf.data.Dataset):
-        spec = _first(data.element_spec)
-        if isinstance(spec, dict):
-            raise TypeError(f"{owner}: dict-structured datasets are not supported; map to arrays.")
-        unbatched = len(spec.shape) == 1
-        chunks = []
-        for element in data.as_numpy_iterator():
-            x = np.asarray(_first(element), dtype="float64")
-            chunks.append(x[None] if unbatched else x)
-        if not chunks:
-            return np.zeros((0, spec.shape[-1] or 0)), None
-        array = np.concatenate(chunks, axis=0)
-    elif isinstance(data, np.ndarray) or tf.is_tensor(data) or isinstance(data, (list, tuple)):
-        try:
-            array = np.asarray(data, dtype="float64")
-        except (TypeError, ValueError) as err:
-            raise TypeError(f"{owner}: data must be numeric ({err}).") from None
-    elif hasattr(data, "__iter__"):
-        chunks = [np.asarray(_first(batch), dtype="float64") for batch in data]
-        if not chunks:
-            raise ValueError(f"{owner}.adapt() received an empty iterable (no batches).")
-        array = np.concatenate(chunks, axis=0)
-    else:
-        raise TypeError(
-            f"{owner}: unsupported data of type {type(data).__name__}; pass a numpy array, a "
-            "tensor, a pandas DataFrame or a tf.data.Dataset."
-        )
-    if array.ndim < 2:
-        raise ValueError(
-            f"{owner}: expected data of shape (rows, features), got shape {array.shape}. "
-            "For a single feature use x.reshape(-1, 1)."
-        )
-    return array, names
+__all__ = ["AdaptableFeatureLayer", "feature_label"]
 
 
 def feature_label(index, names):
-    """`feature 3 ('radius')` for error messages."""
+    """`feature 3 ('radius')` for error messages.
+
+    Example:
+        >>> feature_label(1, ["age", "income"])
+        "feature 1 ('income')"
+    """
     if names is not None and index < len(names):
         return f"feature {index} ({names[index]!r})"
     return f"feature {index}"
@@ -98,30 +25,44 @@ def feature_label(index, names):
 class AdaptableFeatureLayer(keras.layers.Layer):
     """Base class: per-feature statistics (last axis) adapted from data, stored as weights.
 
-    Subclasses implement `_create_state(num_features)` (adds weights) and
-    `_adapt_rows(rows, names, rng)` (computes and assigns the statistics from a
-    `(n, num_features)` float64 array; returns the epsilon it spent).
+    `adapt` is written once, here. It materialises the data, checks it, and for every feature
+    computes the statistics of that feature's finite values: exactly, or with `dp_epsilon`
+    split evenly over the features (sequential composition; each feature's share covers all
+    the statistics of that feature). A subclass supplies:
+
+    - `_create_state(num_features)`: adds the weights that hold the statistics;
+    - `_exact_statistics(column)`: a tuple of statistics of one column of finite values;
+    - `_private_statistics(column, lo, hi, epsilon, rng)`: the same tuple, epsilon-DP for
+      values bounded by `[lo, hi]`;
+    - `_store(statistics, rows, finite)`: writes `statistics` (an array of shape
+      `(num_statistics, num_features)`, or None when `uses_data` is False) into the weights;
+      `rows` and its finite mask are there for reports kept in Python.
     """
 
     def __init__(self, dp_epsilon=None, dp_bounds=None, seed=None, **kwargs):
         super().__init__(**kwargs)
-        owner = type(self).__name__
-        self.dp_epsilon = _dp_stats.validate_epsilon(dp_epsilon, owner)
-        self.dp_bounds = _dp_stats.normalize_bounds(dp_bounds, owner)
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise TypeError(f"{owner}: `seed` must be an int or None, got {seed!r}.")
-        self.seed = seed
+        self.dp_epsilon = _dp_stats.check_epsilon(dp_epsilon)
+        self.dp_bounds = _dp_stats.normalize_bounds(dp_bounds, "dp_bounds")
+        self.seed = check_number(
+            "seed",
+            seed,
+            low=0,
+            integer=True,
+            allow_none=True,
+            fix="pass a non-negative integer for reproducible noise, or None (recommended).",
+        )
         self._build_input_shape = None
         self.num_features = None
 
     # -- state -----------------------------------------------------------------------------
     def build(self, input_shape):
         input_shape = tuple(input_shape)
-        owner = type(self).__name__
         if len(input_shape) < 2 or input_shape[-1] is None:
-            raise ValueError(
-                f"{owner} expects inputs of shape (batch, ..., features) with a known number "
-                f"of features, got shape {input_shape}. For a single feature use x[:, None]."
+            fail(
+                "input_shape",
+                input_shape,
+                f"(batch, ..., features) with a known number of features for {type(self).__name__}",
+                "for a single feature use x[:, None].",
             )
         self._build_input_shape = input_shape
         self.num_features = int(input_shape[-1])
@@ -141,7 +82,13 @@ class AdaptableFeatureLayer(keras.layers.Layer):
     def _create_state(self, num_features):
         raise NotImplementedError
 
-    def _adapt_rows(self, rows, names, rng):
+    def _exact_statistics(self, column):
+        raise NotImplementedError
+
+    def _private_statistics(self, column, lo, hi, epsilon, rng):
+        raise NotImplementedError
+
+    def _store(self, statistics, rows, finite):
         raise NotImplementedError
 
     def get_build_config(self):
@@ -171,16 +118,6 @@ class AdaptableFeatureLayer(keras.layers.Layer):
             return 0.0
         return float(self.dp_epsilon_spent_variable.numpy())
 
-    def _bounds(self, num_features):
-        owner = type(self).__name__
-        if self.dp_bounds is None:
-            raise ValueError(
-                f"{owner}: `dp_epsilon` needs `dp_bounds=(lo, hi)` (scalars or per-feature "
-                "lists) chosen from domain knowledge, not from the data: differential privacy "
-                "needs bounds that do not depend on any one row."
-            )
-        return _dp_stats.bounds_per_feature(self.dp_bounds, num_features, owner)
-
     def adapt(self, data):
         """Computes the layer's statistics from `data` (the training part only).
 
@@ -193,56 +130,96 @@ class AdaptableFeatureLayer(keras.layers.Layer):
                 `(rows, ..., features)`. Statistics are per feature (last axis).
 
         Raises:
-            ValueError: empty data, a feature count that differs from the built layer, or a
-                feature without finite values.
+            ArgumentError: empty data, a feature count that differs from the built layer, a
+                feature without finite values, data with more than two axes under DP, or
+                `dp_epsilon` without `dp_bounds`.
         """
         owner = type(self).__name__
-        array, names = to_numpy(data, owner)
+        array, names = to_numpy(data, "data")
         num_features = array.shape[-1]
         if self.dp_epsilon is not None and array.ndim > 2:
-            raise ValueError(
-                f"{owner}.adapt() with `dp_epsilon` needs one row per record (2-D data), got "
-                f"shape {array.shape}: a record spanning several rows would count several "
-                "times and break the privacy guarantee. Reshape to (records, features) first."
+            fail(
+                "data",
+                describe(array),
+                f"2-D (one row per record) when {owner} has `dp_epsilon`",
+                "reshape to (records, features) first: a record spanning several rows would "
+                "count several times and break the privacy guarantee.",
             )
         rows = array.reshape(-1, num_features)
         if rows.shape[0] == 0 or num_features == 0:
-            raise ValueError(
-                f"{owner}.adapt() received empty data (shape {array.shape}); pass the "
-                "training rows."
-            )
+            fail("data", describe(array), "non-empty", f"pass the training rows to {owner}.adapt.")
         if not self.built:
             self.build((None,) + array.shape[1:])
         elif num_features != self.num_features:
-            raise ValueError(
-                f"{owner}.adapt(): the layer was built for {self.num_features} features but "
-                f"the data has {num_features}. Adapt on data with the same columns."
+            fail(
+                "data",
+                describe(array),
+                f"{self.num_features} features wide (the layer was built for "
+                f"{self.num_features} features)",
+                "adapt on data with the same columns.",
             )
-        rng = _dp_stats.make_rng(self.seed)
-        spent = self._adapt_rows(rows, names, rng)
+        finite = np.isfinite(rows)
+        spent = 0.0
+        statistics = None
+        if self.uses_data:
+            self._require_finite_columns(array, finite, names)
+            statistics, spent = self._column_statistics(rows, finite)
+        self._store(statistics, rows, finite)
         # Under DP the exact row count would be a release outside the mechanism: keep a flag.
         self.adapt_count.assign(float(rows.shape[0]) if self.dp_epsilon is None else 1.0)
         self.dp_epsilon_spent_variable.assign(float(spent))
 
-    def _require_finite_columns(self, rows, names):
-        """Raises for features without any finite value; returns the finite mask."""
-        finite = np.isfinite(rows)
+    def _column_statistics(self, rows, finite):
+        """The one loop over features: returns `(statistics, epsilon_spent)`."""
+        num_features = rows.shape[1]
+        columns = (rows[finite[:, j], j] for j in range(num_features))
+        if self.dp_epsilon is None:
+            values = [self._exact_statistics(column) for column in columns]
+            spent = 0.0
+        else:
+            lo, hi = self._bounds(num_features)
+            share = self.dp_epsilon / num_features
+            rng = _dp_stats.make_rng(self.seed)
+            values = [
+                self._private_statistics(column, lo[j], hi[j], share, rng)
+                for j, column in enumerate(columns)
+            ]
+            spent = self.dp_epsilon
+        return np.asarray(values, dtype="float64").T, spent
+
+    def _bounds(self, num_features):
+        if self.dp_bounds is None:
+            fail(
+                "dp_bounds",
+                None,
+                f"a pair (lo, hi) when {type(self).__name__} has `dp_epsilon` (scalars or "
+                "per-feature lists)",
+                "choose the bounds from domain knowledge, not from the data: differential "
+                "privacy needs bounds that do not depend on any one row.",
+            )
+        return _dp_stats.bounds_per_feature(self.dp_bounds, num_features, "dp_bounds")
+
+    def _require_finite_columns(self, array, finite, names):
         empty = np.flatnonzero(~finite.any(axis=0))
         if empty.size:
             labels = ", ".join(feature_label(int(i), names) for i in empty[:5])
-            raise ValueError(
-                f"{type(self).__name__}.adapt(): {labels} has no finite value in the adapt "
-                "data (all NaN/inf). Drop that column or fill it before adapting."
+            fail(
+                "data",
+                describe(array, f"where {labels} has no finite value (all NaN/inf)"),
+                "finite somewhere in every feature",
+                "drop that column or fill it before adapting.",
             )
-        return finite
 
     # -- call helpers ----------------------------------------------------------------------
     def _check_features(self, inputs):
         last = inputs.shape[-1]
         if last is not None and self.num_features is not None and last != self.num_features:
-            raise ValueError(
-                f"{type(self).__name__} '{self.name}' was built for {self.num_features} "
-                f"features but received inputs of shape {tuple(inputs.shape)}."
+            fail(
+                "inputs",
+                describe(inputs),
+                f"{self.num_features} features wide ({type(self).__name__} '{self.name}' was "
+                f"built for {self.num_features} features)",
+                "pass inputs with the columns the layer was adapted on.",
             )
 
     def compute_output_shape(self, input_shape):

@@ -17,11 +17,21 @@ up). The noise is drawn with numpy's generator in floating point; it is not hard
 the floating-point attacks of Mironov (CCS 2012), so treat it as a research-grade mechanism.
 """
 
-from __future__ import annotations
-
-import numbers
-
 import numpy as np
+
+from keras_safe._validation import check_number, fail
+
+__all__ = [
+    "bounds_per_feature",
+    "check_epsilon",
+    "dp_count",
+    "dp_mean",
+    "dp_mean_std",
+    "dp_quantile",
+    "laplace",
+    "make_rng",
+    "normalize_bounds",
+]
 
 
 def make_rng(seed):
@@ -29,54 +39,57 @@ def make_rng(seed):
     return np.random.default_rng(seed)
 
 
-def validate_epsilon(dp_epsilon, owner):
-    """Checks `dp_epsilon` is None or a positive finite number; returns it as float or None."""
-    if dp_epsilon is None:
-        return None
-    if isinstance(dp_epsilon, bool) or not isinstance(dp_epsilon, numbers.Real):
-        raise TypeError(
-            f"{owner}: `dp_epsilon` must be a positive number or None, got {dp_epsilon!r}."
-        )
-    dp_epsilon = float(dp_epsilon)
-    if not np.isfinite(dp_epsilon) or dp_epsilon <= 0:
-        raise ValueError(
-            f"{owner}: `dp_epsilon` must be a positive finite number (for example 1.0), "
-            f"got {dp_epsilon}. Pass dp_epsilon=None for exact (non-private) statistics."
-        )
-    return dp_epsilon
+def check_epsilon(dp_epsilon):
+    """Checks `dp_epsilon` is None or a positive finite number; returns it as float or None.
+
+    Example:
+        >>> check_epsilon(1) is None, check_epsilon(None) is None
+        (False, True)
+    """
+    return check_number(
+        "dp_epsilon",
+        dp_epsilon,
+        low=0.0,
+        low_inclusive=False,
+        allow_none=True,
+        fix="pass a positive budget such as dp_epsilon=1.0, or dp_epsilon=None for exact "
+        "(non-private) statistics.",
+    )
 
 
-def normalize_bounds(dp_bounds, owner, name="dp_bounds"):
+def normalize_bounds(bounds, name="dp_bounds"):
     """Validates `(lo, hi)` bounds given as two scalars or two per-feature sequences.
 
     Returns:
-        A pair `(lo, hi)` of lists (or floats) that is JSON friendly, or None.
+        A pair `(lo, hi)` of floats or of lists of floats (JSON friendly), or None.
+
+    Raises:
+        ArgumentError: not a pair, entries that are not finite scalars or 1-D sequences of the
+            same length, or `lo >= hi` for some feature.
+
+    Example:
+        >>> normalize_bounds((0, [1, 2]))
+        (0.0, [1.0, 2.0])
     """
-    if dp_bounds is None:
+    if bounds is None:
         return None
+    requirement = "a pair (lo, hi) of finite numbers or of per-feature sequences with lo < hi"
+    fix = "choose the bounds from domain knowledge (not from the data), e.g. (0.0, 100.0)."
     try:
-        lo, hi = dp_bounds
+        lo, hi = bounds
+        lo_arr = np.asarray(lo, dtype="float64")
+        hi_arr = np.asarray(hi, dtype="float64")
+        shape = np.broadcast(lo_arr, hi_arr).shape
     except (TypeError, ValueError):
-        raise ValueError(
-            f"{owner}: `{name}` must be a pair (lo, hi) of numbers or of per-feature "
-            f"sequences, got {dp_bounds!r}."
-        ) from None
-    lo_arr = np.asarray(lo, dtype="float64")
-    hi_arr = np.asarray(hi, dtype="float64")
-    if lo_arr.ndim > 1 or hi_arr.ndim > 1:
-        raise ValueError(f"{owner}: `{name}` entries must be scalars or 1-D sequences.")
-    if lo_arr.ndim == 1 and hi_arr.ndim == 1 and lo_arr.shape != hi_arr.shape:
-        raise ValueError(
-            f"{owner}: `{name}` lower and upper bounds have different lengths "
-            f"({lo_arr.shape[0]} and {hi_arr.shape[0]})."
-        )
-    if not (np.all(np.isfinite(lo_arr)) and np.all(np.isfinite(hi_arr))):
-        raise ValueError(f"{owner}: `{name}` must be finite, got {dp_bounds!r}.")
-    if np.any(np.broadcast_to(lo_arr, np.broadcast(lo_arr, hi_arr).shape) >= hi_arr):
-        raise ValueError(
-            f"{owner}: `{name}` needs lo < hi for every feature, got {dp_bounds!r}. "
-            "Choose bounds from domain knowledge (not from the data)."
-        )
+        shape = None
+    if (
+        shape is None
+        or lo_arr.ndim > 1
+        or hi_arr.ndim > 1
+        or not (np.all(np.isfinite(lo_arr)) and np.all(np.isfinite(hi_arr)))
+        or np.any(np.broadcast_to(lo_arr, shape) >= hi_arr)
+    ):
+        fail(name, bounds, requirement, fix)
 
     def _plain(a):
         return float(a) if a.ndim == 0 else [float(v) for v in a]
@@ -84,15 +97,21 @@ def normalize_bounds(dp_bounds, owner, name="dp_bounds"):
     return (_plain(lo_arr), _plain(hi_arr))
 
 
-def bounds_per_feature(dp_bounds, num_features, owner, name="dp_bounds"):
-    """Broadcasts normalised bounds to two arrays of shape `(num_features,)`."""
-    lo = np.asarray(dp_bounds[0], dtype="float64")
-    hi = np.asarray(dp_bounds[1], dtype="float64")
+def bounds_per_feature(bounds, num_features, name="dp_bounds"):
+    """Broadcasts normalised bounds to two arrays of shape `(num_features,)`.
+
+    Raises:
+        ArgumentError: per-feature bounds whose length is not `num_features`.
+    """
+    lo = np.asarray(bounds[0], dtype="float64")
+    hi = np.asarray(bounds[1], dtype="float64")
     for arr in (lo, hi):
         if arr.ndim == 1 and arr.shape[0] != num_features:
-            raise ValueError(
-                f"{owner}: `{name}` has {arr.shape[0]} per-feature entries but the data has "
-                f"{num_features} features. Give one (lo, hi) per feature or scalar bounds."
+            fail(
+                name,
+                bounds,
+                f"scalars or one (lo, hi) per feature ({num_features} features)",
+                f"give {num_features} lower and upper bounds, or scalar bounds.",
             )
     return (
         np.broadcast_to(lo, (num_features,)).copy(),

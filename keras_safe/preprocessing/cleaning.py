@@ -4,13 +4,15 @@ A Keras layer cannot change the number of rows in a batch, so dropping rows is a
 utility for arrays, DataFrames and `tf.data` pipelines rather than a layer.
 """
 
-from __future__ import annotations
-
 import numpy as np
 import tensorflow as tf
 
-from keras_safe.preprocessing._base import _first, _is_dataframe, _is_series, to_numpy
-from keras_safe.preprocessing.outlier_clipper import exact_fences, validate_fence_args
+from keras_safe._data import Description, describe, features_of, length, take_rows, to_numpy
+from keras_safe._validation import check_number, fail
+from keras_safe.preprocessing import fences
+from keras_safe.preprocessing._base import feature_label
+
+__all__ = ["RowCleaner", "drop_rows"]
 
 
 class RowCleaner:
@@ -41,7 +43,7 @@ class RowCleaner:
         A cleaner; call `fit`, then `transform`, `mask` or `filter_dataset`.
 
     Raises:
-        ValueError: invalid arguments.
+        ArgumentError: invalid arguments.
 
     Example:
         >>> import numpy as np
@@ -63,29 +65,23 @@ class RowCleaner:
         z=5.0,
         max_outlier_features=0,
     ):
-        if max_missing is not None:
-            max_missing = float(max_missing)
-            if not 0.0 <= max_missing <= 1.0:
-                raise ValueError(
-                    f"RowCleaner: `max_missing` is a fraction of the features in [0, 1] (or "
-                    f"None), got {max_missing}."
-                )
-        if method is not None:
-            self.quantile_range = validate_fence_args(
-                "RowCleaner", method, float(iqr_factor), quantile_range, float(z)
-            )
-        else:
-            self.quantile_range = tuple(quantile_range)
-        if int(max_outlier_features) != max_outlier_features or max_outlier_features < 0:
-            raise ValueError(
-                "RowCleaner: `max_outlier_features` must be an integer >= 0, got "
-                f"{max_outlier_features!r}."
-            )
-        self.max_missing = max_missing
+        self.max_missing = check_number(
+            "max_missing",
+            max_missing,
+            low=0.0,
+            high=1.0,
+            allow_none=True,
+            fix="pass a fraction of the features in [0, 1], or None to keep rows with missing "
+            "values.",
+        )
+        # The fence arguments are checked even without a method, so a typo never goes unseen.
+        _, self.iqr_factor, self.quantile_range, self.z = fences.check_fence_args(
+            "iqr" if method is None else method, iqr_factor, quantile_range, z
+        )
         self.method = method
-        self.iqr_factor = float(iqr_factor)
-        self.z = float(z)
-        self.max_outlier_features = int(max_outlier_features)
+        self.max_outlier_features = check_number(
+            "max_outlier_features", max_outlier_features, low=0, integer=True
+        )
         self.lower = None
         self.upper = None
         self.last_dropped = None
@@ -101,11 +97,11 @@ class RowCleaner:
             The cleaner itself.
 
         Raises:
-            ValueError: empty data, or a feature without finite values when `method` is set.
+            ArgumentError: empty data, or a feature without finite values when `method` is set.
         """
-        rows, names = to_numpy(x, "RowCleaner")
+        rows, names = to_numpy(x, "x")
         if rows.shape[0] == 0:
-            raise ValueError("RowCleaner.fit() received no rows; pass the training rows.")
+            fail("x", describe(rows), "non-empty", "pass the training rows to RowCleaner.fit.")
         rows = rows.reshape(rows.shape[0], -1)
         num_features = rows.shape[1]
         self.num_features = num_features
@@ -115,23 +111,34 @@ class RowCleaner:
             return self
         finite = np.isfinite(rows)
         for j in range(num_features):
-            col = rows[finite[:, j], j]
-            if col.size == 0:
-                label = f"feature {j}" + (f" ({names[j]!r})" if names else "")
-                raise ValueError(
-                    f"RowCleaner.fit(): {label} has no finite value; drop the column first."
+            column = rows[finite[:, j], j]
+            if column.size == 0:
+                fail(
+                    "x",
+                    describe(rows, f"where {feature_label(j, names)} has no finite value"),
+                    "finite somewhere in every feature",
+                    "drop that column first.",
                 )
-            self.lower[j], self.upper[j] = exact_fences(
-                col, self.method, self.iqr_factor, self.quantile_range, self.z
+            self.lower[j], self.upper[j] = fences.exact_fences(
+                column, self.method, self.iqr_factor, self.quantile_range, self.z
             )
         return self
 
-    def _check_fitted(self, num_features):
+    def _check_fitted(self, num_features, name="x"):
         if self.lower is None:
-            raise ValueError("RowCleaner: call fit(x_train) before transform/mask/filter_dataset.")
+            fail(
+                "self",
+                describe(self, "that was never fitted"),
+                "fitted",
+                "call fit(x_train) before transform/mask/filter_dataset.",
+            )
         if num_features != self.num_features:
-            raise ValueError(
-                f"RowCleaner was fitted on {self.num_features} features but got {num_features}."
+            fail(
+                name,
+                Description(f"{num_features} features"),
+                f"{self.num_features} features wide (RowCleaner was fitted on "
+                f"{self.num_features} features)",
+                "pass rows with the same columns.",
             )
 
     def mask(self, x):
@@ -144,9 +151,9 @@ class RowCleaner:
             A numpy bool array of length `rows`.
 
         Raises:
-            ValueError: not fitted, or a different number of features.
+            ArgumentError: not fitted, or a different number of features.
         """
-        rows, _ = to_numpy(x, "RowCleaner")
+        rows, _ = to_numpy(x, "x")
         rows = rows.reshape(rows.shape[0], int(np.prod(rows.shape[1:])))
         self._check_fitted(rows.shape[1])
         finite = np.isfinite(rows)
@@ -176,17 +183,16 @@ class RowCleaner:
         """
         keep = self.mask(x)
         idx = np.flatnonzero(keep)
-
-        def take(data):
-            if _is_dataframe(data) or _is_series(data):
-                return data.iloc[idx]
-            return np.asarray(data)[idx]
-
         if y is None:
-            return take(x)
-        if len(y) != len(keep):
-            raise ValueError(f"RowCleaner: `x` has {len(keep)} rows but `y` has {len(y)}.")
-        return take(x), take(y)
+            return take_rows(x, idx)
+        if length(y, "y") != len(keep):
+            fail(
+                "y",
+                describe(y),
+                f"aligned with `x` ({len(keep)} rows)",
+                "pass one target per row of x.",
+            )
+        return take_rows(x, idx), take_rows(y, idx)
 
     def filter_dataset(self, dataset):
         """Filters an unbatched `tf.data.Dataset` of `x` or `(x, y, ...)` elements.
@@ -197,7 +203,7 @@ class RowCleaner:
         Returns:
             A dataset with only the rows to keep.
         """
-        self._check_fitted(int(np.prod(_first(dataset.element_spec).shape)))
+        self._check_fitted(int(np.prod(features_of(dataset.element_spec).shape)), "dataset")
         lower = tf.constant(self.lower, tf.float64)
         upper = tf.constant(self.upper, tf.float64)
         max_missing = self.max_missing
@@ -243,7 +249,7 @@ def drop_rows(
         `x_kept`, or `(x_kept, y_kept)` when `y` is given.
 
     Raises:
-        ValueError: invalid arguments, empty data or a feature without finite values.
+        ArgumentError: invalid arguments, empty data or a feature without finite values.
 
     Example:
         >>> import numpy as np

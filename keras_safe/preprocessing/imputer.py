@@ -1,13 +1,14 @@
 """Imputer: replaces missing (non-finite) values with an adapted per-feature statistic."""
 
-from __future__ import annotations
-
 import keras
 import numpy as np
 from keras import ops
 
+from keras_safe._validation import check_choice, check_number
 from keras_safe.preprocessing import _dp_stats
 from keras_safe.preprocessing._base import AdaptableFeatureLayer
+
+__all__ = ["Imputer"]
 
 _STRATEGIES = ("mean", "median", "constant")
 
@@ -41,9 +42,9 @@ class Imputer(AdaptableFeatureLayer):
         (`features * 2` on the last axis with `add_indicator=True`).
 
     Raises:
-        ValueError: unknown `strategy`; `adapt` on empty data, on a feature without finite
-            values, or on data with another number of features; `dp_epsilon` without
-            `dp_bounds`.
+        ArgumentError: unknown `strategy` or a `fill_value` that is not a finite number;
+            `adapt` on empty data, on a feature without finite values, or on data with another
+            number of features; `dp_epsilon` without `dp_bounds`.
 
     Example:
         >>> import numpy as np
@@ -65,18 +66,8 @@ class Imputer(AdaptableFeatureLayer):
         **kwargs,
     ):
         super().__init__(dp_epsilon=dp_epsilon, dp_bounds=dp_bounds, seed=seed, **kwargs)
-        if strategy not in _STRATEGIES:
-            raise ValueError(f"Imputer: `strategy` must be one of {_STRATEGIES}, got {strategy!r}.")
-        try:
-            fill_value = float(fill_value)
-        except (TypeError, ValueError):
-            raise TypeError(
-                f"Imputer: `fill_value` must be a number, got {fill_value!r}."
-            ) from None
-        if not np.isfinite(fill_value):
-            raise ValueError(f"Imputer: `fill_value` must be finite, got {fill_value}.")
-        self.strategy = strategy
-        self.fill_value = fill_value
+        self.strategy = check_choice("strategy", strategy, _STRATEGIES)
+        self.fill_value = check_number("fill_value", fill_value)
         self.add_indicator = bool(add_indicator)
         self.missing_counts = None
 
@@ -92,33 +83,20 @@ class Imputer(AdaptableFeatureLayer):
             trainable=False,
         )
 
-    def _adapt_rows(self, rows, names, rng):
-        finite = np.isfinite(rows)
+    def _exact_statistics(self, column):
+        return (np.mean(column) if self.strategy == "mean" else np.median(column),)
+
+    def _private_statistics(self, column, lo, hi, epsilon, rng):
+        if self.strategy == "mean":
+            return (_dp_stats.dp_mean(column, lo, hi, epsilon, rng),)
+        return (_dp_stats.dp_quantile(column, 0.5, lo, hi, epsilon, rng),)
+
+    def _store(self, statistics, rows, finite):
         # Exact counts are kept for the data owner only without DP (they are not released).
         self.missing_counts = (~finite).sum(axis=0) if self.dp_epsilon is None else None
-        if self.strategy == "constant":
-            self.fill.assign(np.full(rows.shape[1], self.fill_value, dtype="float32"))
-            return 0.0
-        self._require_finite_columns(rows, names)
-        num_features = rows.shape[1]
-        values = np.empty(num_features)
-        if self.dp_epsilon is None:
-            for j in range(num_features):
-                col = rows[finite[:, j], j]
-                values[j] = np.mean(col) if self.strategy == "mean" else np.median(col)
-            spent = 0.0
-        else:
-            lo, hi = self._bounds(num_features)
-            eps = self.dp_epsilon / num_features
-            for j in range(num_features):
-                col = rows[finite[:, j], j]
-                if self.strategy == "mean":
-                    values[j] = _dp_stats.dp_mean(col, lo[j], hi[j], eps, rng)
-                else:
-                    values[j] = _dp_stats.dp_quantile(col, 0.5, lo[j], hi[j], eps, rng)
-            spent = eps * num_features
-        self.fill.assign(values.astype("float32"))
-        return spent
+        if statistics is None:  # strategy "constant"
+            statistics = np.full((1, rows.shape[1]), self.fill_value)
+        self.fill.assign(statistics[0].astype("float32"))
 
     def call(self, inputs):
         inputs = ops.convert_to_tensor(inputs, dtype=self.compute_dtype)

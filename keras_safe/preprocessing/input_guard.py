@@ -1,15 +1,15 @@
 """InputGuard: a serving-time check for shape, non-finite values and out-of-range inputs."""
 
-from __future__ import annotations
-
 import keras
 import numpy as np
 import tensorflow as tf
 from keras import ops
 
-from keras_safe.preprocessing import _dp_stats
+from keras_safe._validation import check_choice, check_number
+from keras_safe.preprocessing import _dp_stats, fences
 from keras_safe.preprocessing._base import AdaptableFeatureLayer
-from keras_safe.preprocessing.outlier_clipper import validate_fence_args
+
+__all__ = ["InputGuard"]
 
 _MODES = ("raise", "clip", "flag")
 
@@ -51,7 +51,7 @@ class InputGuard(AdaptableFeatureLayer):
         check_finite: whether NaN/inf count as a violation (set False when an `Imputer`
             follows and missing values are expected).
         bounds: optional fixed `(lo, hi)` allowed range (scalars or per-feature lists), used
-            without `adapt`; `adapt` replaces it.
+            without `adapt`; `adapt` replaces it with a range computed from the data.
         dp_epsilon: optional privacy budget of `adapt`.
         dp_bounds: `(lo, hi)` bounds of the features, required with `dp_epsilon`.
         seed: seed of the DP noise (tests only).
@@ -62,8 +62,8 @@ class InputGuard(AdaptableFeatureLayer):
         (`"clip"`), or the repaired inputs with one flag feature appended (`"flag"`).
 
     Raises:
-        ValueError: invalid arguments; wrong number of features; a violation in eager mode
-            with `on_violation="raise"`.
+        ArgumentError: invalid arguments; wrong number of features.
+        ValueError: a violation in eager mode with `on_violation="raise"`.
 
     Example:
         >>> import numpy as np
@@ -86,30 +86,15 @@ class InputGuard(AdaptableFeatureLayer):
         **kwargs,
     ):
         super().__init__(dp_epsilon=dp_epsilon, dp_bounds=dp_bounds, seed=seed, **kwargs)
-        if on_violation not in _MODES:
-            raise ValueError(
-                f"InputGuard: `on_violation` must be one of {_MODES}, got {on_violation!r}."
-            )
-        tolerance = float(tolerance)
-        if not np.isfinite(tolerance) or tolerance < 0:
-            raise ValueError(
-                f"InputGuard: `tolerance` must be a finite number >= 0, got {tolerance}."
-            )
-        self.quantile_range = validate_fence_args(
-            "InputGuard", "quantile", 0.0, quantile_range, 1.0
-        )
-        self.on_violation = on_violation
-        self.tolerance = tolerance
+        self.on_violation = check_choice("on_violation", on_violation, _MODES)
+        self.tolerance = check_number("tolerance", tolerance, low=0.0)
+        self.quantile_range = fences.check_quantile_range(quantile_range)
         self.check_finite = bool(check_finite)
-        self.bounds = _dp_stats.normalize_bounds(bounds, "InputGuard", name="bounds")
-
-    @property
-    def uses_data(self):
-        return self.bounds is None
+        self.bounds = _dp_stats.normalize_bounds(bounds, "bounds")
 
     def _create_state(self, num_features):
         if self.bounds is not None:
-            lo, hi = _dp_stats.bounds_per_feature(self.bounds, num_features, "InputGuard", "bounds")
+            lo, hi = _dp_stats.bounds_per_feature(self.bounds, num_features, "bounds")
             center = (lo + hi) / 2.0
         else:
             lo = np.full(num_features, -np.inf)
@@ -134,28 +119,21 @@ class InputGuard(AdaptableFeatureLayer):
             trainable=False,
         )
 
-    def _adapt_rows(self, rows, names, rng):
-        finite = self._require_finite_columns(rows, names)
-        num_features = rows.shape[1]
-        low, high, center = (np.empty(num_features) for _ in range(3))
-        q_lo, q_hi = self.quantile_range
-        if self.dp_epsilon is not None:
-            lo, hi = self._bounds(num_features)
-            eps = self.dp_epsilon / num_features
-        for j in range(num_features):
-            col = rows[finite[:, j], j]
-            if self.dp_epsilon is None:
-                low[j], center[j], high[j] = np.quantile(col, [q_lo, 0.5, q_hi])
-            else:
-                low[j], center[j], high[j] = sorted(
-                    _dp_stats.dp_quantile(col, q, lo[j], hi[j], eps / 3.0, rng)
-                    for q in (q_lo, 0.5, q_hi)
-                )
+    def _levels(self):
+        return (self.quantile_range[0], 0.5, self.quantile_range[1])
+
+    def _exact_statistics(self, column):
+        return fences.exact_quantiles(column, self._levels())
+
+    def _private_statistics(self, column, lo, hi, epsilon, rng):
+        return fences.private_quantiles(column, self._levels(), lo, hi, epsilon, rng)
+
+    def _store(self, statistics, rows, finite):
+        low, center, high = statistics
         width = high - low
         self.lower.assign((low - self.tolerance * width).astype("float32"))
         self.upper.assign((high + self.tolerance * width).astype("float32"))
         self.center.assign(center.astype("float32"))
-        return 0.0 if self.dp_epsilon is None else eps * num_features
 
     # -- checks ----------------------------------------------------------------------------
     def _masks(self, inputs):
@@ -191,7 +169,7 @@ class InputGuard(AdaptableFeatureLayer):
             `"out_of_range"` (bool per value).
 
         Raises:
-            ValueError: wrong number of features.
+            ArgumentError: wrong number of features.
         """
         x = ops.convert_to_tensor(np.asarray(x, dtype="float32"))
         if not self.built:

@@ -1,14 +1,14 @@
 """RobustNormalization: centre and scale by median/IQR (or mean/std) adapted per feature."""
 
-from __future__ import annotations
-
 import keras
 import numpy as np
 from keras import ops
 
-from keras_safe.preprocessing import _dp_stats
+from keras_safe._validation import check_choice
+from keras_safe.preprocessing import _dp_stats, fences
 from keras_safe.preprocessing._base import AdaptableFeatureLayer
-from keras_safe.preprocessing.outlier_clipper import validate_fence_args
+
+__all__ = ["NORMAL_IQR", "RobustNormalization"]
 
 _METHODS = ("median_iqr", "mean_std")
 # Interquartile range of the standard normal distribution: 2 * Phi^{-1}(3/4).
@@ -46,7 +46,7 @@ class RobustNormalization(AdaptableFeatureLayer):
         Called on `(batch, ..., features)`, the normalised tensor of the same shape.
 
     Raises:
-        ValueError: invalid arguments; `adapt` on empty data, all-NaN features or a different
+        ArgumentError: invalid arguments; `adapt` on empty data, all-NaN features or a different
             number of features; `dp_epsilon` without `dp_bounds`.
 
     Example:
@@ -70,14 +70,8 @@ class RobustNormalization(AdaptableFeatureLayer):
         **kwargs,
     ):
         super().__init__(dp_epsilon=dp_epsilon, dp_bounds=dp_bounds, seed=seed, **kwargs)
-        if method not in _METHODS:
-            raise ValueError(
-                f"RobustNormalization: `method` must be one of {_METHODS}, got {method!r}."
-            )
-        self.quantile_range = validate_fence_args(
-            "RobustNormalization", "quantile", 0.0, quantile_range, 1.0
-        )
-        self.method = method
+        self.method = check_choice("method", method, _METHODS)
+        self.quantile_range = fences.check_quantile_range(quantile_range)
         self.unit_variance = bool(unit_variance)
         self.invert = bool(invert)
 
@@ -89,36 +83,28 @@ class RobustNormalization(AdaptableFeatureLayer):
             name="scale", shape=(num_features,), initializer="ones", trainable=False
         )
 
-    def _adapt_rows(self, rows, names, rng):
-        finite = self._require_finite_columns(rows, names)
-        num_features = rows.shape[1]
-        center, scale = np.empty(num_features), np.empty(num_features)
-        q_lo, q_hi = self.quantile_range
-        if self.dp_epsilon is not None:
-            lo, hi = self._bounds(num_features)
-            eps = self.dp_epsilon / num_features
-        for j in range(num_features):
-            col = rows[finite[:, j], j]
-            if self.dp_epsilon is None:
-                if self.method == "median_iqr":
-                    a, center[j], b = np.quantile(col, [q_lo, 0.5, q_hi])
-                    scale[j] = b - a
-                else:
-                    center[j], scale[j] = np.mean(col), np.std(col)
-            elif self.method == "median_iqr":
-                a, center[j], b = sorted(
-                    _dp_stats.dp_quantile(col, q, lo[j], hi[j], eps / 3.0, rng)
-                    for q in (q_lo, 0.5, q_hi)
-                )
-                scale[j] = b - a
-            else:
-                center[j], scale[j] = _dp_stats.dp_mean_std(col, lo[j], hi[j], eps, rng)
+    def _levels(self):
+        return (self.quantile_range[0], 0.5, self.quantile_range[1])
+
+    def _exact_statistics(self, column):
+        if self.method == "mean_std":
+            return float(np.mean(column)), float(np.std(column))
+        low, center, high = fences.exact_quantiles(column, self._levels())
+        return center, high - low
+
+    def _private_statistics(self, column, lo, hi, epsilon, rng):
+        if self.method == "mean_std":
+            return _dp_stats.dp_mean_std(column, lo, hi, epsilon, rng)
+        low, center, high = fences.private_quantiles(column, self._levels(), lo, hi, epsilon, rng)
+        return center, high - low
+
+    def _store(self, statistics, rows, finite):
+        center, scale = statistics
         if self.method == "median_iqr" and self.unit_variance:
             scale = scale / NORMAL_IQR
         scale = np.where(scale > 1e-12 * np.maximum(1.0, np.abs(center)), scale, 1.0)
         self.center.assign(center.astype("float32"))
         self.scale.assign(scale.astype("float32"))
-        return 0.0 if self.dp_epsilon is None else eps * num_features
 
     def call(self, inputs):
         inputs = ops.convert_to_tensor(inputs, dtype=self.compute_dtype)

@@ -1,27 +1,44 @@
 """Leak-free splitting: deterministic, stratified, group-aware train/val/test splits."""
 
-from __future__ import annotations
-
-import numbers
 from collections import deque
 
 import numpy as np
 import tensorflow as tf
 
-from keras_safe.preprocessing._base import _is_dataframe, _is_series
+from keras_safe._data import (
+    Description,
+    describe,
+    is_dataframe,
+    is_series,
+    length,
+    take_rows,
+    to_array,
+)
+from keras_safe._validation import fail
+
+__all__ = ["drop_cross_duplicates", "train_val_test_split"]
 
 _PART_NAMES = ("train", "val", "test")
 
 
 def _check_fraction(name, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"train_val_test_split: `{name}` must be a float in [0, 1), got {value!r}.")
-    value = float(value)
-    if not 0.0 <= value < 1.0:
-        raise ValueError(
-            f"train_val_test_split: `{name}` must be a fraction in [0, 1), got {value}."
+    try:
+        ok = not isinstance(value, bool) and 0.0 <= float(value) < 1.0
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        fail(name, value, "a fraction in [0, 1)", f"pass for example {name}=0.1.")
+    return float(value)
+
+
+def _check_aligned(name, count, n, what="rows"):
+    if count != n:
+        fail(
+            name,
+            Description(f"{count} {what}"),
+            f"aligned with the data ({n} rows)",
+            "pass one entry per row.",
         )
-    return value
 
 
 def _largest_remainder(exact, total):
@@ -109,11 +126,7 @@ def _stratify_labels(y, stratify, n):
         return None
     if stratify is not True:
         labels = np.asarray(stratify)
-        if labels.shape[0] != n:
-            raise ValueError(
-                f"train_val_test_split: `stratify` has {labels.shape[0]} labels but `x` has {n} "
-                "rows."
-            )
+        _check_aligned("stratify", labels.shape[0], n, "labels")
         return labels.reshape(n, -1) if labels.ndim > 1 else labels
     if y is None:
         return None
@@ -150,10 +163,11 @@ def _assign(n, labels, groups, fractions, rng):
         if too_few.size:
             c = int(too_few[0])
             label = classes[c].item() if hasattr(classes[c], "item") else classes[c]
-            raise ValueError(
-                f"train_val_test_split: stratify class {label!r} has only {counts[c]} "
-                f"member(s), too few to appear in each of the {active} parts. Merge or drop "
-                "rare classes, or pass stratify=False."
+            fail(
+                "stratify",
+                Description(f"labels where class {label!r} has only {counts[c]} member(s)"),
+                f"labels with at least {active} members per class, one for each non-empty part",
+                "merge or drop rare classes, or pass stratify=False.",
             )
     if groups is None:
         if labels is None:
@@ -175,9 +189,12 @@ def _assign(n, labels, groups, fractions, rng):
     group_codes = group_codes.reshape(-1)
     num_groups = len(group_ids)
     if num_groups < active:
-        raise ValueError(
-            f"train_val_test_split: `groups` has {num_groups} distinct group(s), fewer than the "
-            f"{active} non-empty parts; every group goes whole into one part."
+        fail(
+            "groups",
+            Description(f"{num_groups} distinct group(s)"),
+            f"at least {active} distinct groups, one per non-empty part (every group goes "
+            "whole into one part)",
+            "pass finer groups, or fewer parts (val=0 or test=0).",
         )
     sizes = np.bincount(group_codes, minlength=num_groups)
     order = rng.permutation(num_groups)
@@ -205,26 +222,6 @@ def _assign(n, labels, groups, fractions, rng):
         taken[p] = True
         need[p] -= profile[g]
     return group_part[group_codes]
-
-
-def _take(data, idx):
-    if data is None:
-        return None
-    if _is_dataframe(data) or _is_series(data):
-        return data.iloc[idx]
-    return np.asarray(data)[idx]
-
-
-def _length(data, name):
-    if _is_dataframe(data) or _is_series(data):
-        return len(data)
-    try:
-        return len(data)
-    except TypeError:
-        raise TypeError(
-            f"train_val_test_split: `{name}` must be an array, a DataFrame or a "
-            f"tf.data.Dataset, got {type(data).__name__}."
-        ) from None
 
 
 def train_val_test_split(x, y=None, val=0.1, test=0.1, stratify=True, groups=None, seed=0):
@@ -261,7 +258,7 @@ def train_val_test_split(x, y=None, val=0.1, test=0.1, stratify=True, groups=Non
         read with one pass over the dataset.
 
     Raises:
-        ValueError: `val + test >= 1`, fractions outside `[0, 1)`, length mismatches, a
+        ArgumentError: `val + test >= 1`, fractions outside `[0, 1)`, length mismatches, a
             stratify class with fewer members than non-empty parts, or fewer groups than parts.
 
     Example:
@@ -276,43 +273,39 @@ def train_val_test_split(x, y=None, val=0.1, test=0.1, stratify=True, groups=Non
     val = _check_fraction("val", val)
     test = _check_fraction("test", test)
     if val + test >= 1.0:
-        raise ValueError(
-            f"train_val_test_split: `val` + `test` must be < 1 to leave training data, got "
-            f"val={val} + test={test} = {val + test}."
+        fail(
+            "val + test",
+            val + test,
+            "< 1 to leave training data",
+            "pass smaller fractions, e.g. val=0.1, test=0.1.",
         )
     fractions = np.array([1.0 - val - test, val, test])
     rng = np.random.default_rng(seed)
 
     if isinstance(x, tf.data.Dataset):
         if y is not None:
-            raise ValueError(
-                "train_val_test_split: with a tf.data.Dataset, `y` must be None; put the labels "
-                "in the dataset elements as (x, y)."
+            fail(
+                "y",
+                describe(y),
+                "None when `x` is a tf.data.Dataset",
+                "put the labels in the dataset elements as (x, y).",
             )
         return _split_dataset(x, fractions, stratify, groups, rng)
 
-    n = _length(x, "x")
+    n = length(x, "x")
     if n == 0:
-        raise ValueError("train_val_test_split: `x` is empty.")
-    if y is not None and _length(y, "y") != n:
-        raise ValueError(f"train_val_test_split: `x` has {n} rows but `y` has {_length(y, 'y')}.")
-    if groups is not None and len(groups) != n:
-        raise ValueError(f"train_val_test_split: `x` has {n} rows but `groups` has {len(groups)}.")
-    labels = _stratify_labels(_values(y), stratify, n)
+        fail("x", describe(x), "non-empty", "pass the rows to split.")
+    if y is not None:
+        _check_aligned("y", length(y, "y"), n)
+    if groups is not None:
+        _check_aligned("groups", length(groups, "groups"), n)
+    labels = _stratify_labels(to_array(y), stratify, n)
     part = _assign(n, labels, groups, fractions, rng)
     result = []
     for p in range(3):
         idx = rng.permutation(np.flatnonzero(part == p))
-        result.append((_take(x, idx), _take(y, idx)))
+        result.append((take_rows(x, idx), take_rows(y, idx)))
     return tuple(result)
-
-
-def _values(y):
-    if y is None:
-        return None
-    if _is_dataframe(y) or _is_series(y):
-        return y.to_numpy()
-    return np.asarray(y)
 
 
 def _split_dataset(ds, fractions, stratify, groups, rng):
@@ -328,11 +321,9 @@ def _split_dataset(ds, fractions, stratify, groups, rng):
         if stratify is not True:
             labels = _stratify_labels(None, stratify, n)
     if n == 0:
-        raise ValueError("train_val_test_split: the dataset is empty.")
-    if groups is not None and len(groups) != n:
-        raise ValueError(
-            f"train_val_test_split: the dataset has {n} elements but `groups` has {len(groups)}."
-        )
+        fail("x", describe(ds, "without elements"), "non-empty", "pass the rows to split.")
+    if groups is not None:
+        _check_aligned("groups", length(groups, "groups"), n)
     part = tf.constant(_assign(n, labels, groups, fractions, rng), dtype=tf.int64)
 
     def select(p):
@@ -344,8 +335,8 @@ def _split_dataset(ds, fractions, stratify, groups, rng):
 
 def _row_keys(data):
     """Hashable exact keys of the rows of an array or DataFrame (NaN == NaN, -0.0 == 0.0)."""
-    if _is_dataframe(data) or _is_series(data):
-        frame = data.to_frame() if _is_series(data) else data
+    if is_dataframe(data) or is_series(data):
+        frame = data.to_frame() if is_series(data) else data
         if all(kind in "biuf" for kind in frame.dtypes.map(lambda d: d.kind)):
             data = frame.to_numpy(dtype="float64")
         else:
@@ -379,7 +370,7 @@ def drop_cross_duplicates(train, val, test, return_counts=False):
         `(train, val, test)` in the same structure as given (and the counts if asked).
 
     Raises:
-        ValueError: parts with different numbers of features.
+        ArgumentError: parts with different numbers of features.
 
     Example:
         >>> import numpy as np
@@ -401,10 +392,13 @@ def drop_cross_duplicates(train, val, test, return_counts=False):
         if len(shape) >= 2:
             widths.add(tuple(shape[1:]))
         if x is None:
-            raise ValueError(f"drop_cross_duplicates: `{name}` has no features.")
+            fail(name, part, "features `x` or a pair `(x, y)`", "pass the part's rows.")
     if len(widths) > 1:
-        raise ValueError(
-            f"drop_cross_duplicates: the parts have different feature shapes {sorted(widths)}."
+        fail(
+            "train, val, test",
+            Description(f"parts with different feature shapes {sorted(widths)}"),
+            "parts with the same feature shape",
+            "pass the three parts of one data set.",
         )
     seen = set(_row_keys(features(train)))
     out = [train]
@@ -415,9 +409,9 @@ def drop_cross_duplicates(train, val, test, return_counts=False):
         counts[name] = int((~keep).sum())
         idx = np.flatnonzero(keep)
         if isinstance(part, tuple):
-            out.append(tuple(_take(item, idx) for item in part))
+            out.append(tuple(take_rows(item, idx) for item in part))
         else:
-            out.append(_take(part, idx))
+            out.append(take_rows(part, idx))
         seen.update(k for k, kept in zip(keys, keep, strict=True) if kept)
     if return_counts:
         return tuple(out), counts

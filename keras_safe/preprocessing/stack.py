@@ -1,13 +1,14 @@
 """PreprocessingStack: a layer that adapts its layers in order on training data only."""
 
-from __future__ import annotations
-
 import math
 
 import keras
 import numpy as np
 
-from keras_safe.preprocessing._base import to_numpy
+from keras_safe._data import describe, to_numpy
+from keras_safe._validation import check_number, fail
+
+__all__ = ["PreprocessingStack"]
 
 
 def _adapted_on_data(layer):
@@ -41,7 +42,7 @@ class PreprocessingStack(keras.layers.Layer):
         Called on a tensor, the output of the last layer.
 
     Raises:
-        ValueError: an empty list or an entry that is not a Keras layer.
+        ArgumentError: an empty list or an entry that is not a Keras layer.
 
     Example:
         >>> import numpy as np
@@ -59,18 +60,24 @@ class PreprocessingStack(keras.layers.Layer):
 
     def __init__(self, layers, **kwargs):
         super().__init__(**kwargs)
-        if isinstance(layers, keras.layers.Layer) or not isinstance(layers, (list, tuple)):
-            raise ValueError(
-                "PreprocessingStack: `layers` must be a list of Keras layers, got "
-                f"{type(layers).__name__}."
+        if (
+            isinstance(layers, keras.layers.Layer)
+            or not isinstance(layers, (list, tuple))
+            or not layers
+        ):
+            fail(
+                "layers",
+                describe(layers),
+                "a non-empty list of Keras layers",
+                "pass for example [Imputer(), RobustNormalization()].",
             )
-        if not layers:
-            raise ValueError("PreprocessingStack: `layers` is empty; give at least one layer.")
         for i, layer in enumerate(layers):
             if not isinstance(layer, keras.layers.Layer):
-                raise ValueError(
-                    f"PreprocessingStack: `layers[{i}]` is a {type(layer).__name__}, not a "
-                    "Keras layer."
+                fail(
+                    f"layers[{i}]",
+                    describe(layer),
+                    "a Keras layer",
+                    "pass layers such as keras_safe.preprocessing.Imputer().",
                 )
         self._stack = list(layers)
         self._build_input_shape = None
@@ -109,14 +116,12 @@ class PreprocessingStack(keras.layers.Layer):
             batch_size: rows per eager call when passing the data through a layer.
 
         Raises:
-            ValueError: empty data, or any error of a layer's own `adapt`.
+            ArgumentError: empty data, or any error of a layer's own `adapt`.
         """
-        x, _ = to_numpy(data, "PreprocessingStack")
+        batch_size = check_number("batch_size", batch_size, low=1, integer=True)
+        x, _ = to_numpy(data, "data")
         if x.shape[0] == 0:
-            raise ValueError(
-                f"PreprocessingStack.adapt() received empty data (shape {x.shape}); pass the "
-                "training rows."
-            )
+            fail("data", describe(x), "non-empty", "pass the training rows.")
         if not self.built:
             self._build_input_shape = (None,) + tuple(x.shape[1:])
         for i, layer in enumerate(self._stack):

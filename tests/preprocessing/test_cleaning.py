@@ -67,13 +67,17 @@ def test_dataframe_and_dataset():
 def test_missing_only_and_errors():
     x = np.array([[1.0, 2.0], [np.nan, np.nan], [1.5, 2.5], [2.0, 3.0]])
     np.testing.assert_array_equal(drop_rows(x, method=None), x[[0, 2, 3]])
-    with pytest.raises(ValueError, match="max_missing"):
+    with pytest.raises(ValueError, match="`max_missing` must be"):
         RowCleaner(max_missing=2)
-    with pytest.raises(ValueError, match="method"):
+    with pytest.raises(ValueError, match="`method` must be one of"):
         RowCleaner(method="sigma")
+    with pytest.raises(ValueError, match="`max_outlier_features` must be"):
+        RowCleaner(max_outlier_features=1.5)
+    with pytest.raises(ValueError, match="`z` must be"):
+        RowCleaner(method=None, z=0.0)  # checked even when no fence is used
     with pytest.raises(ValueError, match="call fit"):
         RowCleaner().mask(x)
-    with pytest.raises(ValueError, match="no rows"):
+    with pytest.raises(ValueError, match="`x` must be non-empty"):
         RowCleaner().fit(np.zeros((0, 2)))
     with pytest.raises(ValueError, match="feature 0 has no finite"):
         RowCleaner().fit(np.array([[np.nan, 1.0], [np.nan, 2.0]]))

@@ -1,4 +1,4 @@
-"""PreprocessingStack adapt order, use in a model and tf.data, and saving in a fresh process."""
+"""PreprocessingStack: adapt order, models and tf.data, saving in a fresh process, epsilon."""
 
 import os
 import tempfile
@@ -78,11 +78,11 @@ def test_stack_with_keras_layers_and_tf_data():
     np.testing.assert_allclose(stack.layers[1].mean.numpy().ravel(), filled.mean(axis=0), rtol=1e-5)
     mapped = np.concatenate(list(tf.data.Dataset.from_tensor_slices(x).batch(32).map(stack)))
     np.testing.assert_allclose(mapped, np.asarray(stack(x)), rtol=1e-5, atol=1e-6)
-    with pytest.raises(ValueError, match="empty"):
+    with pytest.raises(ValueError, match="`layers` must be a non-empty list"):
         PreprocessingStack([])
-    with pytest.raises(ValueError, match="not a Keras layer"):
+    with pytest.raises(ValueError, match=r"`layers\[1\]` must be a Keras layer, got a str"):
         PreprocessingStack([Imputer(), "scale"])
-    with pytest.raises(ValueError, match="empty data"):
+    with pytest.raises(ValueError, match="`data` must be non-empty"):
         _stack().adapt(np.zeros((0, 3)))
 
 
@@ -124,3 +124,45 @@ def test_models_train_save_and_load_in_a_fresh_process():
     layer = next(lay for lay in loaded.layers if isinstance(lay, OutlierClipper))
     assert layer.dp_epsilon_spent == pytest.approx(1.0) and layer.is_adapted
     np.testing.assert_array_equal(layer.upper.numpy(), layers_and_inputs[2][0].upper.numpy())
+
+
+def test_epsilon_accounting_per_layer_and_stack():
+    x = np.random.default_rng(0).normal(size=(500, 3))
+    stack = PreprocessingStack(
+        [
+            Imputer(strategy="constant"),
+            OutlierClipper(dp_epsilon=0.5, dp_bounds=([-4, -4, -4], [4, 4, 4]), seed=0),
+            RobustNormalization(dp_epsilon=1.0, dp_bounds=(-4.0, 4.0), seed=0),
+        ]
+    )
+    stack.adapt(x)
+    assert [layer.dp_epsilon_spent for layer in stack.layers] == pytest.approx([0.0, 0.5, 1.0])
+    assert stack.dp_epsilon_spent == pytest.approx(1.5)
+
+
+def test_stack_reports_layers_with_exact_statistics_as_infinite_epsilon():
+    x = np.random.default_rng(1).uniform(size=(300, 2))
+    exact = PreprocessingStack(
+        [RobustNormalization(), RobustNormalization(dp_epsilon=1.0, dp_bounds=(-9, 9))]
+    )
+    exact.adapt(x)
+    assert exact.dp_epsilon_spent == float("inf")
+    # An InputGuard given fixed bounds is adapted by the stack like any layer: its range then
+    # comes from the data, so the stack's statistics are no longer private.
+    guarded = PreprocessingStack(
+        [
+            InputGuard(on_violation="clip", bounds=(0.0, 1.0)),
+            RobustNormalization(dp_epsilon=1.0, dp_bounds=(-9, 9)),
+        ]
+    )
+    assert guarded.dp_epsilon_spent == 0.0  # nothing adapted yet
+    guarded.adapt(x)
+    assert guarded.dp_epsilon_spent == float("inf")
+    private = PreprocessingStack(
+        [
+            InputGuard(on_violation="clip", dp_epsilon=0.5, dp_bounds=(0.0, 1.0)),
+            RobustNormalization(dp_epsilon=1.0, dp_bounds=(-9, 9)),
+        ]
+    )
+    private.adapt(x)
+    assert private.dp_epsilon_spent == pytest.approx(1.5)
