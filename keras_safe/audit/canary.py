@@ -19,15 +19,17 @@ For a correct DP-SGD implementation the bound stays below the accountant's epsil
 probability at least `confidence_level`; a bound above it is evidence of a privacy bug.
 """
 
-from __future__ import annotations
-
 import math
 
-import keras
 import numpy as np
 
-from keras_safe.audit import features as _features
+from keras_safe._data import Description, check_examples
+from keras_safe._validation import check_choice, check_number, check_probability, fail
+from keras_safe.audit._models import check_model_factory, compiled_model, default_delta
+from keras_safe.audit.features import class_labels, example_losses
 from keras_safe.audit.metrics import attack_metrics, guessing_epsilon_lower_bound
+
+__all__ = ["DEFAULT_FIT_KWARGS", "CanaryAuditResult", "accountant_epsilon", "canary_audit"]
 
 DEFAULT_FIT_KWARGS = {"epochs": 10, "batch_size": 32}
 
@@ -222,8 +224,9 @@ def canary_audit(
 
     Args:
         model_factory: zero-argument callable returning a new compiled classifier (for DP,
-            with a keras_safe DP optimizer and `keras_safe.privacy.make_private` applied; its
-            `num_examples` should count the training data plus about half the canaries).
+            with a keras_safe DP optimizer and `keras_safe.privacy.make_private` applied;
+            leave the optimizer's `num_examples` out: each run trains on the data plus the
+            included canaries, and keras_safe counts them).
         x: training inputs (numpy array).
         y: training labels, class indices or one-hot.
         num_canaries: number of canaries (>= 2). More canaries allow larger bounds.
@@ -233,6 +236,7 @@ def canary_audit(
             `{"epochs": 10, "batch_size": 32}`).
         reference: also train a model without canaries and score canaries by the loss drop
             relative to it (calibrates per-canary difficulty); otherwise score by minus the loss.
+            The loss is the training path's per-example loss (as in `membership_inference`).
         guess_fractions: numbers of guesses to try, as fractions of `num_canaries`; each
             fraction is tried guessing both ways (top IN, bottom OUT) and IN only.
         delta: delta of the bound (default: the DP optimizer's delta, else 1e-5).
@@ -246,8 +250,9 @@ def canary_audit(
         A `CanaryAuditResult`.
 
     Raises:
-        ValueError: on a non-callable factory, malformed data, too few or too many canaries, an
-            unknown `canary_type` or out-of-range fractions, delta or confidence level.
+        ArgumentError: on a non-callable factory, malformed data, too few or too many
+            canaries, an unknown `canary_type` or out-of-range fractions, delta or confidence
+            level.
 
     Example:
         >>> import keras, numpy as np
@@ -262,36 +267,48 @@ def canary_audit(
         >>> result.epsilon_lower_bound >= 0
         True
     """
-    if not callable(model_factory) or isinstance(model_factory, keras.Model):
-        raise ValueError(
-            "`model_factory` must be a zero-argument callable returning a new compiled model. "
-            "Fix: pass model_factory=make_model (the function, not a model)."
-        )
-    x, y = _features.check_pair("(x, y)", (x, y))
+    check_model_factory(model_factory, "the canary audit's training runs")
+    x, y, _ = check_examples("x, y", (x, y), allow_weights=False)
     x = np.asarray(x)
     n = len(y)
-    m = int(num_canaries)
-    if canary_type not in ("mislabel", "random"):
-        raise ValueError(f"`canary_type` must be 'mislabel' or 'random', got {canary_type!r}.")
+    canary_type = check_choice("canary_type", canary_type, ("mislabel", "random"))
     limit = n - 1 if canary_type == "mislabel" else 10**9
-    if not 2 <= m <= limit:
-        raise ValueError(
-            f"`num_canaries` must be between 2 and {min(limit, n - 1)} (the data has {n} "
-            f"examples), got {num_canaries}."
+    m = check_number(
+        "num_canaries",
+        num_canaries,
+        low=2,
+        high=limit,
+        integer=True,
+        fix=f"pass between 2 and {min(limit, n - 1)} canaries (the data has {n} examples).",
+    )
+    try:
+        fractions = tuple(float(f) for f in guess_fractions)
+        ok = bool(fractions) and all(0.0 < f <= 1.0 for f in fractions)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        fail(
+            "guess_fractions",
+            guess_fractions,
+            "a non-empty sequence of fractions in (0, 1]",
+            "pass for example (0.05, 0.1, 0.2, 0.5, 1.0).",
         )
-    fractions = tuple(float(f) for f in guess_fractions)
-    if not fractions or any(not 0.0 < f <= 1.0 for f in fractions):
-        raise ValueError(f"`guess_fractions` must be fractions in (0, 1], got {guess_fractions}.")
-    if not 0.0 < float(confidence_level) < 1.0:
-        raise ValueError(f"`confidence_level` must be in (0, 1), got {confidence_level}.")
+    confidence_level = check_probability("confidence_level", confidence_level)
+    if delta is not None:
+        delta = check_number("delta", delta, low=0.0, high=1.0, high_inclusive=False)
     num_classes = _num_classes(y)
     if num_classes < 2:
-        raise ValueError("Canaries need at least two classes in `y`.")
+        fail(
+            "y",
+            Description(f"labels of {num_classes} class(es)"),
+            "labels of at least two classes, so that a canary can get a wrong label",
+            "pass a classification data set.",
+        )
     fit_kwargs = dict(DEFAULT_FIT_KWARGS if fit_kwargs is None else fit_kwargs)
     fit_kwargs.setdefault("verbose", 0)
     rng = np.random.default_rng(seed)
 
-    labels = _features.class_labels(y, num_classes)
+    labels = class_labels(y, num_classes)
     if canary_type == "mislabel":
         chosen = rng.choice(n, size=m, replace=False)
         rest = np.setdiff1d(np.arange(n), chosen)
@@ -308,12 +325,7 @@ def canary_audit(
     included = rng.random(m) < 0.5
 
     def train(train_x, train_y):
-        model = model_factory()
-        if getattr(model, "optimizer", None) is None:
-            raise ValueError(
-                "`model_factory` returned a model that is not compiled. Fix: call "
-                "model.compile(optimizer=..., loss=...) inside the factory."
-            )
+        model = compiled_model(model_factory)
         order = rng.permutation(len(train_y))
         model.fit(train_x[order], train_y[order], **fit_kwargs)
         return model
@@ -322,23 +334,14 @@ def canary_audit(
         np.concatenate([base_x, canary_x[included]]), np.concatenate([base_y, canary_y[included]])
     )
     common = dict(loss_fn=loss_fn, from_logits=from_logits, batch_size=batch_size)
-    loss = _features.compute_features(audited, canary_x, canary_y, **common)["loss"]
+    loss = example_losses(audited, canary_x, canary_y, **common)
     if reference:
         ref_model = train(base_x, base_y)
-        scores = _features.compute_features(ref_model, canary_x, canary_y, **common)["loss"] - loss
+        scores = example_losses(ref_model, canary_x, canary_y, **common) - loss
     else:
         scores = -loss
-
-    dp_delta = None
-    try:
-        from keras_safe.privacy import find_dp_optimizer
-
-        dp = find_dp_optimizer(getattr(audited, "optimizer", None))
-        dp_delta = getattr(dp, "delta", None) if dp is not None else None
-    except ImportError:
-        pass
     if delta is None:
-        delta = float(dp_delta) if dp_delta else 1e-5
+        delta = default_delta(audited)
 
     order = np.argsort(-scores, kind="stable")
     plans = []

@@ -1,108 +1,112 @@
 """Per-example features of a model's predictions, used by membership inference attacks.
 
-The loss of an example is computed, in this order of preference, with:
+The loss of an example is the one training uses, `keras_safe.privacy.losses.PerExampleLoss`:
+the loss Keras would report for a batch holding that example alone, with its sample weight, the
+output's mask and the compiled `loss_weights`. So a weighted or masked model is audited on the
+loss it was trained on. The loss function is, in this order of preference:
 
 1. the `loss_fn` argument when one is given (a Keras loss object, a loss name or a function
-   `loss_fn(y_true, y_pred)` returning one value per example);
-2. the model's compiled loss (`model.compile(loss=...)`), evaluated per example;
-3. sparse categorical crossentropy of the predicted class probabilities (categorical
-   crossentropy when the labels are one-hot), for classifiers that were never compiled.
+   `loss_fn(y_true, y_pred)` without reduction over the batch), in place of the compiled one;
+2. the model's compiled loss (`model.compile(loss=...)`);
+3. for a classifier that was never compiled, the crossentropy of its outputs: sparse
+   categorical (categorical for one-hot labels, binary for one output unit).
+
+It is evaluated in float64 when the loss supports it, so that the tiny losses of memorised
+examples stay distinct (float32 rounds a crossentropy below about 6e-8 to 0).
 
 Class probabilities come from the model output: a softmax (several units) or a sigmoid (one unit)
-is applied when the output is logits. Whether the output is logits is read from the compiled
-loss's `from_logits` when it has one, else guessed from the values (probabilities lie in [0, 1]
-and, for several units, sum to 1 per row); pass `from_logits` to decide it yourself.
+is applied when the output is logits. Whether the output is logits is read from the loss's
+`from_logits` when it has one, else guessed from the values (probabilities lie in [0, 1] and, for
+several units, sum to 1 per row); pass `from_logits` to decide it yourself.
 """
-
-from __future__ import annotations
 
 import keras
 import numpy as np
+import tensorflow as tf
+
+from keras_safe._data import Description, num_examples, take_inputs
+from keras_safe._validation import check_number, fail
+from keras_safe.privacy.losses import PerExampleLoss
+
+__all__ = [
+    "class_labels",
+    "class_probabilities",
+    "compute_features",
+    "example_losses",
+    "logit_confidence",
+    "loss_from_logits",
+    "predict",
+]
 
 _TINY = 1e-30
 
 
-def num_examples(x):
-    """Number of examples in `x` (an array, or a list / dict of arrays for multi-input models)."""
-    leaves = keras.tree.flatten(x)
-    if not leaves:
-        raise ValueError("The inputs hold no array. Fix: pass a numpy array of examples.")
-    return int(np.shape(leaves[0])[0])
+class _LossView:
+    """The audited model seen with another loss: what `PerExampleLoss` reads of a model.
+
+    Every attribute but the loss comes from the model; `compiled` is False so that the compiled
+    `loss_weights`, which belong to the compiled loss, do not scale a loss given here.
+    """
+
+    compiled = False
+
+    def __init__(self, model, loss):
+        self._model = model
+        self.loss = loss
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
 
 
-def take(x, index):
-    """Rows `index` of `x` (an array or a nested structure of arrays)."""
-    return keras.tree.map_structure(lambda a: np.asarray(a)[index], x)
-
-
-def concatenate(parts):
-    """Concatenates a list of arrays (or of equally nested structures of arrays) along axis 0."""
-    return keras.tree.map_structure(lambda *a: np.concatenate(a, axis=0), *parts)
-
-
-def check_pair(name, pair):
-    """Validates a `(x, y)` pair and returns it as `(x, y)` with `y` a numpy array."""
-    if not isinstance(pair, (tuple, list)) or len(pair) != 2:
-        raise ValueError(
-            f"`{name}` must be a pair (x, y) of inputs and labels, got {type(pair).__name__}. "
-            f"Fix: pass {name}=(x_{name}, y_{name})."
-        )
-    x, y = pair
-    if y is None:
-        raise ValueError(f"`{name}` has no labels. Fix: pass {name}=(x, y) with labels y.")
-    y = np.asarray(y)
+def _forward(model, x, batch_size):
+    """The model's outputs on `x` in inference mode: a list of `(rows, output tensor)`."""
+    batch_size = check_number("batch_size", batch_size, low=1, integer=True)
     n = num_examples(x)
-    if n != len(y):
-        raise ValueError(
-            f"`{name}` holds {n} inputs but {len(y)} labels. Fix: pass as many labels as inputs."
-        )
-    if n == 0:
-        raise ValueError(f"`{name}` is empty. Fix: pass at least one example.")
-    return x, y
+    parts = []
+    for start in range(0, n, batch_size):
+        rows = slice(start, start + batch_size)
+        out = model(take_inputs(x, rows), training=False)
+        if isinstance(out, (list, tuple, dict)):
+            fail(
+                "model",
+                Description(f"a model with {len(out)} outputs"),
+                "a model with one output",
+                "audit keras.Model(inputs, the_output_to_audit) built on the same layers.",
+            )
+        parts.append((rows, out))
+    return parts
+
+
+def _as_numpy(parts):
+    return np.concatenate(
+        [np.asarray(keras.ops.convert_to_numpy(out), dtype=np.float64) for _, out in parts], axis=0
+    )
 
 
 def predict(model, x, batch_size=256):
     """Model outputs on `x` (inference mode, in batches) as a float64 numpy array.
 
     Only models with one output are supported.
+
+    Raises:
+        ArgumentError: for a model with several outputs or a `batch_size` below 1.
     """
-    batch_size = max(int(batch_size), 1)
-    n = num_examples(x)
-    parts = []
-    for start in range(0, n, batch_size):
-        out = model(take(x, slice(start, start + batch_size)), training=False)
-        if isinstance(out, (list, tuple, dict)):
-            raise ValueError(
-                "The model has several outputs; membership inference needs a model with one "
-                "output. Fix: audit keras.Model(inputs, the_output_to_audit) built on the same "
-                "layers."
-            )
-        parts.append(np.asarray(keras.ops.convert_to_numpy(out), dtype=np.float64))
-    return np.concatenate(parts, axis=0)
+    return _as_numpy(_forward(model, x, batch_size))
 
 
-def _loss_object(model, loss_fn):
-    """The loss to evaluate per example, or None for the built-in crossentropy."""
+def _given_loss(model, loss_fn):
+    """The loss named by `loss_fn` or compiled into the model, or None."""
     if loss_fn is not None:
         return loss_fn
     compiled = getattr(model, "loss", None)
-    if compiled is None:
-        return None
-    if isinstance(compiled, (list, tuple, dict)):
-        if isinstance(compiled, dict) and len(compiled) == 1:
-            return next(iter(compiled.values()))
-        if isinstance(compiled, (list, tuple)) and len(compiled) == 1:
-            return compiled[0]
-        raise ValueError(
-            "The model was compiled with several losses. Fix: pass `loss_fn` giving one loss "
-            "per example for the audited output."
-        )
+    if isinstance(compiled, (list, tuple, dict)) and len(compiled) == 1:
+        return next(iter(compiled.values())) if isinstance(compiled, dict) else compiled[0]
     return compiled
 
 
 def loss_from_logits(model, loss_fn=None):
     """`from_logits` of the loss that would be used, or None when the loss does not say."""
-    loss = _loss_object(model, loss_fn)
+    loss = _given_loss(model, loss_fn)
     if isinstance(loss, keras.losses.Loss):
         config = loss.get_config()
         if "from_logits" in config:
@@ -110,69 +114,111 @@ def loss_from_logits(model, loss_fn=None):
     return None
 
 
-def per_example_loss(model, y, outputs, loss_fn=None, from_logits=None):
-    """Loss of every example (see the module docstring for which loss is used).
+def _crossentropy(outputs, y, from_logits):
+    """The loss of a classifier that was never compiled (see the module docstring)."""
+    if outputs.ndim not in (1, 2):
+        fail(
+            "loss_fn",
+            None,
+            "a per-example loss for a model that is neither compiled with a loss nor a "
+            f"classifier (its outputs have shape {outputs.shape})",
+            "compile the model with its training loss, or pass loss_fn(y_true, y_pred).",
+        )
+    outputs = _as_2d(outputs)
+    logits = not _looks_like_probabilities(outputs) if from_logits is None else bool(from_logits)
+    class_labels(y, max(outputs.shape[1], 2))  # checks the labels
+    if outputs.shape[1] == 1:
+        return keras.losses.BinaryCrossentropy(from_logits=logits)
+    if np.ndim(y) == 2 and np.shape(y)[1] == outputs.shape[1]:
+        return keras.losses.CategoricalCrossentropy(from_logits=logits)
+    return keras.losses.SparseCategoricalCrossentropy(from_logits=logits)
+
+
+def _per_example_loss(model, loss_fn, outputs, y, from_logits):
+    """The training path's per-example loss of `model` (with `loss_fn` in place of its own)."""
+    if loss_fn is None and getattr(model, "loss", None) is not None:
+        return PerExampleLoss(model)
+    loss = loss_fn if loss_fn is not None else _crossentropy(outputs, y, from_logits)
+    return PerExampleLoss(_LossView(model, loss))
+
+
+def _float64(y_pred):
+    """`y_pred` in float64 with its Keras mask (which `PerExampleLoss` reads) kept."""
+    mask = getattr(y_pred, "_keras_mask", None)
+    cast = tf.cast(y_pred, tf.float64)
+    if mask is not None:
+        cast._keras_mask = mask
+    return cast
+
+
+def _batch_losses(loss, y, y_pred, sample_weight):
+    y = np.asarray(y)
+    rank = len(y_pred.shape)
+    if rank == y.ndim + 1 and y_pred.shape[-1] == 1:
+        y = y[..., None]  # labels (n,) for a one-unit output (n, 1), as Keras's compile does
+    elif y.ndim == rank + 1 and y.shape[-1] == 1:
+        y = y[..., 0]
+    try:
+        values = loss(tf.constant(y, tf.float64), _float64(y_pred), sample_weight)
+    except Exception:  # a loss that only supports the model's own dtype
+        values = loss(y, y_pred, sample_weight)
+    return np.asarray(keras.ops.convert_to_numpy(values), dtype=np.float64).reshape(-1)
+
+
+def _losses(model, parts, outputs, y, sample_weight, loss_fn, from_logits):
+    loss = _per_example_loss(model, loss_fn, outputs, y, from_logits)
+    values = np.concatenate(
+        [
+            _batch_losses(
+                loss, y[rows], out, None if sample_weight is None else sample_weight[rows]
+            )
+            for rows, out in parts
+        ]
+    )
+    if values.shape[0] != len(outputs):
+        fail(
+            "loss_fn",
+            Description(f"a loss giving {values.shape[0]} values for {len(outputs)} examples"),
+            "a loss with one value per example",
+            "pass a loss without reduction over the batch, e.g. "
+            "keras.losses.SparseCategoricalCrossentropy(reduction=None).",
+        )
+    return values
+
+
+def example_losses(
+    model, x, y, sample_weight=None, *, loss_fn=None, from_logits=None, batch_size=256
+):
+    """The per-example loss of `model` on `(x, y)`, as training computes it.
 
     Args:
-        model: the Keras model (its compiled loss is used when `loss_fn` is None).
-        y: labels, one row per example.
-        outputs: the model outputs on the examples (numpy array).
-        loss_fn: optional loss overriding the compiled one.
-        from_logits: whether `outputs` are logits; used only by the built-in crossentropy.
+        model: a Keras model with one output.
+        x: inputs.
+        y: labels or targets.
+        sample_weight: optional weight of every example, applied as in training.
+        loss_fn: optional loss in place of the compiled one (see the module docstring).
+        from_logits: whether the output is logits, for the loss of an uncompiled classifier.
+        batch_size: prediction batch size.
 
     Returns:
         A float64 array of shape `(num_examples,)`.
 
-    Raises:
-        ValueError: if the loss does not give one value per example.
+    Example:
+        >>> import keras, numpy as np
+        >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+        >>> model.compile(loss="mse")
+        >>> y_pred = model.predict(np.ones((3, 2)), verbose=0)[:, 0]
+        >>> losses = example_losses(model, np.ones((3, 2)), [0.0, 1.0, 2.0], [1.0, 1.0, 0.0])
+        >>> np.allclose(losses, [y_pred[0] ** 2, (y_pred[1] - 1) ** 2, 0.0], rtol=1e-5)
+        True
     """
-    loss = _loss_object(model, loss_fn)
-    if loss is None:
-        probs = class_probabilities(outputs, from_logits)
-        labels = class_labels(y, probs.shape[1])
-        p_true = probs[np.arange(len(labels)), labels]
-        return -np.log(np.maximum(p_true, _TINY))
-    if isinstance(loss, str):
-        loss = keras.losses.get(loss)
-    if not callable(loss):
-        raise ValueError(
-            f"Cannot evaluate the loss {loss!r}. Fix: pass `loss_fn`, a callable "
-            "loss_fn(y_true, y_pred) returning one loss per example."
-        )
     y = np.asarray(y)
-    if outputs.ndim == y.ndim + 1 and outputs.shape[-1] == 1:
-        y = y[..., None]  # labels (n,) for a one-unit output (n, 1), as Keras's compile does
-    elif y.ndim == outputs.ndim + 1 and y.shape[-1] == 1:
-        y = y[..., 0]
-    # The unreduced losses (`Loss.call`), in float64 when the loss supports it so that tiny
-    # losses of memorised examples stay distinct; float32 otherwise.
-    evaluate = loss.call if isinstance(loss, keras.losses.Loss) else loss
-
-    def run(dtype):
-        return evaluate(
-            keras.ops.convert_to_tensor(y, dtype=dtype),
-            keras.ops.convert_to_tensor(outputs, dtype=dtype),
-        )
-
-    try:
-        values = run("float64")
-    except Exception:  # a loss that only supports float32
-        try:
-            values = run("float32")
-        except Exception as error:
-            raise ValueError(
-                f"The loss {loss!r} failed on the model outputs ({error}). Fix: pass "
-                "`loss_fn(y_true, y_pred)` returning one loss per example."
-            ) from error
-    values = np.asarray(keras.ops.convert_to_numpy(values), dtype=np.float64)
-    n = len(outputs)
-    if values.ndim == 0 or values.shape[0] != n:
-        raise ValueError(
-            f"The loss returned shape {values.shape} for {n} examples; membership inference "
-            "needs one loss per example. Fix: pass `loss_fn` without reduction, e.g. "
-            "keras.losses.SparseCategoricalCrossentropy(reduction=None)."
-        )
-    return values.reshape(n, -1).mean(axis=1)
+    parts = _forward(model, x, batch_size)
+    outputs = _as_numpy(parts)
+    if from_logits is None:
+        from_logits = loss_from_logits(model, loss_fn)
+    weights = None if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
+    return _losses(model, parts, outputs, y, weights, loss_fn, from_logits)
 
 
 def _looks_like_probabilities(outputs):
@@ -188,9 +234,11 @@ def _as_2d(outputs):
     if outputs.ndim == 1:
         outputs = outputs[:, None]
     if outputs.ndim != 2:
-        raise ValueError(
-            f"Expected class scores of shape (num_examples, num_classes), got {outputs.shape}. "
-            "Fix: confidence-based attacks need a classifier; use attacks=('loss',) otherwise."
+        fail(
+            "outputs",
+            Description(f"outputs of shape {outputs.shape}"),
+            "class scores of shape (num_examples, num_classes), as a classifier gives",
+            "confidence-based attacks need a classifier; use attacks=('loss',) otherwise.",
         )
     return outputs
 
@@ -228,9 +276,11 @@ def class_labels(y, num_classes):
         return np.argmax(y, axis=1).astype(np.int64)
     labels = np.rint(y.reshape(len(y), -1)[:, 0]).astype(np.int64)
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-        raise ValueError(
-            f"Labels must be class indices in [0, {num_classes}) for a model with "
-            f"{num_classes} classes, got values in [{labels.min()}, {labels.max()}]."
+        fail(
+            "y",
+            Description(f"labels in [{labels.min()}, {labels.max()}]"),
+            f"class indices in [0, {num_classes}) for a model with {num_classes} classes",
+            "pass the class index (or a one-hot row) of every example.",
         )
     return labels
 
@@ -265,7 +315,9 @@ def logit_confidence(outputs, labels, from_logits=None):
     return np.log(np.maximum(p_true, _TINY)) - np.log(np.maximum(wrong, _TINY))
 
 
-def compute_features(model, x, y, loss_fn=None, from_logits=None, batch_size=256):
+def compute_features(
+    model, x, y, loss_fn=None, from_logits=None, batch_size=256, sample_weight=None
+):
     """Per-example features of `model` on `(x, y)`.
 
     Args:
@@ -275,6 +327,8 @@ def compute_features(model, x, y, loss_fn=None, from_logits=None, batch_size=256
         loss_fn: optional per-example loss overriding the compiled loss.
         from_logits: whether the output is logits (None: read from the loss or guess).
         batch_size: prediction batch size.
+        sample_weight: optional weight of every example; it scales the loss as in training
+            (the other features do not depend on it).
 
     Returns:
         A dict of float64 arrays of shape `(n,)`: `loss`, and for classifiers also
@@ -283,10 +337,13 @@ def compute_features(model, x, y, loss_fn=None, from_logits=None, batch_size=256
         `max_probability`, `correct` (0/1), `label` and `predicted` (class indices).
         Keys that need class probabilities are absent for models that are not classifiers.
     """
-    outputs = predict(model, x, batch_size=batch_size)
+    y = np.asarray(y)
+    parts = _forward(model, x, batch_size)
+    outputs = _as_numpy(parts)
     if from_logits is None:
         from_logits = loss_from_logits(model, loss_fn)
-    features = {"loss": per_example_loss(model, y, outputs, loss_fn, from_logits)}
+    weights = None if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
+    features = {"loss": _losses(model, parts, outputs, y, weights, loss_fn, from_logits)}
     try:
         probs = class_probabilities(outputs, from_logits)
         labels = class_labels(y, probs.shape[1])

@@ -16,11 +16,23 @@ best threshold on the same scores makes the result a diagnostic rather than a pr
 `keras_safe.audit.canary_audit` gives a valid bound (Steinke, Nasr & Jagielski 2023).
 """
 
-from __future__ import annotations
-
 import math
 
 import numpy as np
+
+from keras_safe._data import Description
+from keras_safe._validation import check_number, check_probability, fail
+
+__all__ = [
+    "LOW_FPRS",
+    "METRIC_NAMES",
+    "attack_metrics",
+    "clopper_pearson",
+    "epsilon_lower_bound",
+    "guessing_epsilon_lower_bound",
+    "roc_points",
+    "tpr_at_fpr",
+]
 
 #: The low false positive rates at which the true positive rate is reported (Carlini et al. 2022).
 LOW_FPRS = (0.001, 0.01)
@@ -40,30 +52,33 @@ METRIC_NAMES = (
 def _as_scores(name, scores):
     array = np.asarray(scores, dtype=np.float64).reshape(-1)
     if array.size == 0:
-        raise ValueError(f"`{name}` is empty. Fix: pass at least one attack score.")
+        fail(name, Description("no score"), "non-empty", "pass at least one attack score.")
     if not np.all(np.isfinite(array)):
         bad = int(np.sum(~np.isfinite(array)))
-        raise ValueError(
-            f"`{name}` contains {bad} non-finite score(s) (NaN or inf). Fix: check the model "
-            "outputs and the loss; an attack score must be a finite number."
+        fail(
+            name,
+            Description(f"{bad} non-finite score(s) (NaN or inf)"),
+            "finite scores",
+            "check the model outputs and the loss; an attack score must be a finite number.",
         )
     return array
 
 
 def _check_level(confidence_level):
-    if not 0.0 < float(confidence_level) < 1.0:
-        raise ValueError(
-            f"`confidence_level` must lie strictly between 0 and 1, got {confidence_level!r}. "
-            "Fix: pass for example confidence_level=0.95."
-        )
+    return check_probability(
+        "confidence_level", confidence_level, fix="pass for example confidence_level=0.95."
+    )
 
 
 def _check_delta(delta):
-    if not 0.0 <= float(delta) < 1.0:
-        raise ValueError(
-            f"`delta` must lie in [0, 1), got {delta!r}. Fix: pass the delta of the DP guarantee "
-            "you want to test, for example delta=1e-5."
-        )
+    return check_number(
+        "delta",
+        delta,
+        low=0.0,
+        high=1.0,
+        high_inclusive=False,
+        fix="pass the delta of the DP guarantee you want to test, for example delta=1e-5.",
+    )
 
 
 def clopper_pearson(successes, trials, confidence_level=0.95):
@@ -78,7 +93,7 @@ def clopper_pearson(successes, trials, confidence_level=0.95):
         A pair `(low, high)` of floats or arrays (the shape of the broadcast inputs).
 
     Raises:
-        ValueError: if `trials` is not positive, `successes` lies outside `[0, trials]`, or
+        ArgumentError: if `trials` is not positive, `successes` lies outside `[0, trials]`, or
             `confidence_level` is not in (0, 1).
 
     Example:
@@ -92,9 +107,9 @@ def clopper_pearson(successes, trials, confidence_level=0.95):
     k = np.asarray(successes, dtype=np.float64)
     n = np.asarray(trials, dtype=np.float64)
     if np.any(n <= 0):
-        raise ValueError("`trials` must be positive. Fix: pass the number of trials (>= 1).")
+        fail("trials", trials, "positive", "pass the number of trials (>= 1).")
     if np.any(k < 0) or np.any(k > n):
-        raise ValueError("`successes` must lie between 0 and `trials`.")
+        fail("successes", successes, "between 0 and `trials`", "count the successes again.")
     alpha = 1.0 - float(confidence_level)
     with np.errstate(invalid="ignore", divide="ignore"):
         low = np.where(k > 0, beta.ppf(alpha / 2, k, n - k + 1), 0.0)
@@ -130,7 +145,7 @@ def roc_points(member_scores, non_member_scores):
         every threshold kept (`drop_intermediate=False`).
 
     Raises:
-        ValueError: if a score list is empty or holds a non-finite value.
+        ArgumentError: if a score list is empty or holds a non-finite value.
 
     Example:
         >>> fpr, tpr, _ = roc_points([3.0, 2.0], [1.0, 0.0])
@@ -194,7 +209,7 @@ def epsilon_lower_bound(
         (an attack without false positives or false negatives certifies no finite epsilon).
 
     Raises:
-        ValueError: on empty or non-finite scores, or `delta` / `confidence_level` out of range.
+        ArgumentError: on empty or non-finite scores, or `delta` / `confidence_level` out of range.
 
     Example:
         >>> import numpy as np
@@ -237,7 +252,7 @@ def attack_metrics(member_scores, non_member_scores, delta=1e-5, confidence_leve
         (from the observed rates) and `epsilon_ci_high`.
 
     Raises:
-        ValueError: on empty or non-finite scores or out-of-range `delta` / `confidence_level`.
+        ArgumentError: on empty or non-finite scores or out-of-range `delta` / `confidence_level`.
 
     Example:
         >>> m = attack_metrics([0.9, 0.8, 0.7], [0.6, 0.5, 0.4], delta=0.0)
@@ -304,7 +319,7 @@ def guessing_epsilon_lower_bound(
         The epsilon lower bound (float >= 0).
 
     Raises:
-        ValueError: if the counts are inconsistent or `delta` / `significance` is out of range.
+        ArgumentError: if the counts are inconsistent or `delta` / `significance` is out of range.
 
     Example:
         >>> round(guessing_epsilon_lower_bound(1000, 100, 100), 2)
@@ -313,15 +328,15 @@ def guessing_epsilon_lower_bound(
     from scipy.optimize import brentq
 
     _check_delta(delta)
-    if not 0.0 < float(significance) < 1.0:
-        raise ValueError(
-            f"`significance` must lie in (0, 1), got {significance!r}. Fix: pass e.g. 0.05."
-        )
+    check_probability("significance", significance, fix="pass e.g. significance=0.05.")
     m, r, v = int(num_canaries), int(num_guesses), int(num_correct)
     if not 0 <= v <= r <= m:
-        raise ValueError(
-            "Need 0 <= num_correct <= num_guesses <= num_canaries, got "
-            f"num_correct={v}, num_guesses={r}, num_canaries={m}."
+        fail(
+            "num_correct",
+            Description(f"num_correct={v}, num_guesses={r}, num_canaries={m}"),
+            "at most num_guesses, itself at most num_canaries (0 <= num_correct <= num_guesses "
+            "<= num_canaries)",
+            "pass the counts of one guessing game.",
         )
     delta, significance = float(delta), float(significance)
     if r == 0 or _guess_p_value(m, r, v, 0.0, delta) >= significance:

@@ -1,13 +1,14 @@
 """`AuditReport`: a membership inference audit as a table, DataFrame, JSON or plots."""
 
-from __future__ import annotations
-
 import json
 import math
 
 import numpy as np
 
+from keras_safe._validation import check_choice
 from keras_safe.audit.metrics import METRIC_NAMES, roc_points
+
+__all__ = ["SUMMARY_METRICS", "AuditReport"]
 
 #: Figures returned per attack by `AuditReport.summary()`.
 SUMMARY_METRICS = (
@@ -147,8 +148,7 @@ class AuditReport:
         Returns:
             The table as a string.
         """
-        if slices not in ("all", "vulnerable", "every"):
-            raise ValueError(f"`slices` must be 'all', 'vulnerable' or 'every', got {slices!r}.")
+        check_choice("slices", slices, ("all", "vulnerable", "every"))
         rows = [r for r in self.results if r["slice"] == "all"]
         if slices == "every":
             rows = list(self.results)

@@ -1,10 +1,15 @@
 """A callback that runs a membership inference audit during training."""
 
-from __future__ import annotations
-
 import math
 
 import keras
+
+from keras_safe._data import check_examples
+from keras_safe._validation import check_number, fail
+from keras_safe.audit.attacks.registry import resolve_attacks
+from keras_safe.audit.membership import membership_inference
+
+__all__ = ["MembershipInferenceAudit"]
 
 _TPR_KEY = "tpr_at_1pct_fpr"
 
@@ -35,18 +40,21 @@ class MembershipInferenceAudit(keras.callbacks.Callback):
     before `fit`, otherwise `fit` raises a ValueError.
 
     Args:
-        members: `(x, y)` training examples to audit (a subset of the training data).
-        non_members: `(x, y)` examples from the same distribution never trained on.
+        members: `(x, y)` or `(x, y, sample_weight)` training examples to audit (a subset of
+            the training data).
+        non_members: the same for examples from the same distribution never trained on.
         every: audit every this many epochs (>= 1); the last epoch of a run whose count is a
             multiple of `every` is audited.
-        attacks: attack names of `membership_inference` without shadow models (`loss`,
-            `confidence`, `entropy`, `modified_entropy`, `learned`).
+        attacks: names of registered attacks that train no models (`loss`, `confidence`,
+            `entropy`, `modified_entropy`, `learned`, or one added with
+            `keras_safe.audit.register_attack`).
         batch_size: prediction batch size.
         verbose: 1 prints a line per audit; 0 is silent (the figures still go to `logs`).
 
     Raises:
-        ValueError: for `every` < 1, an unknown attack or a LiRA attack (shadow models are
-            too costly to train every epoch; run `membership_inference` after training).
+        ArgumentError: for `every` < 1, an unknown attack or an attack that trains models,
+            such as LiRA (shadow models are too costly to train every epoch; run
+            `membership_inference` after training).
 
     Example:
         >>> import keras, numpy as np
@@ -71,22 +79,20 @@ class MembershipInferenceAudit(keras.callbacks.Callback):
         verbose=1,
     ):
         super().__init__()
-        from keras_safe.audit.attacks import _expand_attacks
-
-        if int(every) != every or int(every) < 1:
-            raise ValueError(f"`every` must be an integer >= 1, got {every!r}.")
-        names = _expand_attacks(attacks)
-        lira = [a for a in names if a.startswith("lira")]
-        if lira:
-            raise ValueError(
-                f"{lira} need shadow models, too costly to train every epoch. Fix: use "
-                "attacks such as ('loss', 'confidence') here and run "
-                "keras_safe.audit.membership_inference(..., attacks=('lira',)) after training."
+        self.every = check_number("every", every, low=1, integer=True)
+        chosen = resolve_attacks(attacks)
+        training = [attack.name for attack in chosen if attack.trains_models]
+        if training:
+            fail(
+                "attacks",
+                training,
+                "attacks that train no models (shadow models are too costly to train every epoch)",
+                "use attacks such as ('loss', 'confidence') here and run "
+                "keras_safe.audit.membership_inference(..., attacks=('lira',)) after training.",
             )
-        self.every = int(every)
-        self.attacks = tuple(names)
-        self.batch_size = int(batch_size)
-        self.verbose = int(verbose)
+        self.attacks = tuple(attack.name for attack in chosen)
+        self.batch_size = check_number("batch_size", batch_size, low=1, integer=True)
+        self.verbose = check_number("verbose", verbose, low=0, integer=True)
         self.reports = []
         self.members = None
         self.non_members = None
@@ -101,16 +107,18 @@ class MembershipInferenceAudit(keras.callbacks.Callback):
             non_members: `(x, y)` held-out examples.
 
         Raises:
-            ValueError: if either is missing or malformed.
+            ArgumentError: if either is missing or malformed.
         """
-        from keras_safe.audit.features import check_pair
-
-        if members is None or non_members is None:
-            raise ValueError(
-                "MembershipInferenceAudit needs both `members` and `non_members` as (x, y) pairs."
-            )
-        self.members = check_pair("members", members)
-        self.non_members = check_pair("non_members", non_members)
+        for name, value in (("members", members), ("non_members", non_members)):
+            if value is None:
+                fail(
+                    name,
+                    None,
+                    "an (x, y) pair (the callback needs members and non-members)",
+                    "pass both members=(x_in, y_in) and non_members=(x_out, y_out).",
+                )
+        self.members = check_examples("members", members)
+        self.non_members = check_examples("non_members", non_members)
 
     def _keys(self):
         keys = ["mia_auc", f"mia_{_TPR_KEY}"]
@@ -121,10 +129,11 @@ class MembershipInferenceAudit(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         if self.members is None or self.non_members is None:
-            raise ValueError(
-                "MembershipInferenceAudit has no audit data (a callback rebuilt from its config "
-                "carries none). Fix: call callback.set_data((x_in, y_in), (x_out, y_out)) "
-                "before fit."
+            fail(
+                "members, non_members",
+                None,
+                "set before fit (a callback rebuilt from its config carries no audit data)",
+                "call callback.set_data((x_in, y_in), (x_out, y_out)) before fit.",
             )
 
     def on_epoch_end(self, epoch, logs=None):
@@ -134,8 +143,6 @@ class MembershipInferenceAudit(keras.callbacks.Callback):
             for key in self._keys():
                 logs[key] = math.nan
             return
-        from keras_safe.audit import membership_inference
-
         report = membership_inference(
             self.model,
             self.members,

@@ -32,7 +32,6 @@ def _dp_model():
             learning_rate=0.5,
             l2_norm_clip=1.0,
             target_epsilon=TARGET_EPSILON,
-            num_examples=450,  # 400 examples and about half of the 100 canaries
             batch_size=50,
             epochs=10,
             delta=1e-4,

@@ -98,11 +98,28 @@ def test_config_round_trip_and_data_is_needed_again():
 
 def test_bad_arguments_raise():
     members, non_members = _data()
-    with pytest.raises(ValueError, match="every"):
+    with pytest.raises(ValueError, match="`every` must be"):
         MembershipInferenceAudit(members, non_members, every=0)
-    with pytest.raises(ValueError, match="shadow models"):
+    with pytest.raises(ValueError, match="`every` must be"):
+        MembershipInferenceAudit(members, non_members, every=1.5)
+    with pytest.raises(ValueError, match=r"shadow models.*got \['lira_online', 'lira_offline'\]"):
         MembershipInferenceAudit(members, non_members, attacks=("lira",))
-    with pytest.raises(ValueError, match="Unknown attack"):
+    with pytest.raises(ValueError, match="`attacks` must be registered attack names.*got 'nope'"):
         MembershipInferenceAudit(members, non_members, attacks=("nope",))
-    with pytest.raises(ValueError, match="non_members"):
+    with pytest.raises(ValueError, match="`non_members` must be an"):
         MembershipInferenceAudit(members, None)
+    with pytest.raises(ValueError, match="`batch_size` must be"):
+        MembershipInferenceAudit(members, non_members, batch_size=0)
+
+
+def test_sample_weights_reach_the_audited_loss():
+    """Members given as (x, y, sample_weight): the audit scores weight times the loss."""
+    (x_in, y_in), non_members = _data()
+    model = _model()
+    weights = np.where(np.arange(100) % 2 == 0, 3.0, 0.5)
+    audit = MembershipInferenceAudit((x_in, y_in, weights), non_members, verbose=0)
+    model.fit(x_in, y_in, sample_weight=weights, epochs=1, verbose=0, callbacks=[audit])
+    logits = np.asarray(model.predict(x_in, verbose=0), dtype=np.float64)
+    losses = -special.log_softmax(logits, axis=1)[np.arange(100), y_in]
+    report = audit.reports[0][1]
+    np.testing.assert_allclose(report.features["loss"][0], weights * losses, rtol=1e-4)

@@ -1,4 +1,4 @@
-"""membership_inference: attacks on overfitted and membership-independent models, losses, slices."""
+"""membership_inference: overfitted and membership-independent models, slices, weights, errors."""
 
 import time
 
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import special, stats
 
-from keras_safe.audit import compute_features, membership_inference
+from keras_safe.audit import membership_inference
 from tests.audit.conftest import make_mlp
 
 
@@ -72,58 +72,6 @@ def test_identical_predictions_give_exactly_chance():
         assert row["auc"] == 0.5 and row["advantage"] == 0.0 and row["epsilon_lower_bound"] == 0.0
 
 
-def test_features_use_the_right_loss():
-    rng = np.random.default_rng(1)
-    x = rng.normal(size=(40, 6)).astype("float32")
-    y = rng.integers(0, 4, 40)
-
-    # Compiled from_logits crossentropy: numpy log-softmax reference.
-    logits_model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(4)])
-    logits_model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    z = np.asarray(logits_model.predict(x, verbose=0), dtype=np.float64)
-    f = compute_features(logits_model, x, y)
-    logp = special.log_softmax(z, axis=1)
-    np.testing.assert_allclose(f["loss"], -logp[np.arange(40), y], rtol=1e-5)
-    p = np.exp(logp)
-    np.testing.assert_allclose(f["confidence"], p[np.arange(40), y], rtol=1e-6)
-    np.testing.assert_allclose(f["entropy"], -np.sum(p * logp, axis=1), rtol=1e-6)
-    wrong = np.log(p.sum(axis=1) - p[np.arange(40), y])
-    np.testing.assert_allclose(f["logit_confidence"], logp[np.arange(40), y] - wrong, rtol=1e-6)
-
-    # Uncompiled softmax model: sparse categorical crossentropy of the probabilities.
-    softmax_model = keras.Sequential(
-        [keras.Input((6,)), keras.layers.Dense(4, activation="softmax")]
-    )
-    probs = np.asarray(softmax_model.predict(x, verbose=0), dtype=np.float64)
-    f = compute_features(softmax_model, x, y)
-    np.testing.assert_allclose(f["loss"], -np.log(probs[np.arange(40), y]), rtol=1e-5)
-
-    # loss_fn overrides the compiled loss.
-    f = compute_features(
-        logits_model, x, y, loss_fn=lambda t, p: keras.ops.sum(keras.ops.square(p), axis=-1)
-    )
-    np.testing.assert_allclose(f["loss"], np.sum(z**2, axis=1), rtol=1e-5)
-
-    # One-hot labels with a compiled categorical crossentropy.
-    onehot = np.eye(4, dtype="float32")[y]
-    cat_model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(4, activation="softmax")])
-    cat_model.compile("sgd", "categorical_crossentropy")
-    probs = np.asarray(cat_model.predict(x, verbose=0), dtype=np.float64)
-    f = compute_features(cat_model, x, onehot)
-    np.testing.assert_allclose(f["loss"], -np.log(probs[np.arange(40), y]), rtol=1e-4)
-    np.testing.assert_array_equal(f["label"], y)
-
-    # Binary classifier with one sigmoid unit and a string loss.
-    yb = rng.integers(0, 2, 40)
-    bin_model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(1, activation="sigmoid")])
-    bin_model.compile("sgd", "binary_crossentropy")
-    q = np.asarray(bin_model.predict(x, verbose=0), dtype=np.float64)[:, 0]
-    f = compute_features(bin_model, x, yb)
-    expected = -(yb * np.log(q) + (1 - yb) * np.log(1 - q))
-    np.testing.assert_allclose(f["loss"], expected, rtol=1e-4)
-    np.testing.assert_allclose(f["confidence"], np.where(yb == 1, q, 1 - q), rtol=1e-6)
-
-
 def test_slices_follow_labels_and_correctness(overfit):
     model, members, non_members = overfit
     report = membership_inference(model, members, non_members, attacks=("loss",), min_slice_size=10)
@@ -174,7 +122,7 @@ def test_demo_call_is_fast(digits_data):
 
 def test_bad_input_raises(overfit):
     model, members, non_members = overfit
-    with pytest.raises(ValueError, match="Unknown attack"):
+    with pytest.raises(ValueError, match="`attacks` must be registered attack names.*got 'los'"):
         membership_inference(model, members, non_members, attacks=("los",))
     with pytest.raises(ValueError, match="pair"):
         membership_inference(model, members[0], non_members)
@@ -193,7 +141,33 @@ def test_bad_input_raises(overfit):
         regression, (members[0], targets), (non_members[0], targets), attacks=("loss",)
     )
     assert report.get("loss")["n_members"] == 150
-    with pytest.raises(ValueError, match="classifier"):
+    with pytest.raises(ValueError, match="classifier.*got 'entropy'"):
         membership_inference(
             regression, (members[0], targets), (non_members[0], targets), attacks=("entropy",)
         )
+    with pytest.raises(ValueError, match="`delta` must be"):
+        membership_inference(model, members, non_members, attacks="loss", delta=1.0)
+    with pytest.raises(ValueError, match="`min_slice_size` must be"):
+        membership_inference(model, members, non_members, attacks="loss", min_slice_size=0)
+    with pytest.raises(ValueError, match="`batch_size` must be"):
+        membership_inference(model, members, non_members, attacks="loss", batch_size=0)
+
+
+def test_sample_weights_scale_the_audited_loss(overfit):
+    """A weighted training loss is audited weighted: scores are minus weight times the loss."""
+    model, members, non_members = overfit
+    rng = np.random.default_rng(0)
+    w_in, w_out = rng.uniform(0.5, 2.0, 150), rng.uniform(0.5, 2.0, 150)
+    report = membership_inference(
+        model, (*members, w_in), (*non_members, w_out), attacks=("loss",), slices=False
+    )
+    np.testing.assert_allclose(
+        report.scores["loss"][0], -w_in * _numpy_losses(model, *members), rtol=1e-4, atol=1e-7
+    )
+    np.testing.assert_allclose(
+        report.features["loss"][1], w_out * _numpy_losses(model, *non_members), rtol=1e-4
+    )
+    u = stats.mannwhitneyu(
+        w_out * _numpy_losses(model, *non_members), w_in * _numpy_losses(model, *members)
+    ).statistic
+    assert report.get("loss")["auc"] == pytest.approx(u / 150**2, abs=1e-6)

@@ -6,7 +6,7 @@ import pytest
 from scipy import stats
 
 from keras_safe.audit import lira_scores, membership_inference, train_shadow_models
-from keras_safe.audit.attacks import _balanced_keep
+from keras_safe.audit.attacks.lira import _balanced_keep
 from tests.audit.conftest import OVERFIT_FIT, make_mlp
 
 
