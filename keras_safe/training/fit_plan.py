@@ -205,7 +205,7 @@ class PrivacyGuard(keras.callbacks.Callback):
             target, delta = self._ledger.budget()
             raise PrivacyError(
                 f"The privacy budget target_epsilon={target:g} (delta={delta:.3g}) of "
-                f"{model.name} is spent: it stands at epsilon="
+                f"{model.name} is already spent: it stands at epsilon="
                 f"{self._ledger.epsilon(delta):.4f} after {self._ledger.steps} steps, and one "
                 "more step would exceed it. No step was taken. Fix: stop training here, or "
                 "raise the budget and state the larger epsilon."
@@ -237,7 +237,7 @@ class PrivacyGuard(keras.callbacks.Callback):
             target, delta = self._ledger.budget()
             if self.verbose:
                 print(
-                    f"\nkeras_safe: stopping after {self._ledger.steps} noisy steps at epsilon="
+                    f"\nkeras_safe: stopping training after {self._ledger.steps} noisy steps at epsilon="
                     f"{self._ledger.epsilon(delta):.4f} (delta={delta:.3g}): the next steps "
                     f"would exceed the budget target_epsilon={target:g}."
                 )

@@ -11,7 +11,9 @@ import textwrap
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
+from keras_safe._validation import PrivacyError
 from keras_safe.callbacks import PrivacyBudget
 from keras_safe.optimizers import DPSGD
 from keras_safe.privacy import compute_epsilon
@@ -157,17 +159,12 @@ def test_resumes_counting_after_save_and_load_in_fresh_process():
     assert out["epsilon"] == [pytest.approx(_reference_epsilon(allowed))]
 
 
-def test_needs_num_examples_and_defaults_delta(capsys):
+def test_reads_num_examples_from_fit_and_defaults_delta(capsys):
     n = 90
     x, y = _data(n)
-    model = _model()
-    # fit cannot tell how many examples there are (poisson_batches spans several passes).
-    with pytest.raises(ValueError, match="num_examples"):
-        model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0, callbacks=[PrivacyBudget()])
-    model = _model()
-    history = model.fit(
-        x, y, batch_size=BATCH, epochs=1, verbose=0, callbacks=[PrivacyBudget(num_examples=n)]
-    )
+    # Nothing declared: fit on arrays tells the number of examples and the batch size.
+    model = _model(batch_size=None)
+    history = model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0, callbacks=[PrivacyBudget()])
     delta = 1.0 / n**1.1
     assert history.history["delta"][0] == pytest.approx(delta, rel=1e-12)
     assert history.history["epsilon"][0] == pytest.approx(
@@ -175,10 +172,31 @@ def test_needs_num_examples_and_defaults_delta(capsys):
     )
     assert "1/n^1.1" in capsys.readouterr().out
 
-    # The optimizer's num_examples and delta are used when the callback has none.
-    model = _model(num_examples=n, delta=1e-4)
+    # A num_examples that disagrees with the data is refused (it would misstate epsilon).
+    model = _model()
+    with pytest.raises(ValueError, match="num_examples"):
+        model.fit(
+            x, y, batch_size=BATCH, epochs=1, verbose=0, callbacks=[PrivacyBudget(num_examples=900)]
+        )
+    assert int(model.optimizer.iterations) == 0
+
+    # The optimizer's delta is used when the callback has none.
+    model = _model(delta=1e-4)
     history = model.fit(
         x, y, batch_size=BATCH, epochs=1, verbose=0, callbacks=[PrivacyBudget(verbose=0)]
+    )
+    assert history.history["epsilon"][0] == pytest.approx(
+        _reference_epsilon(6, sampling_rate=BATCH / n, delta=1e-4)
+    )
+
+    # A generic tf.data pipeline does not tell its size: num_examples is needed, here or on
+    # the optimizer, and then the declared batch size.
+    data = tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH)
+    model = _model()
+    with pytest.raises(PrivacyError, match="num_examples"):
+        model.fit(data, epochs=1, verbose=0, callbacks=[PrivacyBudget()])
+    history = model.fit(
+        data, epochs=1, verbose=0, callbacks=[PrivacyBudget(num_examples=n, delta=1e-4)]
     )
     assert history.history["epsilon"][0] == pytest.approx(
         _reference_epsilon(6, sampling_rate=BATCH / n, delta=1e-4)
@@ -192,7 +210,8 @@ def test_gradient_accumulation_and_microbatches():
     history = model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0, callbacks=[budget])
     # 6 batches make 3 noisy updates of 2 x 16 examples each. Each batch is sampled on its
     # own and adds 1/sqrt(2) of the noise: 6 accounted steps at noise / sqrt(2).
-    assert budget.steps == 3
+    assert int(model.optimizer.iterations) == 3
+    assert budget.steps == 6
     assert history.history["epsilon"][0] == pytest.approx(
         _reference_epsilon(6, sampling_rate=BATCH / N, noise=NOISE / np.sqrt(2))
     )
@@ -222,16 +241,15 @@ def test_pld_accountant():
     assert pld <= _reference_epsilon(STEPS_PER_EPOCH)
 
 
-def test_needs_dp_optimizer_and_batch_size():
+def test_needs_a_dp_optimizer():
     x, y = _data()
     plain = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
     plain.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
-    with pytest.raises(ValueError, match="DP optimizer"):
+    before = [np.array(v) for v in plain.trainable_variables]
+    with pytest.raises(PrivacyError, match="DP optimizer"):
         plain.fit(x, y, batch_size=BATCH, verbose=0, callbacks=[PrivacyBudget(num_examples=N)])
-    model = _model(batch_size=None)
-    with pytest.raises(ValueError, match="batch_size"):
-        model.fit(x, y, batch_size=BATCH, verbose=0, callbacks=[PrivacyBudget(num_examples=N)])
-    assert int(model.optimizer.iterations) == 0
+    for b, v in zip(before, plain.trainable_variables):
+        np.testing.assert_array_equal(b, np.array(v))
 
 
 @pytest.mark.parametrize(

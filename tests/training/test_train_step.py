@@ -7,6 +7,7 @@ import tensorflow as tf
 from sklearn.datasets import load_digits
 
 import keras_safe
+from keras_safe._validation import PrivacyError
 from keras_safe.optimizers import DPSGD
 
 RNG = np.random.default_rng(1)
@@ -30,10 +31,15 @@ def _bn_model():
 
 def test_make_private_is_idempotent_and_keeps_the_model():
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+    weights = model.trainable_variables
     assert keras_safe.privacy.make_private(model) is model
-    step = model.train_step
+    assert isinstance(model, keras.Sequential) and keras_safe.training.is_private(model)
+    ledger = keras_safe.privacy.get_ledger(model)
     assert keras_safe.privacy.make_private(model) is model
-    assert model.train_step is step
+    assert keras_safe.privacy.get_ledger(model) is ledger
+    assert model.trainable_variables == weights
+    # The ledger's variables are not weights of the model.
+    assert len(model.weights) == 2
 
 
 def test_validate_lists_batch_norm_and_fix_swaps_it_for_group_norm():
@@ -56,7 +62,7 @@ def test_fit_refuses_an_unsupported_model_with_the_fix():
     model = _bn_model()
     model.compile(optimizer=_dp(), loss="mse")
     keras_safe.privacy.make_private(model)
-    with pytest.raises(ValueError, match="BatchNormalization"):
+    with pytest.raises((ValueError, PrivacyError), match="BatchNormalization"):
         model.fit(RNG.normal(size=(4, 6, 6, 4)), RNG.normal(size=(4, 2)), verbose=0)
 
 
@@ -77,6 +83,14 @@ def test_tf_data_validation_data_and_metrics_in_history():
     )
     keras_safe.privacy.make_private(model)
     data = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
+    # A generic pipeline does not tell its size: keras_safe refuses rather than guess it.
+    with pytest.raises(PrivacyError, match="num_examples"):
+        model.fit(data, epochs=1, verbose=0)
+    model.compile(
+        optimizer=_dp(0.5, num_examples=64, batch_size=16),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
     history = model.fit(data, validation_data=(x, y), epochs=2, verbose=0)
     for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
         assert len(history.history[key]) == 2
@@ -97,14 +111,29 @@ def test_weight_regularizer_gradient_is_added_outside_clipping():
     np.testing.assert_allclose(np.array(layer.kernel), 0.9 * w, rtol=1e-5)
 
 
-def test_plain_optimizer_trains_normally_under_the_train_step():
+def test_plain_optimizer_trains_normally_under_the_train_step_of_a_public_model():
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
     model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
-    keras_safe.privacy.make_private(model)
+    keras_safe.training.install(model)  # keras_safe's step, without privacy
     x = RNG.normal(size=(32, 3)).astype("float32")
     y = x @ np.array([[1.0], [-2.0], [0.5]], "float32")
     history = model.fit(x, y, epochs=30, verbose=0)
     assert history.history["loss"][-1] < 0.05 * history.history["loss"][0]
+
+
+def test_a_private_model_refuses_a_plain_optimizer():
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+    model.compile(optimizer=_dp(), loss="mse")
+    keras_safe.privacy.make_private(model)
+    x, y = RNG.normal(size=(8, 3)), RNG.normal(size=(8, 1))
+    model.fit(x, y, batch_size=4, verbose=0)
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")  # recompiled
+    before = [np.array(v) for v in model.trainable_variables]
+    for train in (lambda: model.fit(x, y, verbose=0), lambda: model.train_on_batch(x, y)):
+        with pytest.raises(PrivacyError, match="not a keras_safe DP optimizer"):
+            train()
+    for b, v in zip(before, model.trainable_variables):
+        np.testing.assert_array_equal(b, np.array(v))
 
 
 def test_poisson_batches_include_each_example_with_probability_q():
