@@ -195,10 +195,10 @@ class PrivacyGuard(keras.callbacks.Callback):
         self._schedule = state.current_schedule(model, dp)
         self._seeded = dp.seeded
         self._ledger = get_ledger(model, create=True)
-        self._start_steps = self._ledger.steps
         self._start_nonfinite = self._ledger.nonfinite_examples
         self._start_rows = self._rows_and_steps()
         self._checked_first = False
+        self._taken = 0
         segment = self._schedule.segment(1)[:2]
         self._allowed = self._ledger.steps_within_budget(segment)
         if self._allowed == 0:
@@ -227,19 +227,21 @@ class PrivacyGuard(keras.callbacks.Callback):
         )
 
     def on_train_batch_end(self, batch, logs=None):
+        per_execution = int(getattr(self.model, "steps_per_execution", 1) or 1)
+        self._taken += per_execution  # one accounted step per batch
         if not self._checked_first:
             self._checked_first = True
             self._check_batch_sizes(first=True)
-        taken = self._ledger.steps - self._start_steps
-        per_execution = int(getattr(self.model, "steps_per_execution", 1) or 1)
-        if taken + per_execution > self._allowed and not self.model.stop_training:
+        if self._allowed == math.inf or self.model.stop_training:
+            return
+        if self._taken + per_execution > self._allowed:
             self.model.stop_training = True
             target, delta = self._ledger.budget()
             if self.verbose:
                 print(
-                    f"\nkeras_safe: stopping training after {self._ledger.steps} noisy steps at epsilon="
-                    f"{self._ledger.epsilon(delta):.4f} (delta={delta:.3g}): the next steps "
-                    f"would exceed the budget target_epsilon={target:g}."
+                    f"\nkeras_safe: stopping training after {self._ledger.steps} noisy steps at "
+                    f"epsilon={self._ledger.epsilon(delta):.4f} (delta={delta:.3g}): the next "
+                    f"steps would exceed the budget target_epsilon={target:g}."
                 )
 
     def on_epoch_end(self, epoch, logs=None):

@@ -94,9 +94,9 @@ def private_train_on_batch(model, train_on_batch, *args, **kwargs):
             target, delta = ledger.budget()
             raise PrivacyError(
                 f"The privacy budget target_epsilon={target:g} (delta={delta:.3g}) of "
-                f"{model.name} is already spent (epsilon={ledger.epsilon(delta):.4f}); this step would "
-                "exceed it. No step was taken. Fix: stop training, or raise the budget and "
-                "state the larger epsilon."
+                f"{model.name} is already spent (epsilon={ledger.epsilon(delta):.4f}); this "
+                "step would exceed it. No step was taken. Fix: stop training, or raise the "
+                "budget and state the larger epsilon."
             )
     return train_on_batch(*args, **kwargs)
 
