@@ -105,7 +105,7 @@ class GradientClip(OptimizerWrapper):
     clipping, summing, noising and averaging, and clips that noisy average: this is
     post-processing of a DP release, so the privacy guarantee (epsilon, delta) is unchanged,
     and its outputs count as a release for the DP optimizer below. Like the DP optimizer, it
-    refuses (`keras_safe.PrivacyError`, a `RuntimeError`) gradients that are not a DP release
+    refuses (`PrivacyError`, a `RuntimeError`) gradients that are not a DP release
     of the step, such as those of Keras's default train step when `make_private` was not
     called. DP-SGD drops any example whose gradient is not finite before summing, so the noisy
     gradient is finite and steps are not skipped for one bad example (a skip would reveal
@@ -232,7 +232,7 @@ class GradientClip(OptimizerWrapper):
                 built with.
 
         Raises:
-            keras_safe.PrivacyError: when a DP optimizer is wrapped and `grads` are not its
+            PrivacyError: (a RuntimeError) when a DP optimizer is wrapped and `grads` are not its
                 release of this step (for example without `keras_safe.privacy.make_private`).
         """
         grads = list(grads)
