@@ -10,7 +10,7 @@ import tensorflow as tf
 
 from keras_safe.optimizers import DPSGD, GradientClip
 from keras_safe.optimizers.clipping import MODES, GlobalNormClip
-from keras_safe.privacy import make_private
+from keras_safe.privacy import get_ledger, make_private
 from tests.optimizers.clipping.reference import (
     BATCH,
     LR,
@@ -327,6 +327,32 @@ def test_under_dp_gradient_accumulation_is_supported():
     assert int(dp.iterations) == 2  # Keras counts updates: one per two batches
     assert int(optimizer.steps) == 4 and int(optimizer.step_logs()["skipped_steps"]) == 0
     assert not np.allclose(net.get_weights()[0], initial_weights()[0])
+
+
+class _NaNPenalty(keras.regularizers.Regularizer):
+    """A weight penalty whose value and gradient are NaN, to force a non-finite release."""
+
+    def __call__(self, weights):
+        return keras.ops.sqrt(keras.ops.sum(weights * 0.0) - 1.0)
+
+
+def test_under_dp_a_skipped_step_is_still_charged_to_the_ledger():
+    # The release is noised and charged before GradientClip sees it; adding a NaN weight
+    # penalty (post-processing) makes it non-finite, so GradientClip drops the step.
+    x, y = data(batches=2)
+    dp = _dp()
+    optimizer = GradientClip(dp)
+    net = keras.Sequential(
+        [keras.Input((3,)), keras.layers.Dense(2, kernel_regularizer=_NaNPenalty())]
+    )
+    net.compile(optimizer=optimizer, loss="mse")
+    before = [w.copy() for w in net.get_weights()]
+    make_private(net).fit(x, y, batch_size=BATCH, epochs=1, verbose=0)
+    for got, want in zip(net.get_weights(), before, strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert int(optimizer.step_logs()["skipped_steps"]) == 2
+    assert int(dp.iterations) == 0
+    assert get_ledger(net).steps == 2
 
 
 @pytest.mark.parametrize("depth", [1, 2])
