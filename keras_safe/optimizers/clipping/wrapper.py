@@ -214,7 +214,6 @@ class GradientClip(OptimizerWrapper):
             (), initializer="zeros", dtype="float32", name="grad_norm"
         )
         self.rule.build(self, var_list)
-        self._legacy_slot = len(self._variables)
         self._variable_norms = [
             self.add_variable((), initializer="zeros", dtype="float32", name="variable_grad_norm")
             for _ in var_list
@@ -325,7 +324,13 @@ class GradientClip(OptimizerWrapper):
         mode saved a variable it did not use)."""
         extra = self.rule.legacy_unused_variables
         if extra and self.built and len(store.keys()) == len(self.variables) + extra:
-            keep = [i for i in range(len(store.keys())) if not 0 <= i - self._legacy_slot < extra]
+            # They sat right after the rule's variables, before the per-variable norms.
+            slot = (
+                len(self.variables)
+                - len(self.inner_optimizer.variables)
+                - len(self._variable_norms)
+            )
+            keep = [i for i in range(len(store.keys())) if not 0 <= i - slot < extra]
             store = {str(new): store[str(old)] for new, old in enumerate(keep)}
         super().load_own_variables(store)
 
