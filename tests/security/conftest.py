@@ -3,8 +3,9 @@
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 from sklearn.datasets import load_digits
+
+from keras_safe.layers import PredictionRounding
 
 
 def digits():
@@ -37,13 +38,6 @@ def accuracy(model, x, y):
     return float(np.mean(predict_labels(model, x) == y))
 
 
-class QuantisedOutput(keras.layers.Layer):
-    """Rounds probabilities to one decimal: a classic accidental gradient mask."""
-
-    def call(self, p):
-        return tf.round(p * 10.0) / 10.0
-
-
 @pytest.fixture(scope="session")
 def digits_split():
     x, y = digits()
@@ -65,13 +59,14 @@ def masked_models(trained_mlp):
     """The trained MLP behind a saturated softmax and behind quantised probabilities.
 
     Both predict exactly what the MLP predicts, but their gradients are zero (saturated: the
-    logits are scaled by 1000 before the softmax) or absent (quantised).
+    logits are scaled by 1000 before the softmax) or absent (quantised: the probabilities
+    rounded to one decimal by the `PredictionRounding` output defence).
     """
     body = list(trained_mlp.layers)
     saturated = keras.Sequential(
         [keras.Input((64,)), *body, keras.layers.Rescaling(1000.0), keras.layers.Softmax()]
     )
     quantised = keras.Sequential(
-        [keras.Input((64,)), *body, keras.layers.Softmax(), QuantisedOutput()]
+        [keras.Input((64,)), *body, keras.layers.Softmax(), PredictionRounding(decimals=1)]
     )
     return {"saturated": saturated, "quantised": quantised}
