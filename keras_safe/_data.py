@@ -127,8 +127,8 @@ def to_numpy(data, name="data"):
         ('float64', (2, 2), None)
     """
     names = None
-    if is_dataframe(data):
-        names = [str(c) for c in data.columns]
+    if is_pandas(data):
+        names = [str(c) for c in data.columns] if is_dataframe(data) else [str(data.name)]
         try:
             array = data.to_numpy(dtype="float64", na_value=np.nan)
         except (TypeError, ValueError) as err:
@@ -138,9 +138,7 @@ def to_numpy(data, name="data"):
                 "numeric in every column",
                 f"encode categorical columns first ({err}).",
             )
-    elif is_series(data):
-        names = [str(data.name)]
-        array = data.to_numpy(dtype="float64", na_value=np.nan).reshape(-1, 1)
+        array = array.reshape(-1, 1) if is_series(data) else array
     elif isinstance(data, tf.data.Dataset):
         spec = features_of(data.element_spec)
         if isinstance(spec, dict):

@@ -35,6 +35,7 @@ def test_to_numpy_reads_every_supported_source_the_same():
 def test_to_numpy_errors_name_the_argument_and_the_fix():
     cases = [
         (pd.DataFrame({"a": ["x"]}), "`rows` must be numeric in every column"),
+        (pd.Series(["x", "y"]), "`rows` must be numeric in every column, got a Series"),
         (np.array(["a", "b"]), "`rows` must be numeric, got a str32 array of shape \\(2,\\)"),
         (np.arange(3.0), r"`rows` must be of shape \(rows, features\).*x.reshape\(-1, 1\)"),
         (iter([]), "`rows` must be non-empty"),

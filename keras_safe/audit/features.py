@@ -55,6 +55,8 @@ class _LossView:
         self.loss = loss
 
     def __getattr__(self, name):
+        if name == "_model":  # not set yet: no recursion
+            raise AttributeError(name)
         return getattr(self._model, name)
 
 

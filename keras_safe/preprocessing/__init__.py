@@ -6,6 +6,10 @@ differentially private statistics via `dp_epsilon`):
 
 Utilities:
     train_val_test_split, drop_cross_duplicates, RowCleaner, drop_rows.
+
+The layers share one adapt loop (`AdaptableFeatureLayer` in `_base.py`: each layer supplies its
+per-feature statistics, exact and DP); `fences` holds the outlier fences and quantile sets they
+use, `_dp_stats` the DP mechanisms.
 """
 
 from keras_safe.preprocessing.cleaning import RowCleaner, drop_rows

@@ -62,12 +62,18 @@ def test_fixed_variance_pools_the_deviations():
 
 def test_lira_end_to_end_on_an_overfitted_model(overfit, digits_data):
     model, members, non_members = overfit
+    made = []
+
+    def factory():
+        made.append(1)
+        return make_mlp()
+
     report = membership_inference(
         model,
         members,
         non_members,
         attacks=("loss", "lira"),
-        model_factory=make_mlp,
+        model_factory=factory,
         num_shadows=4,
         shadow_fit_kwargs=OVERFIT_FIT,
         slices=False,
@@ -77,6 +83,7 @@ def test_lira_end_to_end_on_an_overfitted_model(overfit, digits_data):
     assert summary["lira_online"]["auc"] > 0.6, summary
     assert summary["lira_offline"]["auc"] > 0.55, summary
     assert report.metadata["num_shadows"] == 4 and report.metadata["lira_fix_variance"]
+    assert len(made) == 4  # online and offline share one set of shadow models
 
 
 def test_shadow_models_train_on_their_halves(digits_data):
