@@ -10,6 +10,7 @@ Subpackages:
     security: adversarial attacks and adversarial training.
     training: the one train step (make_private, dp_gradients).
     audit: membership inference audits, metrics and reports.
+    testing: `assert_dp_matches_reference`, the one-example-at-a-time check of DP clipping.
 """
 
 import keras as _keras
@@ -31,6 +32,7 @@ from keras_safe import (  # noqa: E402
     privacy,
     regularizers,
     security,
+    testing,
     training,
 )
 
@@ -45,6 +47,7 @@ __all__ = [
     "privacy",
     "regularizers",
     "security",
+    "testing",
     "training",
     "__version__",
 ]

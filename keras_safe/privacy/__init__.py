@@ -18,11 +18,13 @@ from keras_safe.privacy.accounting import (
     register_accountant,
 )
 from keras_safe.privacy.model_checks import UnsupportedLayer, validate
+from keras_safe.privacy.per_example import TapRule, register_tap
 from keras_safe.privacy.sampling import poisson_batches
 
 __all__ = [
     "DPSchedule",
     "PrivacyLedger",
+    "TapRule",
     "UnsupportedLayer",
     "compute_epsilon",
     "default_delta",
@@ -34,6 +36,7 @@ __all__ = [
     "poisson_batches",
     "privacy_statement",
     "register_accountant",
+    "register_tap",
     "validate",
 ]
 

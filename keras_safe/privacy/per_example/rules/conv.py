@@ -1,0 +1,268 @@
+"""Convolutions: per-example kernel gradients as outer products of patches (im2col).
+
+A convolution's kernel gradient is `sum_t p_t g_t^T` over output positions t, with `p_t` the
+input patch under the kernel and `g_t` the output gradient: the outer-product form of a Dense on
+a sequence of patches. Grouped and depthwise convolutions are one outer product per group;
+separable convolutions a depthwise one followed by a pointwise (1x1) one. A transposed
+convolution is the adjoint of a convolution, so its kernel gradient pairs the patches of the
+*output* gradient with the inputs.
+"""
+
+import math
+
+import keras
+import tensorflow as tf
+
+from keras_safe.privacy.per_example.forms import OuterProductGrad
+from keras_safe.privacy.per_example.rules.base import TapRule, finish, plain_keras_call
+from keras_safe.privacy.per_example.rules.dense import bias_form
+
+__all__ = [
+    "ConvRule",
+    "ConvTransposeRule",
+    "DepthwiseConvRule",
+    "SeparableConvRule",
+    "patches",
+]
+
+
+def patches(inputs, kernel_size, strides, padding, dilation_rate):
+    """im2col: `[B, positions, prod(kernel_size) * channels]`, (spatial, channel) order.
+
+    With few input channels, `extract_patches` copies tiny chunks and is slow on CPU; there a
+    convolution with a one-hot kernel (output channel m reads kernel tap m) builds the same
+    patches through the optimised convolution path. Three-dimensional inputs with many
+    channels use `extract_volume_patches`, or, with dilation, a one-hot convolution per channel.
+    """
+    rank = len(kernel_size)
+    channels = inputs.shape[-1]
+    taps = math.prod(kernel_size)
+    if channels < 8:
+        size = taps * channels
+        one_hot = keras.ops.reshape(
+            keras.ops.eye(size, dtype=inputs.dtype), (*kernel_size, channels, size)
+        )
+        out = keras.ops.conv(
+            inputs, one_hot, strides=list(strides), padding=padding, dilation_rate=dilation_rate
+        )
+        return keras.ops.reshape(out, (keras.ops.shape(out)[0], -1, size))
+    if rank < 3:
+        images = inputs[:, None] if rank == 1 else inputs
+        one = [1] * (2 - rank)
+        out = tf.image.extract_patches(
+            images,
+            [1, *one, *kernel_size, 1],
+            [1, *one, *strides, 1],
+            [1, *one, *dilation_rate, 1],
+            padding.upper(),
+        )
+    elif all(d == 1 for d in dilation_rate):
+        out = tf.extract_volume_patches(
+            inputs, [1, *kernel_size, 1], [1, *strides, 1], padding.upper()
+        )
+    else:
+        return _patches_per_channel(inputs, kernel_size, strides, padding, dilation_rate)
+    return tf.reshape(out, [tf.shape(out)[0], -1, out.shape[-1]])
+
+
+def _patches_per_channel(inputs, kernel_size, strides, padding, dilation_rate):
+    rank = len(kernel_size)
+    taps = math.prod(kernel_size)
+    channels = inputs.shape[-1]
+    moved = tf.transpose(inputs, [0, rank + 1, *range(1, rank + 1)])
+    single = tf.reshape(moved, tf.concat([[-1], tf.shape(inputs)[1:-1], [1]], axis=0))
+    one_hot = tf.reshape(tf.eye(taps, dtype=inputs.dtype), [*kernel_size, 1, taps])
+    out = keras.ops.conv(
+        single, one_hot, strides=list(strides), padding=padding, dilation_rate=dilation_rate
+    )
+    out = tf.reshape(out, [-1, channels, tf.reduce_prod(tf.shape(out)[1:-1]), taps])
+    out = tf.transpose(out, [0, 2, 3, 1])  # [B, T, taps, channels]
+    return tf.reshape(out, [tf.shape(out)[0], -1, taps * channels])
+
+
+def _channels_last(layer):
+    return layer.data_format == "channels_last"
+
+
+def _add_bias(layer, z):
+    if layer.use_bias:
+        z = z + layer.bias
+    return z
+
+
+def _output_grads(dz):
+    return keras.ops.reshape(dz, (keras.ops.shape(dz)[0], -1, dz.shape[-1]))
+
+
+def _grouped(p, g, groups, taps):
+    """Splits patches `[B, T, taps * C]` and gradients `[B, T, F]` into `groups` groups."""
+    channels = p.shape[-1] // taps
+    p = keras.ops.reshape(p, (keras.ops.shape(p)[0], -1, taps, groups, channels // groups))
+    p = keras.ops.transpose(p, (0, 1, 3, 2, 4))
+    p = keras.ops.reshape(p, (keras.ops.shape(p)[0], -1, groups, taps * (channels // groups)))
+    g = keras.ops.reshape(g, (keras.ops.shape(g)[0], -1, groups, g.shape[-1] // groups))
+    return p, g
+
+
+class ConvRule(TapRule):
+    """`Conv1D`, `Conv2D`, `Conv3D` (channels last), grouped or not, any padding (causal too),
+    strides and dilation."""
+
+    @staticmethod
+    def supports(layer):
+        for cls in (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D):
+            if plain_keras_call(layer, cls):
+                return _channels_last(layer)
+        return False
+
+    @staticmethod
+    def forward(layer, record, inputs, *args, **kwargs):
+        padding = layer.padding
+        if padding == "causal":
+            left = layer.dilation_rate[0] * (layer.kernel_size[0] - 1)
+            inputs = keras.ops.pad(inputs, [[0, 0], [left, 0], [0, 0]])
+            padding = "valid"
+        z = keras.ops.conv(
+            inputs,
+            layer.kernel,
+            strides=list(layer.strides),
+            padding=padding,
+            dilation_rate=layer.dilation_rate,
+            data_format=layer.data_format,
+        )
+        z = _add_bias(layer, z)
+        record(inputs, z)
+        return finish(layer, z)
+
+    @staticmethod
+    def forms(layer, inputs, dz):
+        padding = "valid" if layer.padding == "causal" else layer.padding  # inputs are padded
+        p = patches(inputs, layer.kernel_size, layer.strides, padding, layer.dilation_rate)
+        g = _output_grads(dz)
+        if layer.groups > 1:
+            a, g_groups = _grouped(p, g, layer.groups, math.prod(layer.kernel_size))
+            forms = [OuterProductGrad(layer.kernel, a, g_groups, layer.kernel.shape)]
+        else:
+            forms = [OuterProductGrad(layer.kernel, p, g, layer.kernel.shape)]
+        if layer.use_bias:
+            forms.append(bias_form(layer.bias, g))
+        return forms
+
+
+class DepthwiseConvRule(TapRule):
+    """`DepthwiseConv1D`, `DepthwiseConv2D` (channels last): one group per input channel."""
+
+    @staticmethod
+    def supports(layer):
+        for cls in (keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D):
+            if plain_keras_call(layer, cls):
+                return _channels_last(layer)
+        return False
+
+    @staticmethod
+    def forward(layer, record, inputs, *args, **kwargs):
+        z = keras.ops.depthwise_conv(
+            inputs,
+            layer.kernel,
+            strides=layer.strides,
+            padding=layer.padding,
+            dilation_rate=layer.dilation_rate,
+            data_format=layer.data_format,
+        )
+        z = _add_bias(layer, z)
+        record(inputs, z)
+        return finish(layer, z)
+
+    @staticmethod
+    def forms(layer, inputs, dz):
+        g = _output_grads(dz)
+        forms = [_depthwise_form(layer, layer.kernel, inputs, g)]
+        if layer.use_bias:
+            forms.append(bias_form(layer.bias, g))
+        return forms
+
+
+def _depthwise_form(layer, kernel, inputs, g):
+    p = patches(inputs, layer.kernel_size, layer.strides, layer.padding, layer.dilation_rate)
+    a, g_groups = _grouped(p, g, inputs.shape[-1], math.prod(layer.kernel_size))
+    return OuterProductGrad(kernel, a, g_groups, kernel.shape)
+
+
+class SeparableConvRule(TapRule):
+    """`SeparableConv1D`, `SeparableConv2D` (channels last): depthwise, then pointwise."""
+
+    @staticmethod
+    def supports(layer):
+        for cls in (keras.layers.SeparableConv1D, keras.layers.SeparableConv2D):
+            if plain_keras_call(layer, cls):
+                return _channels_last(layer)
+        return False
+
+    @staticmethod
+    def forward(layer, record, inputs, *args, **kwargs):
+        depthwise = keras.ops.depthwise_conv(
+            inputs,
+            layer.depthwise_kernel,
+            strides=layer.strides,
+            padding=layer.padding,
+            dilation_rate=layer.dilation_rate,
+        )
+        z = keras.ops.conv(depthwise, layer.pointwise_kernel, strides=1, padding="valid")
+        z = _add_bias(layer, z)
+        # Two recorded outputs: the depthwise output's gradient gives the depthwise kernel's.
+        record((inputs, depthwise), depthwise, z)
+        return finish(layer, z)
+
+    @staticmethod
+    def forms(layer, saved, d_depthwise, dz):
+        inputs, depthwise = saved
+        g = _output_grads(dz)
+        pointwise = layer.pointwise_kernel
+        forms = [
+            _depthwise_form(layer, layer.depthwise_kernel, inputs, _output_grads(d_depthwise)),
+            OuterProductGrad(pointwise, _output_grads(depthwise), g, pointwise.shape),
+        ]
+        if layer.use_bias:
+            forms.append(bias_form(layer.bias, g))
+        return forms
+
+
+class ConvTransposeRule(TapRule):
+    """`Conv1DTranspose`, `Conv2DTranspose`, `Conv3DTranspose` (channels last, no
+    `output_padding`): the kernel gradient pairs patches of the output gradient with the
+    inputs."""
+
+    @staticmethod
+    def supports(layer):
+        for cls in (
+            keras.layers.Conv1DTranspose,
+            keras.layers.Conv2DTranspose,
+            keras.layers.Conv3DTranspose,
+        ):
+            if plain_keras_call(layer, cls):
+                return _channels_last(layer) and layer.output_padding is None
+        return False
+
+    @staticmethod
+    def forward(layer, record, inputs, *args, **kwargs):
+        z = keras.ops.conv_transpose(
+            inputs,
+            layer.kernel,
+            strides=list(layer.strides),
+            padding=layer.padding,
+            output_padding=layer.output_padding,
+            dilation_rate=layer.dilation_rate,
+            data_format=layer.data_format,
+        )
+        z = _add_bias(layer, z)
+        record(inputs, z)
+        return finish(layer, z)
+
+    @staticmethod
+    def forms(layer, inputs, dz):
+        p = patches(dz, layer.kernel_size, layer.strides, layer.padding, layer.dilation_rate)
+        x = _output_grads(inputs)
+        forms = [OuterProductGrad(layer.kernel, p, x, layer.kernel.shape)]
+        if layer.use_bias:
+            forms.append(bias_form(layer.bias, _output_grads(dz)))
+        return forms

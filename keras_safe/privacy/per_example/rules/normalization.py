@@ -1,0 +1,100 @@
+"""LayerNormalization and GroupNormalization: per-example gradients of the scale and offset.
+
+The rule records the normalised input `n` and the affine output `z = gamma n + beta`; the
+per-example gradients are `sum(n * dz)` and `sum(dz)` over the axes the parameters are shared
+across, materialised (they are as small as the parameters).
+"""
+
+import keras
+
+from keras_safe.privacy.per_example.forms import summed_form
+from keras_safe.privacy.per_example.rules.base import TapRule, plain_keras_call
+
+__all__ = ["GroupNormRule", "LayerNormRule"]
+
+
+def _param_axes(layer, rank):
+    axes = layer.axis if isinstance(layer.axis, (list, tuple)) else [layer.axis]
+    return sorted(a % rank for a in axes)
+
+
+def _broadcast(param, axes, rank):
+    full = [1] * rank
+    for axis, size in zip(axes, param.shape):
+        full[axis] = size
+    return keras.ops.reshape(param, full)
+
+
+def _affine(layer, normalized, axes):
+    out = normalized
+    rank = len(normalized.shape)
+    if layer.scale:
+        out = out * keras.ops.cast(_broadcast(layer.gamma, axes, rank), out.dtype)
+    if layer.center:
+        out = out + keras.ops.cast(_broadcast(layer.beta, axes, rank), out.dtype)
+    return out
+
+
+def _affine_forms(layer, normalized, dz, axes):
+    reduce_axes = [a for a in range(1, len(dz.shape)) if a not in axes]
+    forms = []
+    if layer.scale:
+        forms.append(summed_form(layer.gamma, normalized * dz, reduce_axes))
+    if layer.center:
+        forms.append(summed_form(layer.beta, dz, reduce_axes))
+    return forms
+
+
+def _float32(x):
+    return x if x.dtype == "float64" else keras.ops.cast(x, "float32")
+
+
+class LayerNormRule(TapRule):
+    """`keras.layers.LayerNormalization` without `rms_scaling`."""
+
+    @staticmethod
+    def supports(layer):
+        return plain_keras_call(layer, keras.layers.LayerNormalization) and not layer.rms_scaling
+
+    @staticmethod
+    def forward(layer, record, inputs, *args, **kwargs):
+        axes = _param_axes(layer, len(inputs.shape))
+        x = _float32(inputs)
+        mean, variance = keras.ops.moments(x, axes=axes, keepdims=True)
+        normalized = (x - mean) * keras.ops.rsqrt(variance + layer.epsilon)
+        normalized = keras.ops.cast(normalized, inputs.dtype)
+        out = _affine(layer, normalized, axes)
+        record(normalized, out)
+        return keras.ops.cast(out, layer.compute_dtype)
+
+    @staticmethod
+    def forms(layer, normalized, dz):
+        return _affine_forms(layer, normalized, dz, _param_axes(layer, len(dz.shape)))
+
+
+class GroupNormRule(TapRule):
+    """`keras.layers.GroupNormalization`."""
+
+    @staticmethod
+    def supports(layer):
+        return plain_keras_call(layer, keras.layers.GroupNormalization)
+
+    @staticmethod
+    def forward(layer, record, inputs, *args, **kwargs):
+        rank = len(inputs.shape)
+        axis = layer.axis % rank
+        channels = inputs.shape[axis]
+        shape = keras.ops.shape(inputs)
+        grouped_shape = (*shape[:axis], layer.groups, channels // layer.groups, *shape[axis + 1 :])
+        x = keras.ops.reshape(keras.ops.cast(inputs, "float32"), grouped_shape)
+        reduce_axes = [a for a in range(1, rank + 1) if a != axis]
+        mean, variance = keras.ops.moments(x, axes=reduce_axes, keepdims=True)
+        normalized = (x - mean) * keras.ops.rsqrt(variance + layer.epsilon)
+        normalized = keras.ops.cast(keras.ops.reshape(normalized, shape), inputs.dtype)
+        out = _affine(layer, normalized, [axis])
+        record(normalized, out)
+        return keras.ops.cast(out, layer.compute_dtype)
+
+    @staticmethod
+    def forms(layer, normalized, dz):
+        return _affine_forms(layer, normalized, dz, [layer.axis % len(dz.shape)])
