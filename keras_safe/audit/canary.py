@@ -28,81 +28,37 @@ from keras_safe._validation import check_choice, check_number, check_probability
 from keras_safe.audit._models import check_model_factory, compiled_model, default_delta
 from keras_safe.audit.features import class_labels, example_losses
 from keras_safe.audit.metrics import attack_metrics, guessing_epsilon_lower_bound
+from keras_safe.privacy.accounting import get_ledger
 
 __all__ = ["DEFAULT_FIT_KWARGS", "CanaryAuditResult", "accountant_epsilon", "canary_audit"]
 
 DEFAULT_FIT_KWARGS = {"epochs": 10, "batch_size": 32}
 
 
-def accountant_epsilon(optimizer, delta):
-    """Epsilon spent so far by the DP optimizer in `optimizer`'s chain, or None.
+def accountant_epsilon(model, delta, accountant="rdp"):
+    """The epsilon a model's privacy ledger has spent, or None for a model trained without DP.
 
-    Uses the optimizer's `accounting_settings()` (noisy updates taken, noise multiplier and
-    sampling rate `batch_size * accumulation_steps / num_examples`) with the RDP accountant
-    of `keras_safe.privacy.compute_epsilon`.
+    The ledger (`keras_safe.privacy.get_ledger`) is charged by keras_safe's train step at every
+    noisy step, with the sampling rate and noise each step really had, so this is the same
+    figure `keras_safe.callbacks.PrivacyBudget` reports.
 
     Args:
-        optimizer: a Keras optimizer, possibly wrapping a keras_safe DP optimizer.
+        model: a Keras model.
         delta: the delta of the guarantee, in (0, 1).
+        accountant: `"rdp"`, `"pld"` or another registered accountant.
 
     Returns:
-        The epsilon as a float, or None when the optimizer is not a DP optimizer or lacks the
-        batch size / number of examples needed by the accountant.
+        The epsilon as a float, or None when the model has no privacy ledger.
 
     Example:
         >>> import keras
-        >>> accountant_epsilon(keras.optimizers.SGD(), 1e-5) is None
+        >>> accountant_epsilon(keras.Sequential([keras.Input((2,))]), 1e-5) is None
         True
     """
-    try:
-        from keras_safe.privacy import find_dp_optimizer
-    except ImportError:
+    ledger = get_ledger(model)
+    if ledger is None:
         return None
-    dp = find_dp_optimizer(optimizer)
-    if dp is None:
-        return None
-    if hasattr(dp, "accounting_settings"):
-        settings = dp.accounting_settings()
-        steps, noise, rate = (
-            settings["steps"],
-            settings["noise_multiplier"],
-            settings["sampling_rate"],
-        )
-    else:
-        accumulation = getattr(dp, "gradient_accumulation_steps", None) or 1
-        steps = int(np.asarray(dp.iterations)) // accumulation
-        noise = dp.noise_multiplier
-        rate = None
-        if dp.batch_size and dp.num_examples:
-            rate = min(1.0, dp.batch_size * accumulation / dp.num_examples)
-    if rate is None or noise is None:
-        return None
-    if steps == 0:
-        return 0.0
-    if float(noise) == 0.0:
-        return math.inf
-    try:
-        from keras_safe.privacy import compute_epsilon
-    except ImportError:
-        compute_epsilon = None
-    if compute_epsilon is not None:
-        return float(
-            compute_epsilon(
-                steps=int(steps),
-                sampling_rate=float(rate),
-                noise_multiplier=float(noise),
-                delta=float(delta),
-            )
-        )
-    import dp_accounting
-
-    event = dp_accounting.SelfComposedDpEvent(
-        dp_accounting.PoissonSampledDpEvent(rate, dp_accounting.GaussianDpEvent(float(noise))),
-        int(steps),
-    )
-    accountant = dp_accounting.rdp.RdpAccountant()
-    accountant.compose(event)
-    return float(accountant.get_epsilon(float(delta)))
+    return ledger.epsilon(delta, accountant)
 
 
 class CanaryAuditResult:
@@ -373,7 +329,7 @@ def canary_audit(
         auc = attack_metrics(scores[included], scores[~included], delta=delta)["auc"]
     return CanaryAuditResult(
         epsilon_lower_bound=best,
-        accountant_epsilon=accountant_epsilon(getattr(audited, "optimizer", None), delta),
+        accountant_epsilon=accountant_epsilon(audited, delta),
         delta=delta,
         confidence_level=confidence_level,
         scores=scores,

@@ -85,8 +85,16 @@ def test_accountant_epsilon_matches_compute_epsilon():
     rng = np.random.default_rng(0)
     model.fit(rng.normal(size=(64, 3)), rng.integers(0, 2, 64), batch_size=16, epochs=2, verbose=0)
     expected = compute_epsilon(steps=8, sampling_rate=0.25, noise_multiplier=1.3, delta=1e-5)
-    assert accountant_epsilon(model.optimizer, 1e-5) == pytest.approx(expected)
-    assert accountant_epsilon(keras.optimizers.SGD(), 1e-5) is None
+    assert accountant_epsilon(model, 1e-5) == pytest.approx(expected)
+    # Recompiled with another noise, the ledger composes both runs (not only the last one).
+    model.compile(
+        DPSGD(learning_rate=0.1, noise_multiplier=2.0),
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    model.fit(rng.normal(size=(64, 3)), rng.integers(0, 2, 64), batch_size=32, epochs=1, verbose=0)
+    assert accountant_epsilon(model, 1e-5) > expected
+    plain = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    assert accountant_epsilon(plain, 1e-5) is None
 
 
 def test_bad_input_raises():
