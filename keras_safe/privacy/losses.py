@@ -138,7 +138,7 @@ def _resolve(loss):
 def _per_example(fn, y_true, y_pred, sample_weight):
     mask = getattr(y_pred, "_keras_mask", None)
     y_pred = tf.convert_to_tensor(y_pred)
-    y_true = tf.cast(tf.convert_to_tensor(y_true), y_pred.dtype)
+    y_true = _match_target_rank(tf.cast(tf.convert_to_tensor(y_true), y_pred.dtype), y_pred)
     values = tf.convert_to_tensor(fn(y_true, y_pred))
     if values.shape.rank == 0:
         raise PrivacyError(
@@ -162,6 +162,19 @@ def _per_example(fn, y_true, y_pred, sample_weight):
     else:
         count = tf.cast(tf.reduce_prod(tf.shape(values)[1:]), tf.float32)
     return summed / count
+
+
+def _match_target_rank(y_true, y_pred):
+    """Targets with one axis more or less than the predictions, on a unit axis, reshaped to
+    match them (as Keras does before calling a loss: labels `[B]` for outputs `[B, 1]`)."""
+    t, p = y_true.shape.rank, y_pred.shape.rank
+    if t is None or p is None:
+        return y_true
+    if p == t + 1 and y_pred.shape[-1] == 1:
+        return tf.expand_dims(y_true, -1)
+    if t == p + 1 and y_true.shape[-1] == 1:
+        return tf.squeeze(y_true, -1)
+    return y_true
 
 
 def _match_rank(weight, values):
@@ -226,9 +239,10 @@ def check_per_example(fn, y_true, y_pred, name="loss"):
         pred = _probe_like(y_pred, rng)
         if not tf.as_dtype(pred.dtype).is_floating:
             return
-        base = _reduce(fn(tf.cast(target, pred.dtype), pred))
+        target = _match_target_rank(tf.cast(target, pred.dtype), pred)
+        base = _reduce(fn(target, pred))
         changed = tf.concat([pred[:1] * 0.5 + 0.25, pred[1:]], axis=0)
-        moved = _reduce(fn(tf.cast(target, pred.dtype), changed))
+        moved = _reduce(fn(target, changed))
         problem = None
         if base.shape.rank == 0:
             problem = "it returned a single value for the whole batch"
