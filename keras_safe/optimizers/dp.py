@@ -16,8 +16,14 @@ import dataclasses
 import keras
 import tensorflow as tf
 
-from keras_safe._validation import check_choice, check_number, check_probability, fail
-from keras_safe.optimizers import provenance
+from keras_safe._validation import (
+    PrivacyError,
+    check_choice,
+    check_number,
+    check_probability,
+    fail,
+)
+from keras_safe.optimizers import provenance, replicas
 from keras_safe.optimizers.noise import fresh_seed, gaussian_noise
 from keras_safe.optimizers.wrapper import OptimizerWrapper, innermost, optimizer_chain
 from keras_safe.privacy.accounting import DPSchedule, accountant_names, default_delta
@@ -257,8 +263,14 @@ class DPOptimizer(OptimizerWrapper):
         # Only the draw counter is an optimizer variable (saved with the model): the seed is
         # not, so a saved model does not reveal the noise, and a reloaded one continues the
         # counter, so it never repeats a draw of its earlier steps.
+        # Under a strategy every replica counts the same updates; the first replica's count is
+        # kept (each replica's draw is told apart by `replicas.replica_noise_counter`).
         self._noise_draws = self.add_variable(
-            shape=(), dtype="int64", initializer="zeros", name="noise_draws"
+            shape=(),
+            dtype="int64",
+            initializer="zeros",
+            aggregation="only_first_replica",
+            name="noise_draws",
         )
         super().build(var_list)
 
@@ -270,10 +282,16 @@ class DPOptimizer(OptimizerWrapper):
         The returned tensors are recorded as this step's DP release
         (`keras_safe.optimizers.provenance`); `apply` accepts no other gradient tensors.
 
+        Under a `tf.distribute` strategy with R replicas in sync (each passing the clipped sum of
+        its part of the global batch), each replica adds independent noise of standard deviation
+        `l2_norm_clip * noise_multiplier / sqrt(R)`, the noisy sums are summed over the
+        replicas, and every replica returns the whole release of the global batch
+        (`keras_safe.optimizers.replicas`).
+
         Args:
             clipped_sums: list of tensors, the sums of per-example (or per-microbatch)
                 gradients clipped to `l2_norm_clip`, aligned with `variables`.
-            denominator: the divisor (expected batch size, or microbatch count).
+            denominator: the divisor (expected global batch size, or microbatch count).
             variables: the trainable variables the sums belong to.
 
         Returns:
@@ -296,23 +314,35 @@ class DPOptimizer(OptimizerWrapper):
         denominator = tf.cast(denominator, tf.float32)
         sums = [tf.cast(total, tf.float32) for total in clipped_sums]
         if stddev > 0:
-            seed = tf.stack(
-                [tf.constant(self._base_seed, tf.int64), tf.convert_to_tensor(self._noise_draws)]
-            )
             sizes = [int(v.shape.num_elements()) for v in variables]
-            noise = tf.split(gaussian_noise(sum(sizes), seed) * stddev, sizes)
+            noise = tf.split(self._replica_noise(sum(sizes), stddev), sizes)
             sums = [total + tf.reshape(n, tf.shape(total)) for total, n in zip(sums, noise)]
+        # Under a strategy, every replica gets the whole release (keras_safe.optimizers.replicas).
+        sums = replicas.sum_over_replicas(sums)
         noisy = [tf.cast(total / denominator, v.dtype) for total, v in zip(sums, variables)]
         self._noise_draws.assign_add(1)
         return provenance.mark_released(noisy)
 
+    def _replica_noise(self, size, stddev):
+        """This replica's share of the update's noise: `size` draws of deviation
+        `stddev / sqrt(R)` (R replicas in sync), from its own counter, so the replicas' draws are
+        independent and their sum has deviation `stddev`."""
+        seed = tf.stack(
+            [
+                tf.constant(self._base_seed, tf.int64),
+                replicas.replica_noise_counter(self._noise_draws),
+            ]
+        )
+        return gaussian_noise(size, seed) * (stddev / replicas.num_replicas() ** 0.5)
+
     def apply(self, grads, trainable_variables=None):
         grads = list(grads)
         if provenance.unreleased(grads):
-            raise RuntimeError(NON_PRIVATE_GRADIENTS.format(name=type(self).__name__))
+            raise PrivacyError(NON_PRIVATE_GRADIENTS.format(name=type(self).__name__))
         if not self.built:
             self.build(trainable_variables)
-        self.inner_optimizer.apply(grads, trainable_variables)
+        # Keras's optimizer sums the replicas' gradients: each hands on its 1/R share.
+        self.inner_optimizer.apply(replicas.share_for_inner_optimizer(grads), trainable_variables)
 
     def stateless_apply(self, optimizer_variables, grads, trainable_variables):
         raise NotImplementedError("DP optimizers run on the TensorFlow backend only.")

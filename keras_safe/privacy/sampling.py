@@ -19,13 +19,17 @@ _INFO = "_keras_safe_poisson"
 
 @dataclasses.dataclass(frozen=True)
 class PoissonInfo:
-    """What a `poisson_batches` dataset was built with (read by `fit` on a private model)."""
+    """What a `poisson_batches` dataset was built with (read by `fit` on a private model).
+
+    `max_batch_size` is the padded rows of one shard's sample; a batch holds `shards` of them.
+    """
 
     num_examples: int
     batch_size: int
     max_batch_size: int
     steps: int
     steps_per_epoch: int
+    shards: int = 1
 
 
 def poisson_info(dataset):
@@ -52,6 +56,22 @@ def default_max_batch_size(batch_size, num_examples):
     return int(min(num_examples, math.ceil(batch_size + 6.5 * std + 4)))
 
 
+def _shard_count(strategy, n):
+    if strategy is None:
+        return 1
+    count = getattr(strategy, "num_replicas_in_sync", None)
+    if not isinstance(count, int) or count < 1:
+        fail("strategy", strategy, "a tf.distribute.Strategy or None")
+    if count > n:
+        fail("strategy", strategy, f"a strategy with at most {n} replicas (one per example)")
+    return count
+
+
+def _shard_bounds(n, shards):
+    """Contiguous shards of `range(n)` whose sizes differ by at most one."""
+    return [n * i // shards for i in range(shards + 1)]
+
+
 def poisson_batches(
     x,
     y=None,
@@ -60,6 +80,7 @@ def poisson_batches(
     epochs=1,
     seed=None,
     max_batch_size=None,
+    strategy=None,
 ):
     """Batches in which every example is included independently with probability q.
 
@@ -81,6 +102,15 @@ def poisson_batches(
     and `batch_size` from the dataset (it divides the noisy sum by the expected batch size,
     not the padded one).
 
+    Under a `tf.distribute` strategy, pass it as `strategy`: the data is split into one
+    contiguous shard per replica, each shard is Poisson-sampled at the same global rate `q` and
+    padded on its own, and a batch is the concatenation of the shards' samples, which Keras's
+    `fit` splits so that each replica gets its own shard's sample. Under
+    `MultiWorkerMirroredStrategy` each worker keeps only its replicas' shards, sampled with the
+    worker's own seed; the union of the shards' samples is still one Poisson sample of the whole
+    data at rate `q` (every example is in exactly one shard, included independently), so the
+    accounting is that of one device. Every worker must pass the same data in the same order.
+
     Args:
         x: inputs: an array, or a dict/list/tuple of arrays with the same first dimension.
         y: targets (same structure rules), or None.
@@ -91,7 +121,10 @@ def poisson_batches(
         seed: seed of the sampling; None (the default) draws one from the operating system's
             entropy. A fixed seed makes the batches predictable, which voids the amplification
             by sampling in a release.
-        max_batch_size: rows per padded batch; default `batch_size + 6.5 std + 4`.
+        max_batch_size: rows per padded batch (per shard with `strategy`); default
+            `batch_size + 6.5 std + 4` of the (shard's) expected sample.
+        strategy: the `tf.distribute` strategy `fit` will run under, or None; with several
+            replicas in sync, one shard per replica as described above.
 
     Returns:
         A `tf.data.Dataset` of `(x, y, sample_weight)` batches for `model.fit` (pass
@@ -123,16 +156,19 @@ def poisson_batches(
     batch_size = check_number("batch_size", batch_size, low=1, high=n, integer=True)
     epochs = check_number("epochs", epochs, low=0, low_inclusive=False)
     q = batch_size / n
-    default_rows = default_max_batch_size(batch_size, n)
+    bounds = _shard_bounds(n, _shard_count(strategy, n))
+    sizes = [high - low for low, high in zip(bounds[:-1], bounds[1:])]
+    default_rows = max(default_max_batch_size(batch_size * size / n, size) for size in sizes)
     rows = check_number(
         "max_batch_size", max_batch_size if max_batch_size else default_rows, low=1, integer=True
     )
-    if _overflow_bound(n, q, rows) > MAX_OVERFLOW_PROBABILITY:
+    overflow = max(_overflow_bound(size, q, rows) for size in sizes)
+    if overflow > MAX_OVERFLOW_PROBABILITY:
         fail(
             "max_batch_size",
             rows,
-            f"large enough to hold a Poisson sample of mean {batch_size} (a batch would "
-            f"overflow with probability up to {_overflow_bound(n, q, rows):.2g} per step)",
+            f"large enough to hold a Poisson sample of mean {q * max(sizes):g} (a batch would "
+            f"overflow with probability up to {overflow:.2g} per step)",
             f"leave it out (default {default_rows}) or pass at least {default_rows}.",
         )
     steps_per_epoch = math.ceil(n / batch_size)
@@ -146,9 +182,13 @@ def poisson_batches(
         tf.convert_to_tensor, (x, weights) if y is None else (x, y, weights)
     )
 
-    def sample(step):
-        draw = tf.random.stateless_uniform([n], seed=tf.stack([tf.cast(seed, tf.int64), step]))
-        chosen = tf.where(draw < q)[:, 0]
+    def shard_sample(step, shard, low, size):
+        # One counter per (step, shard): shards draw independently; one shard is [seed, step].
+        counter = step * len(sizes) + shard
+        draw = tf.random.stateless_uniform(
+            [size], seed=tf.stack([tf.cast(seed, tf.int64), counter])
+        )
+        chosen = tf.where(draw < q)[:, 0] + low
         count = tf.shape(chosen)[0]
         check = tf.debugging.assert_less_equal(
             count,
@@ -158,7 +198,12 @@ def poisson_batches(
         )
         with tf.control_dependencies([check]):
             padded = tf.pad(chosen, [[0, rows - count]])
-        mask = tf.cast(tf.range(rows) < count, tf.float32)
+        return padded, tf.cast(tf.range(rows) < count, tf.float32)
+
+    def sample(step):
+        parts = [shard_sample(step, i, bounds[i], size) for i, size in enumerate(sizes)]
+        padded = tf.concat([p for p, _ in parts], axis=0)
+        mask = tf.concat([m for _, m in parts], axis=0)
         batch = tf.nest.map_structure(lambda t: tf.gather(t, padded), tensors)
         if y is None:
             return batch[0], None, batch[1] * mask
@@ -166,6 +211,13 @@ def poisson_batches(
 
     dataset = tf.data.Dataset.range(steps).map(sample, num_parallel_calls=tf.data.AUTOTUNE)
     dataset = dataset.prefetch(2)
-    info = PoissonInfo(n, batch_size, rows, steps, steps_per_epoch)
+    if len(sizes) > 1:
+        # Each worker keeps its replicas' slices of every batch (never a shard split in two).
+        options = tf.data.Options()
+        options.experimental_distribute.auto_shard_policy = (
+            tf.data.experimental.AutoShardPolicy.DATA
+        )
+        dataset = dataset.with_options(options)
+    info = PoissonInfo(n, batch_size, rows, steps, steps_per_epoch, len(sizes))
     object.__setattr__(dataset, _INFO, info)
     return dataset

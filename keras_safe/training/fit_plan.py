@@ -15,7 +15,7 @@ from keras_safe._validation import PrivacyError, fail
 from keras_safe.optimizers.dp import find_dp_optimizer
 from keras_safe.privacy.accounting import get_ledger
 from keras_safe.privacy.sampling import poisson_info
-from keras_safe.training import state
+from keras_safe.training import distribution, state
 
 __all__ = [
     "PrivacyGuard",
@@ -81,7 +81,9 @@ def plan_fit(
     `target_epsilon` for the epochs that will run, a spent budget.
 
     Raises:
-        keras_safe._validation.PrivacyError: no DP optimizer.
+        keras_safe._validation.PrivacyError: no DP optimizer; under a `tf.distribute`
+            strategy, data the distributed accounting cannot cover
+            (`keras_safe.training.distribution.check_fit_data`).
         keras_safe._validation.ArgumentError: declared settings that differ from the data.
     """
     dp = find_dp_optimizer(getattr(model, "optimizer", None))
@@ -97,6 +99,7 @@ def plan_fit(
     settings = state.DataSettings(
         schedule.num_examples, schedule.batch_size, settings.steps_per_epoch, settings.poisson
     )
+    distribution.check_fit_data(model, x, settings)
     state.set_data_settings(model, settings)
     return PrivacyGuard(epochs=max(epochs - initial_epoch, 0), verbose=verbose)
 

@@ -21,7 +21,7 @@ from keras_safe.privacy.accounting import get_ledger
 from keras_safe.privacy.losses import PerExampleLoss
 from keras_safe.privacy.model_checks import check_supported
 from keras_safe.privacy.per_example import clipped_gradient_sum
-from keras_safe.training import state
+from keras_safe.training import distribution, state
 from keras_safe.training.stages import get_stages
 
 __all__ = ["dp_gradients", "train_step"]
@@ -83,21 +83,24 @@ def train_step(model, data):
             loss = model.compute_loss(
                 x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
             )
+            loss = distribution.loss_for_report(loss)
         else:
             loss = _stage_loss(model, losses)
     else:
         with tf.GradientTape() as tape:
             if loss_stage is None:
                 y_pred = model(x, training=True)
-                loss = model.compute_loss(
+                share = model.compute_loss(
                     x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
                 )
+                loss = distribution.loss_for_report(share)
             else:
                 losses, y_pred = loss_stage.losses(
                     model, x, y, sample_weight, PerExampleLoss(model)
                 )
                 loss = _stage_loss(model, losses)
-            scaled = model.optimizer.scale_loss(loss)
+                share = distribution.loss_for_gradients(loss)
+            scaled = model.optimizer.scale_loss(share)
         grads = tape.gradient(scaled, variables)
     metric = _loss_metric(model)
     if metric is not None:
@@ -234,12 +237,8 @@ def _check_training_setup(model):
             "optimizer in a LossScaleOptimizer, whose skipped steps depend on the data). Fix: "
             "use the `float32` or `mixed_bfloat16` policy."
         )
-    strategy = getattr(model, "distribute_strategy", None)
-    if strategy is not None and strategy.num_replicas_in_sync > 1:
-        raise PrivacyError(
-            "DP-SGD runs on one replica: with several, each would add its own noise before the "
-            "gradients are summed. Fix: train outside the distribution strategy."
-        )
+    # Under tf.distribute: the strategy and the settings the distributed step supports.
+    distribution.check_private_step(model, find_dp_optimizer(model.optimizer))
 
 
 def _loss_metric(model):

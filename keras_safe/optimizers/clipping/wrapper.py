@@ -10,7 +10,7 @@ import tensorflow as tf
 from keras import ops
 
 from keras_safe._validation import PrivacyError, check_choice, fail
-from keras_safe.optimizers import provenance
+from keras_safe.optimizers import provenance, replicas
 from keras_safe.optimizers.clipping.adaptive import AdaptiveClip
 from keras_safe.optimizers.clipping.agc import AGCClip
 from keras_safe.optimizers.clipping.base import l2_norm
@@ -279,11 +279,8 @@ class GradientClip(OptimizerWrapper):
                 self._variable_norms[index].assign(n)
 
         if self.skip_non_finite:
-            ops.cond(
-                finite,
-                lambda: self._hand_on(dp, final, trainable_variables),
-                lambda: None,
-            )
+            # A conditional apply that also works under a tf.distribute strategy.
+            replicas.apply_if(finite, self._hand_on, dp, final, trainable_variables)
         else:
             self._hand_on(dp, final, trainable_variables)
 

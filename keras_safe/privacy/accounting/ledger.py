@@ -59,19 +59,29 @@ class PrivacyLedger(keras.layers.Layer):
         super().__init__(trainable=False, **kwargs)
         self.capacity = int(check_number("capacity", capacity, low=1, integer=True))
 
-        def weight(name, dtype, shape=(self.capacity,)):
+        def weight(name, dtype, shape=(self.capacity,), aggregation="none"):
             return self.add_weight(
-                shape=shape, dtype=dtype, initializer="zeros", trainable=False, name=name
+                shape=shape,
+                dtype=dtype,
+                initializer="zeros",
+                trainable=False,
+                aggregation=aggregation,
+                name=name,
             )
 
         self._noise = weight("noise_multiplier", "float64")
         self._rate = weight("sampling_rate", "float64")
         self._examples = weight("num_examples", "int64")
         self._seeded = weight("seeded_noise", "int64")
-        self._steps = weight("steps", "int64")
-        self._rows = weight("rows", "int64")
+        # Under a tf.distribute strategy every replica charges the global step it takes part
+        # in, with the counts summed over the replicas (`charge`): the first replica's charge
+        # is kept, so a global step counts once.
+        self._steps = weight("steps", "int64", aggregation="only_first_replica")
+        self._rows = weight("rows", "int64", aggregation="only_first_replica")
         self._used = weight("segments_used", "int64", ())
-        self._nonfinite = weight("nonfinite_examples", "int64", ())
+        self._nonfinite = weight(
+            "nonfinite_examples", "int64", (), aggregation="only_first_replica"
+        )
         self._budget = weight("budget", "float64", (2,))
         self.built = True
         self._cache = {}
@@ -121,15 +131,21 @@ class PrivacyLedger(keras.layers.Layer):
         return used
 
     def charge(self, slot, rows=None):
-        """Adds one accounted step to segment `slot` (graph-safe); `rows`: examples in it."""
+        """Adds one accounted step to segment `slot` (graph-safe); `rows`: examples in it.
+
+        Under a `tf.distribute` strategy every replica calls it for the global step, with the
+        examples of its own part of the batch: the step counts once and the rows of all
+        replicas are summed.
+        """
         one_hot = tf.one_hot(slot, self.capacity, dtype=tf.int64)
         self._steps.assign_add(one_hot)
         if rows is not None:
-            self._rows.assign_add(one_hot * tf.cast(rows, tf.int64))
+            self._rows.assign_add(one_hot * _sum_over_replicas(rows))
 
     def record_nonfinite(self, count):
-        """Counts examples dropped from a step because their gradient norm was not finite."""
-        self._nonfinite.assign_add(tf.cast(count, tf.int64))
+        """Counts examples dropped from a step because their gradient norm was not finite
+        (under a strategy, every replica passes its own count; they are summed)."""
+        self._nonfinite.assign_add(_sum_over_replicas(count))
 
     def reset(self):
         """Forgets everything spent, and the budget.
@@ -261,6 +277,15 @@ class PrivacyLedger(keras.layers.Layer):
 
     def get_config(self):
         return {"capacity": self.capacity, "name": self.name}
+
+
+def _sum_over_replicas(count):
+    """An int64 count summed over the replicas in sync (unchanged outside a replica context)."""
+    count = tf.cast(count, tf.int64)
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return count
+    return context.all_reduce(tf.distribute.ReduceOp.SUM, count)
 
 
 def get_ledger(model, create=False):
