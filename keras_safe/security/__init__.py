@@ -1,4 +1,16 @@
-"""keras_safe.security: evasion attacks, robustness evaluation and adversarial training."""
+"""keras_safe.security: evasion attacks, robustness evaluation and adversarial training.
+
+- Attacks (`fgsm`, `pgd`, `apgd`, `square`, `random_noise`, and their classes in `ATTACKS`):
+  batched, compiled once per model, on logits or probabilities, untargeted or targeted, inside
+  an input range; numpy, tensor or `tf.data` inputs.
+- `evaluate_robustness`: accuracy under each attack over a range of epsilons, with the signs of
+  gradient masking checked (`RobustnessReport`); `accuracy_under_attack` for one attack.
+- `make_robust`: PGD adversarial training or TRADES as stages of keras_safe's train step,
+  composing with `keras_safe.privacy.make_private` (`AdversarialExamples`, `TRADES`).
+
+Output defences for serving are in `keras_safe.layers`; `keras_safe.callbacks.RobustnessAudit`
+measures robustness during `fit`.
+"""
 
 from keras_safe.security.adversarial_training import TRADES, AdversarialExamples, make_robust
 from keras_safe.security.attacks import (

@@ -46,7 +46,8 @@ class RobustnessReport:
     Args:
         rows: list of dicts with `attack`, `epsilon`, `accuracy`, `success_rate` (fraction of
             the correctly classified examples that the attack fooled), `mean_perturbation`,
-            `max_perturbation` (norm of `x_adv - x`), `n`, `seconds` and `uses_gradients`.
+            `max_perturbation` (norm of `x_adv - x`), `n`, `seconds` (wall time of the attack;
+            an attack's first epsilon includes compiling its graph) and `uses_gradients`.
         clean_accuracy: accuracy on the unperturbed inputs.
         checks: list of dicts `{"check", "fired", "detail"}` (the gradient-masking signs).
         metadata: dict of settings (`norm`, `clip_min`, `clip_max`, `tolerance`, ...).
