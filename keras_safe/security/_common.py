@@ -162,7 +162,7 @@ def output_kind(model, outputs, from_logits=None):
     in_unit = bool(np.all(outputs >= 0) and np.all(outputs <= 1))
     if outputs.shape[-1] > 1:
         sums = outputs.sum(axis=-1)
-        return "probabilities" if in_unit and np.allclose(sums, 1.0, atol=1e-3) else "logits"
+        return "probabilities" if in_unit and np.allclose(sums, 1.0, atol=1e-2) else "logits"
     compiled = _compiled_from_logits(model)
     if compiled is not None:
         return "logits" if compiled else "probabilities"
