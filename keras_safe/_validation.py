@@ -24,6 +24,10 @@ __all__ = [
 class ArgumentError(ValueError):
     """A wrong argument: the message names the argument, the requirement and the fix."""
 
+    # TensorFlow's autograph re-raises an error from a `tf.function` as the same type only
+    # when its constructor is `Exception.__init__` (otherwise as a StagingError).
+    __init__ = Exception.__init__
+
 
 class PrivacyError(RuntimeError):
     """keras_safe cannot prove a step private, so it refuses to take it (it fails closed).
@@ -31,6 +35,8 @@ class PrivacyError(RuntimeError):
     The message says what could not be proven and how to fix it. Nothing was trained: the
     weights, the optimizer and the privacy ledger are as they were before the call.
     """
+
+    __init__ = Exception.__init__  # re-raised as this type from a tf.function (see above)
 
 
 def fail(name, value, requirement, fix=None):

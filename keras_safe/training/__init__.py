@@ -8,6 +8,7 @@ from keras_safe.training.private_model import SafeFunctional, SafeSequential, in
 from keras_safe.training.stages import TrainingStage, get_stages, set_stages
 from keras_safe.training.state import is_private
 from keras_safe.training.train_step import dp_gradients
+from keras_safe.training.verification import verify_model
 
 __all__ = [
     "SafeFunctional",
@@ -19,4 +20,5 @@ __all__ = [
     "is_private",
     "make_private",
     "set_stages",
+    "verify_model",
 ]

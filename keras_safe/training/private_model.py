@@ -17,7 +17,7 @@ import keras
 from keras_safe._validation import PrivacyError, fail
 from keras_safe.optimizers.dp import find_dp_optimizer
 from keras_safe.privacy.accounting import get_ledger
-from keras_safe.training import fit_plan, state
+from keras_safe.training import fit_plan, state, verification
 from keras_safe.training.stages import get_stages, set_stages
 from keras_safe.training.train_step import train_step
 
@@ -56,6 +56,8 @@ def private_fit(model, fit, *args, **kwargs):
     guard = fit_plan.plan_fit(
         model,
         x=params["x"],
+        y=params["y"],
+        sample_weight=params["sample_weight"],
         batch_size=params["batch_size"],
         epochs=params["epochs"],
         initial_epoch=params["initial_epoch"],
@@ -89,6 +91,13 @@ def private_train_on_batch(model, train_on_batch, *args, **kwargs):
                 "declare num_examples, batch_size and epochs on the DP optimizer (it then "
                 "calibrates the noise), or give noise_multiplier.",
             )
+        bound = inspect.signature(keras.Model.train_on_batch).bind(model, *args, **kwargs)
+        verification.ensure_verified(
+            model,
+            bound.arguments["x"],
+            bound.arguments.get("y"),
+            bound.arguments.get("sample_weight"),
+        )
         ledger = get_ledger(model, create=True)
         if ledger.steps_within_budget(schedule.segment(1)[:2]) < 1:
             target, delta = ledger.budget()

@@ -1,0 +1,123 @@
+"""Verifying a private model on its first examples before it trains.
+
+`keras_safe.privacy.per_example.verify` checks, on a few real examples, that examples do not
+interact and that variables without a built-in rule (the Jacobian fallback, user rules) get the
+per-example gradients a one-example-at-a-time computation gives; it picks the fallback mode
+that agrees, or refuses. Private `fit`, `train_on_batch` and an eager `dp_gradients` call run it
+once per model and loss; a train step traced for a model that was never verified refuses.
+"""
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from keras_safe._validation import PrivacyError
+from keras_safe.optimizers.dp import find_dp_optimizer
+from keras_safe.privacy.losses import PerExampleLoss
+from keras_safe.privacy.per_example import verify
+from keras_safe.training import state
+
+__all__ = ["ensure_verified", "first_examples", "require_verified", "verify_model"]
+
+# Examples the verification runs on.
+EXAMPLES = 4
+_VERIFIED = "_keras_safe_verified"
+
+
+def _key(model):
+    first = [tuple(v.shape) for v in model.trainable_variables]
+    return (repr(getattr(model, "loss", None)), tuple(first))
+
+
+def _slice(data, rows):
+    if data is None:
+        return None
+    return keras.tree.map_structure(lambda a: None if a is None else np.asarray(a)[rows], data)
+
+
+def first_examples(x, y=None, sample_weight=None, count=EXAMPLES):
+    """Up to `count` real examples `(x, y, sample_weight)` from what `fit` gets, or None.
+
+    Arrays are sliced; a `tf.data.Dataset` gives its first batch (for `poisson_batches`, its
+    rows with a positive weight); generators and other inputs give None.
+    """
+    if isinstance(x, tf.data.Dataset):
+        batch = next(iter(x.take(1)), None)
+        if batch is None:
+            return None
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(batch)
+        x, y, sample_weight = keras.tree.map_structure(
+            lambda t: None if t is None else np.asarray(t), (x, y, sample_weight)
+        )
+        if sample_weight is not None:
+            # Rows of weight 0 (Poisson padding) are not examples.
+            weights = np.reshape(np.asarray(keras.tree.flatten(sample_weight)[0]), [-1])
+            rows = np.flatnonzero(weights > 0)[:count]
+            if not len(rows):
+                return None
+            return _slice(x, rows), _slice(y, rows), _slice(sample_weight, rows)
+    leaves = keras.tree.flatten(x) if x is not None else []
+    if not leaves or not all(hasattr(a, "shape") and hasattr(a, "__array__") for a in leaves):
+        return None
+    rows = np.arange(min(count, int(np.shape(leaves[0])[0])))
+    return _slice(x, rows), _slice(y, rows), _slice(sample_weight, rows)
+
+
+def verify_model(model, x, y=None, sample_weight=None):
+    """Verifies `model`'s per-example clipping on the examples given (a few are enough).
+
+    Records the fallback mode the train step must use. Called by keras_safe's `fit`; call it
+    yourself before a custom, compiled training loop that uses `dp_gradients`.
+
+    Returns:
+        The `keras_safe.privacy.per_example.Verification`.
+
+    Raises:
+        keras_safe._validation.PrivacyError: if examples interact or a variable's per-example
+            gradients cannot be computed correctly.
+    """
+    dp = find_dp_optimizer(getattr(model, "optimizer", None))
+    result = verify(
+        model,
+        PerExampleLoss(model),
+        x,
+        y,
+        sample_weight,
+        num_microbatches=dp.num_microbatches if dp is not None else None,
+    )
+    state.set_fallback_mode(model, result.fallback)
+    object.__setattr__(model, _VERIFIED, _key(model))
+    return result
+
+
+def is_verified(model):
+    return getattr(model, _VERIFIED, None) == _key(model)
+
+
+def ensure_verified(model, x, y=None, sample_weight=None):
+    """Verifies the model on the first examples of `x` unless it was verified already.
+
+    Raises:
+        keras_safe._validation.PrivacyError: when the model needs verifying and the input
+            gives no examples to verify on (a generator), or the verification fails.
+    """
+    if is_verified(model):
+        return
+    examples = first_examples(x, y, sample_weight)
+    if examples is None:
+        require_verified(model)
+        return
+    verify_model(model, *examples)
+
+
+def require_verified(model):
+    """Raises unless the model was verified (the train step calls it while tracing)."""
+    if not is_verified(model):
+        raise PrivacyError(
+            f"{model.name} was not verified on real examples, so keras_safe cannot show that "
+            "its per-example clipping is right (examples must not interact, and layers without "
+            "a built-in rule must match a one-example-at-a-time computation). Fix: train with "
+            "`fit` on arrays or a tf.data.Dataset, call `keras_safe.privacy.dp_gradients` "
+            "eagerly once, or call keras_safe.training.verify_model(model, x, y) on a few "
+            "examples before a compiled custom loop."
+        )
