@@ -5,9 +5,8 @@ import math
 import keras
 import numpy as np
 import pytest
-from scipy import stats
-
 import tensorflow as tf
+from scipy import stats
 
 import keras_safe
 from keras_safe._validation import PrivacyError
