@@ -7,8 +7,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import keras_safe
 from keras_safe._validation import ArgumentError
 from keras_safe.callbacks import RobustnessAudit
+from keras_safe.optimizers import DPSGD
+from keras_safe.security import make_robust
 from tests.security.conftest import digits, make_mlp
 from tests.testing import assert_config_round_trip
 
@@ -95,3 +98,30 @@ def test_pgd_audit_and_saved_settings():
 def test_bad_settings_name_the_argument(settings, argument):
     with pytest.raises(ArgumentError, match=f"`{argument}`"):
         RobustnessAudit(**settings)
+
+
+def test_audits_a_private_robustly_trained_model():
+    x, y = digits()
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [keras.Input((64,)), keras.layers.Dense(32, activation="relu"), keras.layers.Dense(10)]
+    )
+    model.compile(
+        DPSGD(0.5, l2_norm_clip=1.0, noise_multiplier=0.5),
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    keras_safe.privacy.make_private(model)
+    make_robust(model, 0.1, steps=3, clip_min=0.0, clip_max=1.0)
+    audit = RobustnessAudit(
+        x[1200:1300],
+        y[1200:1300],
+        epsilon=0.1,
+        attack_settings={"steps": 5},
+        clip_min=0.0,
+        clip_max=1.0,
+        verbose=0,
+    )
+    history = model.fit(x[:512], y[:512], epochs=2, batch_size=64, callbacks=[audit], verbose=0)
+    clean, adversarial = history.history["clean_accuracy"], history.history["adversarial_accuracy"]
+    assert all(0.0 <= a <= c <= 1.0 for a, c in zip(adversarial, clean))
+    assert clean[-1] > 0.2  # learning (chance is 0.1) under noise and attacks
