@@ -7,7 +7,8 @@ import pytest
 import tensorflow as tf
 
 from keras_safe._validation import ArgumentError
-from keras_safe.security import PGD, RobustnessReport, evaluate_robustness
+from keras_safe.security import ATTACKS, PGD, RobustnessReport, evaluate_robustness
+from keras_safe.security.evaluate import _masking_checks
 from tests.security.conftest import accuracy, predict_labels
 
 RANGE = {"clip_min": 0.0, "clip_max": 1.0}
@@ -159,3 +160,56 @@ def test_bad_arguments_name_the_argument(trained_mlp, digits_split, settings, ar
         evaluate_robustness(trained_mlp, x[:10], y[:10], **settings)
     with pytest.raises(ArgumentError, match="`y`"):
         evaluate_robustness(trained_mlp, x[:10])
+
+
+def _rows(table):
+    rows = []
+    for name, curve in table.items():
+        for epsilon, value in curve.items():
+            rows.append({"attack": name, "epsilon": epsilon, "accuracy": value})
+    specs = [(name, {}, ATTACKS[name]) for name in table]
+    return rows, specs
+
+
+@pytest.mark.parametrize(
+    "table, large_accuracy, fired",
+    [
+        # A healthy evaluation: everything falls, PGD strongest, Square weaker.
+        (
+            {
+                "fgsm": {0.1: 0.5, 0.2: 0.1},
+                "pgd": {0.1: 0.4, 0.2: 0.0},
+                "square": {0.1: 0.45, 0.2: 0.02},
+            },
+            0.0,
+            set(),
+        ),
+        # Accuracy rises with epsilon.
+        (
+            {"pgd": {0.1: 0.4, 0.2: 0.5}, "square": {0.1: 0.45, 0.2: 0.6}},
+            0.0,
+            {"accuracy_not_falling"},
+        ),
+        # Accuracy stays at the clean level (0.9).
+        (
+            {"pgd": {0.1: 0.9, 0.2: 0.89}, "square": {0.1: 0.9, 0.2: 0.89}},
+            0.0,
+            {"accuracy_not_falling"},
+        ),
+        # The unbounded attack leaves accuracy.
+        ({"pgd": {0.1: 0.4, 0.2: 0.1}}, 0.3, {"large_epsilon_not_near_zero"}),
+        # Gradient-free stronger than every gradient attack.
+        (
+            {"fgsm": {0.1: 0.5}, "pgd": {0.1: 0.4}, "square": {0.1: 0.2}},
+            0.0,
+            {"gradient_free_beats_gradient"},
+        ),
+        # One step stronger than many.
+        ({"fgsm": {0.1: 0.3}, "apgd": {0.1: 0.5}}, 0.0, {"single_step_beats_iterative"}),
+    ],
+)
+def test_each_masking_check_fires_on_its_sign(table, large_accuracy, fired):
+    rows, specs = _rows(table)
+    epsilons = sorted({r["epsilon"] for r in rows})
+    checks = _masking_checks(rows, 0.9, specs, epsilons, 0.03, (1.0, large_accuracy, 0.05))
+    assert {c["check"] for c in checks if c["fired"]} == fired, checks
