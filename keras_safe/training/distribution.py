@@ -43,9 +43,11 @@ from keras_safe.privacy.sampling import poisson_info
 
 __all__ = [
     "SUPPORTED_STRATEGIES",
+    "check_batch_is_split",
     "check_fit_data",
     "check_private_step",
     "check_strategy",
+    "logs_for_fit",
     "loss_for_gradients",
     "loss_for_report",
 ]
@@ -162,6 +164,39 @@ def check_private_step(model, dp):
         )
 
 
+def check_batch_is_split(x):
+    """Refuses, while a private step is traced, a batch that every replica received whole.
+
+    `fit` splits each global batch between the replicas. `train_on_batch`, and a custom loop
+    that passes the same tensors to `strategy.run`, give every replica the whole batch instead:
+    each example would be clipped and summed once per replica, and its influence on the update
+    would be a multiple of the clipping norm the noise is calibrated for. Checked among the
+    replicas of one worker (the inputs of other workers cannot be compared while tracing).
+
+    Raises:
+        keras_safe._validation.PrivacyError: when the replicas of this worker share the batch.
+    """
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return
+    if len(tf.distribute.get_strategy().extended.worker_devices) < 2:
+        return
+    first = next(t for t in keras.tree.flatten(x) if t is not None)
+    split = context.merge_call(
+        lambda _, value: isinstance(value, tf.distribute.DistributedValues), args=(first,)
+    )
+    if not split:
+        raise PrivacyError(
+            f"Every one of the {context.num_replicas_in_sync} replicas received the whole batch, "
+            "so each example would be clipped and counted once per replica, and its influence "
+            "on the update would exceed the clipping norm the noise is calibrated for. This "
+            "happens with train_on_batch under a strategy, or when a custom loop passes the same "
+            "tensors to strategy.run. Fix: train with fit (it splits each batch between the "
+            "replicas), or in a custom loop feed strategy.experimental_distribute_dataset(...) "
+            "batches."
+        )
+
+
 def check_fit_data(model, x, settings):
     """Refuses, before a private `fit` under a strategy, data the accounting cannot cover.
 
@@ -263,3 +298,31 @@ def loss_for_gradients(loss):
     """
     count = _loss_replicas()
     return loss if count == 1 else loss / tf.cast(count, loss.dtype)
+
+
+def _multi_worker(strategy):
+    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and int(
+        strategy.num_replicas_in_sync
+    ) > len(strategy.extended.worker_devices)
+
+
+def logs_for_fit(logs):
+    """The train step's logs in the shape Keras's `fit` can average over the replicas.
+
+    Under `MultiWorkerMirroredStrategy` with several workers, Keras 3 averages each log over
+    the replicas with `strategy.reduce("MEAN", value, axis=0)`, which fails on a scalar; each
+    scalar log then gets a leading axis of length 1 (the average is the same).
+
+    Example:
+
+    >>> logs_for_fit({"loss": tf.constant(0.5)})["loss"].shape  # outside a strategy
+    TensorShape([])
+    """
+    if not _multi_worker(tf.distribute.get_strategy()):
+        return logs
+
+    def with_axis(value):
+        value = tf.convert_to_tensor(value)
+        return tf.reshape(value, [1]) if value.shape.rank == 0 else value
+
+    return keras.tree.map_structure(with_axis, logs)

@@ -111,7 +111,7 @@ def train_step(model, data):
     for optimizer in optimizer_chain(model.optimizer):
         if hasattr(optimizer, "step_logs"):
             logs.update(optimizer.step_logs())
-    return logs
+    return distribution.logs_for_fit(logs)
 
 
 # -- the parts ----------------------------------------------------------------------------------
@@ -167,6 +167,7 @@ def _private_gradients(model, x, y, sample_weight):
     if fallback is not None:
         options["fallback"] = fallback
     _check_microbatches(x, groups)
+    distribution.check_batch_is_split(x)
     clipped, losses, y_pred, norms = clipped_gradient_sum(
         model, variables, forward, dp.l2_norm_clip, num_microbatches=groups, **options
     )
