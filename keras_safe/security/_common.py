@@ -152,17 +152,17 @@ def stage_output_kind(model, from_logits=None):
 def output_kind(model, outputs, from_logits=None):
     """Whether `outputs` (a batch of the model's outputs) are logits or probabilities.
 
-    `from_logits` decides when given. Otherwise rows of two or more values that are all in
-    [0, 1] and sum to 1 are probabilities; a single output unit (binary) follows the compiled
-    loss, then the output activation, then whether every value lies in [0, 1].
+    `from_logits` decides when given. Otherwise rows of two or more values that all lie in
+    [0, 1] are probabilities (a softmax, or a softmax behind an output defence that rounds or
+    cuts it; trained logits have negative values); a single output unit (binary) follows the
+    compiled loss, then the output activation, then whether every value lies in [0, 1].
     """
     if from_logits is not None:
         return "logits" if from_logits else "probabilities"
     outputs = np.asarray(outputs, dtype=np.float64)
     in_unit = bool(np.all(outputs >= 0) and np.all(outputs <= 1))
     if outputs.shape[-1] > 1:
-        sums = outputs.sum(axis=-1)
-        return "probabilities" if in_unit and np.allclose(sums, 1.0, atol=1e-2) else "logits"
+        return "probabilities" if in_unit else "logits"
     compiled = _compiled_from_logits(model)
     if compiled is not None:
         return "logits" if compiled else "probabilities"

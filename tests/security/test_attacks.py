@@ -6,6 +6,7 @@ import pytest
 import tensorflow as tf
 
 from keras_safe._validation import ArgumentError
+from keras_safe.layers import PredictionRounding, TopKOnly
 from keras_safe.security import (
     APGD,
     ATTACKS,
@@ -20,6 +21,7 @@ from keras_safe.security import (
     random_noise,
     square,
 )
+from keras_safe.security._common import output_kind
 from keras_safe.security.attacks.auto_pgd import checkpoints
 from tests.security.conftest import accuracy, digits, predict_labels
 
@@ -204,6 +206,11 @@ def test_probability_outputs_are_detected_and_attacked_like_logits(trained_mlp, 
     declared = pgd(probabilities, x, y, 0.1, from_logits=False, **settings)
     assert np.mean(np.abs(detected - on_logits) > 1e-5) < 0.01
     np.testing.assert_array_equal(detected, declared)
+    # Softmax outputs behind an output defence (rows no longer sum to 1) are probabilities too.
+    for defence in (TopKOnly(k=1), PredictionRounding(decimals=1)):
+        served = keras.Sequential([keras.Input((64,)), probabilities, defence])
+        assert output_kind(served, served(x)) == "probabilities"
+    assert output_kind(trained_mlp, trained_mlp(x)) == "logits"
 
 
 def test_numpy_tensor_and_dataset_inputs_give_the_same_examples(trained_mlp, digits_split):
