@@ -15,7 +15,7 @@ from keras_safe._validation import PrivacyError, fail
 from keras_safe.optimizers.dp import find_dp_optimizer
 from keras_safe.privacy.accounting import get_ledger
 from keras_safe.privacy.sampling import poisson_info
-from keras_safe.training import distribution, state
+from keras_safe.training import distribution, state, verification
 
 __all__ = [
     "PrivacyGuard",
@@ -66,6 +66,8 @@ def describe_data(x, batch_size=None, validation_split=0.0, steps_per_epoch=None
 def plan_fit(
     model,
     x=None,
+    y=None,
+    sample_weight=None,
     batch_size=None,
     epochs=1,
     initial_epoch=0,
@@ -101,6 +103,7 @@ def plan_fit(
     )
     distribution.check_fit_data(model, x, settings)
     state.set_data_settings(model, settings)
+    verification.ensure_verified(model, x, y, sample_weight)
     return PrivacyGuard(epochs=max(epochs - initial_epoch, 0), verbose=verbose)
 
 
@@ -161,7 +164,15 @@ def find_fit_arguments(model):
     frame = sys._getframe(1)
     while frame is not None:
         if frame.f_code.co_name == "fit" and frame.f_locals.get("self") is model:
-            names = ("x", "batch_size", "epochs", "initial_epoch", "steps_per_epoch")
+            names = (
+                "x",
+                "y",
+                "sample_weight",
+                "batch_size",
+                "epochs",
+                "initial_epoch",
+                "steps_per_epoch",
+            )
             found = {name: frame.f_locals.get(name) for name in names}
             found["validation_split"] = 0.0  # x is the training part already when it is split
             found["epochs"] = found["epochs"] or 1

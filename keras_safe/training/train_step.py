@@ -21,12 +21,13 @@ from keras_safe.privacy.accounting import get_ledger
 from keras_safe.privacy.losses import PerExampleLoss
 from keras_safe.privacy.model_checks import check_supported
 from keras_safe.privacy.per_example import clipped_gradient_sum
-from keras_safe.training import distribution, state
+from keras_safe.training import distribution, state, verification
 from keras_safe.training.stages import get_stages
 
 __all__ = ["dp_gradients", "train_step"]
 
 
+@tf.autograph.experimental.do_not_convert
 def dp_gradients(model, x, y=None, sample_weight=None, return_outputs=False):
     """DP-SGD gradients for one batch: clipped per example, noised and averaged.
 
@@ -64,6 +65,8 @@ def dp_gradients(model, x, y=None, sample_weight=None, return_outputs=False):
     >>> keras_safe.privacy.get_ledger(model).steps
     1
     """
+    if tf.executing_eagerly():
+        verification.ensure_verified(model, x, y, sample_weight)
     x, y, sample_weight = _run_data_stages(model, x, y, sample_weight)
     grads, losses, y_pred = _private_gradients(model, x, y, sample_weight)
     if return_outputs:
@@ -150,6 +153,7 @@ def _private_gradients(model, x, y, sample_weight):
         )
     check_supported(model)
     _check_training_setup(model)
+    verification.require_verified(model)
     schedule = state.current_schedule(model, dp)
     variables = model.trainable_variables
     loss_fn = PerExampleLoss(model)
