@@ -2,7 +2,8 @@
 
 `python -m keras_safe demo` trains the same small classifier on scikit-learn's bundled digits
 (8x8 images, 1,797 examples, no download) twice, plainly and with DP-SGD calibrated to a target
-epsilon, then runs membership inference attacks on both and prints one table: test accuracy,
+epsilon, and a third time with PGD adversarial training; it runs membership inference attacks
+and a PGD evasion attack on all three and prints one table: test accuracy, accuracy under PGD,
 (epsilon, delta), attack AUC and true-positive rate at 1% false positives. It writes the
 figures to `<output>/report.json` and, when matplotlib is installed, the attacks' ROC curves to
 `<output>/roc.png`.
@@ -21,9 +22,13 @@ from keras_safe.callbacks import PrivacyBudget
 from keras_safe.optimizers import DPSGD
 from keras_safe.preprocessing import train_val_test_split
 from keras_safe.privacy import poisson_batches
+from keras_safe.security import PGD, accuracy_under_attack, make_robust
 from keras_safe.training import make_private
 
 __all__ = ["run"]
+
+# The L-inf budget of the evasion attack (inputs in [0, 1]) and of the adversarial training.
+ROBUST_EPSILON = 0.1
 
 
 def _data(seed):
@@ -95,11 +100,23 @@ def run(epochs=60, target_epsilon=3.0, output="demo_output", seed=0, verbose=Tru
     private.fit(batches, epochs=1, callbacks=[budget], shuffle=False, verbose=0)
     results["DP-SGD"] = {"model": private, "epsilon": budget.epsilon}
 
+    # PGD adversarial training (Madry et al. 2018) at the evaluation budget, fewer epochs: each
+    # step also runs the attack.
+    keras.utils.set_random_seed(seed)
+    robust = _model()
+    robust.compile(optimizer=keras.optimizers.Adam(1e-3), loss=loss, metrics=["accuracy"])
+    make_robust(robust, ROBUST_EPSILON, steps=5, clip_min=0.0, clip_max=1.0)
+    robust.fit(x_train, y_train, batch_size=batch_size, epochs=max(1, epochs // 3), verbose=0)
+    results["PGD-AT"] = {"model": robust, "epsilon": None}
+
     rows = []
     reports = {}
     for name, entry in results.items():
         model = entry["model"]
         accuracy = float(model.evaluate(x_test, y_test, verbose=0)[1])
+        attack = PGD(ROBUST_EPSILON, steps=20, clip_min=0.0, clip_max=1.0)
+        robust_accuracy = accuracy_under_attack(model, x_test, y_test, attack)
+        robust_accuracy = robust_accuracy["adversarial_accuracy"]
         report = membership_inference(
             model,
             members=(x_train, y_train),
@@ -115,6 +132,7 @@ def run(epochs=60, target_epsilon=3.0, output="demo_output", seed=0, verbose=Tru
             {
                 "model": name,
                 "test_accuracy": accuracy,
+                "pgd_accuracy": robust_accuracy,
                 "epsilon": entry["epsilon"],
                 "delta": delta if entry["epsilon"] is not None else None,
                 "noise_multiplier": optimizer.noise_multiplier if name == "DP-SGD" else None,
@@ -162,8 +180,8 @@ def _print_table(rows, n_train, n_test, epochs, seconds, output, plot):
         f"{epochs} epochs"
     )
     header = (
-        f"{'model':8} {'test acc':>8} {'epsilon':>8} {'delta':>7} {'MIA AUC':>8} "
-        f"{'TPR@1%FPR':>10} {'eps lower bd':>12}"
+        f"{'model':8} {'test acc':>8} {'PGD acc':>8} {'epsilon':>8} {'delta':>7} "
+        f"{'MIA AUC':>8} {'TPR@1%FPR':>10} {'eps lower bd':>12}"
     )
     print(header)
     print("-" * len(header))
@@ -171,11 +189,13 @@ def _print_table(rows, n_train, n_test, epochs, seconds, output, plot):
         eps = "inf" if row["epsilon"] is None else f"{row['epsilon']:.2f}"
         delta = "-" if row["delta"] is None else f"{row['delta']:.0e}"
         print(
-            f"{row['model']:8} {row['test_accuracy']:8.3f} {eps:>8} {delta:>7} "
+            f"{row['model']:8} {row['test_accuracy']:8.3f} {row['pgd_accuracy']:8.3f} "
+            f"{eps:>8} {delta:>7} "
             f"{row['mia_auc']:8.3f} {row['mia_tpr_at_1%_fpr']:10.3f} "
             f"{row['mia_epsilon_lower_bound']:12.2f}"
         )
     print("MIA: the stronger of the loss and confidence threshold attacks (AUC 0.5 = guessing).")
+    print(f"PGD acc: accuracy under a 20-step L-inf PGD attack at epsilon {ROBUST_EPSILON}.")
     print(
         f"report: {os.path.join(output, 'report.json')}" + (f", ROC plot: {plot}" if plot else "")
     )
