@@ -29,6 +29,14 @@ What the accounting assumes:
   and `batch_size`; it refuses arrays and a `poisson_batches` dataset built without the
   strategy. Every worker must hold the same training data in the same order.
 - The batch size keras_safe divides by and accounts with is always the global one.
+
+Not supported with several replicas, and refused with the fix: `num_microbatches`, clipping or
+gradient accumulation set on the optimizer inside the DP optimizer (wrap the DP optimizer in
+`GradientClip` instead), and a batch that every replica receives whole (`train_on_batch`).
+
+Keras 3 itself: under `MultiWorkerMirroredStrategy`, its `fit` cannot start on a model created
+inside the strategy's scope (keras-team/keras#20585). Create the model object outside the scope
+without an `Input`, then build, compile, make private and `fit` it inside the scope.
 """
 
 import threading
