@@ -17,7 +17,7 @@ from keras_safe.privacy.losses import PerExampleLoss
 from keras_safe.privacy.per_example import reference
 from keras_safe.privacy.per_example.clipping import clip_factors, per_example_forms
 from keras_safe.privacy.per_example.install import tapped_layers
-from keras_safe.privacy.per_example.verify import verify
+from keras_safe.privacy.per_example.verification import verify
 
 __all__ = ["ReferenceCheck", "assert_dp_matches_reference"]
 

@@ -60,7 +60,7 @@ from keras_safe.privacy.per_example.rules import (
     SimpleRNNCellRule,
     TapRule,
 )
-from keras_safe.privacy.per_example.verify import Verification, verify
+from keras_safe.privacy.per_example.verification import Verification, verify
 
 __all__ = [
     "DEFAULT_RULES",

@@ -22,16 +22,21 @@ the sum of the absolute terms), capped at the triangle-inequality bound
 `S_i = sum_t |a_t| |g_t|`. Float32 materialised sums add `gamma_T * S_i` to their computed norm.
 """
 
+import math
+
 import tensorflow as tf
 
 from keras_safe.privacy.per_example.numerics import (
     U64,
     f64,
+    frobenius_bound,
     gamma,
     group_rows,
     scaled_rows,
+    static_size,
     sum_sq64,
     unit_roundoff,
+    working,
 )
 
 __all__ = [
@@ -43,7 +48,7 @@ __all__ = [
     "summed_form",
 ]
 
-FLOAT64_PRICE = 2.0
+FLOAT64_PRICE = 6.0
 """Cost of a float64 multiply-add relative to a float32 one, used to choose a norm method."""
 
 
@@ -90,13 +95,11 @@ class MaterialisedGrad(GradientForm):
 
     def __init__(self, variable, per_example, error=None):
         self.variable = variable
-        self.per_example = per_example
+        self.per_example = working(per_example)
         self.error = error
 
     def _norms(self):
-        flat = tf.reshape(self.per_example, [tf.shape(self.per_example)[0], -1])
-        size = tf.cast(tf.shape(flat)[1], "float64")
-        return tf.sqrt(sum_sq64(flat) * (1.0 + (size + 2.0) * U64))
+        return tf.sqrt(sum_sq64(self.per_example))
 
     def norm_bounds(self):
         computed = self._norms()
@@ -109,7 +112,7 @@ class MaterialisedGrad(GradientForm):
 
     def group(self, groups):
         grouped = group_rows(self.per_example[:, None], groups)
-        members = tf.shape(grouped)[1]
+        members = static_size(grouped, 1)
         norms = tf.reshape(self._norms(), [groups, -1])
         # Summing m rows in float errs by at most gamma_m times the sum of their norms.
         error = gamma(members, unit_roundoff(self.per_example.dtype)) * tf.reduce_sum(norms, 1)
@@ -139,8 +142,8 @@ def summed_form(variable, terms, axis, shape=None):
     """A `MaterialisedGrad` of per-example gradients that are sums of `terms` over `axis`.
 
     The float sum carries its rounding bound, `gamma_n` times the norm of the sum of the
-    absolute terms (n: the number of terms per entry), so the norm bound holds even when the
-    terms cancel.
+    absolute terms (n: the number of terms per entry; this also covers one rounded product per
+    term, as in `x * dz`), so the norm bound holds even when the terms cancel.
 
     Args:
         variable: the variable.
@@ -149,6 +152,7 @@ def summed_form(variable, terms, axis, shape=None):
         shape: reshape the rows to `[B, *shape]` (default: the variable's shape).
     """
     shape = tuple(variable.shape if shape is None else shape)
+    terms = working(terms)
     axis = sorted(axis)
     if not axis:
         return MaterialisedGrad(variable, tf.reshape(terms, [-1, *shape]))
@@ -156,10 +160,13 @@ def summed_form(variable, terms, axis, shape=None):
     sizes = [terms.shape[a] for a in axis]
     if all(size == 1 for size in sizes):
         return MaterialisedGrad(variable, values)
-    count = tf.reduce_prod(tf.gather(tf.shape(terms), axis))
+    count = (
+        math.prod(sizes) if None not in sizes else tf.reduce_prod(tf.gather(tf.shape(terms), axis))
+    )
     magnitude = tf.reduce_sum(tf.abs(terms), axis=axis)
     size = tf.sqrt(sum_sq64(tf.reshape(magnitude, [tf.shape(magnitude)[0], -1])))
-    error = gamma(count - 1, unit_roundoff(terms.dtype)) * size * (1.0 + 1e-6)
+    # gamma_n, not gamma_{n-1}: also covers one rounded product per term (such as x * dz).
+    error = gamma(count, unit_roundoff(terms.dtype)) * size * (1.0 + 1e-6)
     return MaterialisedGrad(variable, values, error)
 
 
@@ -173,27 +180,40 @@ class OuterProductGrad(GradientForm):
         g: `[B, T, O]` (or `[B, T, G, O]`).
         shape: the variable's shape; the gradient `[K, O]` (grouped: `[K, G, O]`) is reshaped
             to it.
+        a_norm_bound: optional float64 `[B]` (grouped: `[B, G]`): an upper bound of each
+            example's `||A_i||_F` (per group) that the rule can get more cheaply than a pass
+            over `a`; used only in the rounding bounds.
+        g_norm_bound: the same for `||G_i||_F`, when the rule computed it anyway.
 
-    The norm comes from whichever is cheaper: for T = 1 the product `|a|^2 |g|^2` (float64),
-    else the Gram form `sum_{t,s} (a_t.a_s)(g_t.g_s)` in float64 with its rounding bound, or the
+    The norm comes from whichever is cheaper: for T = 1 the product `|a|^2 |g|^2`; else the
+    Gram form `sum_{t,s} (a_t.a_s)(g_t.g_s)` in float64 with its rounding bound, or the
     materialised float32 gradient plus `gamma_T S_i` ("mixed ghost clipping", Bu et al. 2022,
-    with the float64 price counted).
+    with the float64 price counted). A materialised gradient also gives the clipped sum, as a
+    weighted sum over examples, instead of a second pass over the positions.
     """
 
-    def __init__(self, variable, a, g, shape):
+    def __init__(self, variable, a, g, shape, a_norm_bound=None, g_norm_bound=None):
         self.variable = variable
-        self.a = a
-        self.g = g
+        self.a = working(a)
+        self.g = working(g)
         self.shape = tuple(shape)
         self.grouped = len(a.shape) == 4
+        self.a_norm_bound = a_norm_bound
+        self.g_norm_bound = g_norm_bound
+        self._rows = None
 
     def _spec(self, pattern):
         return pattern.replace("G", "j" if self.grouped else "")
 
     def group(self, groups):
-        return OuterProductGrad(
-            self.variable, group_rows(self.a, groups), group_rows(self.g, groups), self.shape
-        )
+        def joined(bound):  # the Frobenius norm of the members' rows put together
+            if bound is None:
+                return None
+            return tf.sqrt(tf.reduce_sum(tf.square(group_rows(bound[:, None], groups)), 1))
+
+        a, g = group_rows(self.a, groups), group_rows(self.g, groups)
+        bounds = joined(self.a_norm_bound), joined(self.g_norm_bound)
+        return OuterProductGrad(self.variable, a, g, self.shape, *bounds)
 
     @classmethod
     def concat(cls, forms):
@@ -202,7 +222,15 @@ class OuterProductGrad(GradientForm):
             return None
         a = tf.concat([f.a for f in forms], axis=1)
         g = tf.concat([f.g for f in forms], axis=1)
-        return OuterProductGrad(first.variable, a, g, first.shape)
+
+        def joined(bounds):
+            if any(b is None for b in bounds):
+                return None
+            return tf.sqrt(tf.add_n([tf.square(b) for b in bounds]))
+
+        a_bound = joined([f.a_norm_bound for f in forms])
+        g_bound = joined([f.g_norm_bound for f in forms])
+        return OuterProductGrad(first.variable, a, g, first.shape, a_bound, g_bound)
 
     def _dims(self):
         t, k, o = self.a.shape[1], self.a.shape[-1], self.g.shape[-1]
@@ -210,15 +238,27 @@ class OuterProductGrad(GradientForm):
         return t, k, o, groups
 
     def _steps(self):
-        return tf.shape(self.a)[1]
+        return static_size(self.a, 1)
 
     def _position_norms_bound(self):
-        """`S_i = sum_t |a_t| |g_t|` (summed over groups), float64, an upper bound."""
+        """`S_i = sum_t |a_t| |g_t|` (summed over groups), float64, an upper bound.
+
+        With `a_norm_bound` (a bound of each example's `||A_i||_F`, per group, that the rule got
+        cheaply, such as from a convolution's input), the Cauchy-Schwarz bound
+        `||A_i||_F ||G_i||_F >= S_i` spares a pass over `a`.
+        """
+        o = self.g.shape[-1]
+        u = unit_roundoff(self.g.dtype)
+        if self.a_norm_bound is not None:
+            g_norm = self.g_norm_bound
+            if g_norm is None:
+                g_norm = frobenius_bound(self.g, [1, 3] if self.grouped else [1, 2])
+            terms = f64(g_norm) * f64(self.a_norm_bound)
+            return tf.reduce_sum(tf.reshape(terms, [tf.shape(terms)[0], -1]), axis=1)
         a_sq = f64(tf.reduce_sum(tf.square(self.a), axis=-1))
         g_sq = f64(tf.reduce_sum(tf.square(self.g), axis=-1))
-        k, o = self.a.shape[-1], self.g.shape[-1]
-        u = unit_roundoff(self.a.dtype)
-        inflate = (1.0 + 2.0 * gamma(k, u)) * (1.0 + 2.0 * gamma(o, unit_roundoff(self.g.dtype)))
+        k = self.a.shape[-1]
+        inflate = (1.0 + 2.0 * gamma(k, unit_roundoff(self.a.dtype))) * (1.0 + 2.0 * gamma(o, u))
         terms = tf.sqrt(a_sq * g_sq * inflate)
         return tf.reduce_sum(tf.reshape(terms, [tf.shape(terms)[0], -1]), axis=1) * (1.0 + 1e-12)
 
@@ -229,51 +269,61 @@ class OuterProductGrad(GradientForm):
         if t is None or k is None or o is None:
             return "outer"
         gram_cost = FLOAT64_PRICE * t * t * (k + o)
-        outer_cost = t * k * o + FLOAT64_PRICE * k * o
+        outer_cost = t * k * o + k * o
         return "gram" if gram_cost < outer_cost else "outer"
+
+    def _materialised(self):
+        """The per-example gradients `[B, K, (G,) O]`, float32, computed once."""
+        if self._rows is None:
+            self._rows = tf.einsum(self._spec("btGk,btGo->bkGo"), self.a, self.g)
+        return self._rows
 
     def norm_bounds(self):
         method = self._method()
         u_mm = unit_roundoff(self.a.dtype, matmul=True)
         steps = self._steps()
         if method == "product":
-            a, g = f64(self.a[:, 0]), f64(self.g[:, 0])
-            k, o = self.a.shape[-1], self.g.shape[-1]
-            norms_sq = tf.reduce_sum(tf.square(a), 1) * tf.reduce_sum(tf.square(g), 1)
-            norms_sq = norms_sq * (1.0 + (k + o + 4) * U64)
+            norms_sq = sum_sq64(self.a) * sum_sq64(self.g)
             # Scaling g by the factor and one product per entry: two roundings.
             return norms_sq, tf.sqrt(norms_sq) * gamma(2, u_mm)
-        bound = self._position_norms_bound()
-        # The clipped sum: the factor's rounding, then T products summed per entry.
-        slack = gamma(steps + 1, u_mm) * bound
-        if method == "gram":
-            a, g = f64(self.a), f64(self.g)
-            gram_a = tf.einsum(self._spec("btGk,bsGk->bGts"), a, a)
-            gram_g = tf.einsum(self._spec("btGo,bsGo->bGts"), g, g)
-            norms_sq = tf.reduce_sum(tf.reshape(gram_a * gram_g, [tf.shape(a)[0], -1]), axis=1)
-            _, k, o, groups = self._dims()
-            count = 2.0 * (k + o) + groups * tf.cast(steps, "float64") ** 2 + 8.0
-            norms_sq = norms_sq + count * U64 * tf.square(bound)
-        else:
-            per_example = tf.einsum(self._spec("btGk,btGo->bkGo"), self.a, self.g)
-            computed = tf.sqrt(sum_sq64(per_example))
-            norms_sq = tf.square(computed + gamma(steps, u_mm) * bound)
+        if method == "outer":
+            computed = tf.sqrt(sum_sq64(self._materialised()))
+            # The float sum over positions errs by at most gamma_T S_i; the clipped sum then
+            # scales the computed rows, one rounding per entry.
+            exact = computed + gamma(steps, u_mm) * self._position_norms_bound()
+            return tf.square(exact), computed * (2.0 * unit_roundoff(self.a.dtype))
+        a, g = f64(self.a), f64(self.g)
+        gram_a = tf.einsum(self._spec("btGk,bsGk->bGts"), a, a)
+        gram_g = tf.einsum(self._spec("btGo,bsGo->bGts"), g, g)
+        norms_sq = tf.reduce_sum(tf.reshape(gram_a * gram_g, [tf.shape(a)[0], -1]), axis=1)
+        _, k, o, groups = self._dims()
+        # S_i from the Gram diagonals |a_t|^2 |g_t|^2 (float64, so exact to ~1e-16).
+        diagonal = tf.linalg.diag_part(gram_a) * tf.linalg.diag_part(gram_g)
+        bound = tf.reduce_sum(
+            tf.reshape(tf.sqrt(tf.maximum(diagonal, 0.0)), [tf.shape(a)[0], -1]), 1
+        )
+        bound = bound * (1.0 + (k + o + 8) * U64)
+        count = 2.0 * (k + o) + groups * tf.cast(steps, "float64") ** 2 + 8.0
+        norms_sq = norms_sq + count * U64 * tf.square(bound)
         norms_sq = tf.minimum(tf.maximum(norms_sq, 0.0), tf.square(bound))
-        return norms_sq, slack
+        # The clipped sum: the factor's rounding, then T products summed per entry.
+        return norms_sq, gamma(steps + 1, u_mm) * bound
 
     def clipped_sum(self, factors):
-        grad = tf.einsum(
-            self._spec("btGk,btGo->kGo"),
-            scaled_rows(self.a, None, factors),
-            scaled_rows(self.g, factors, factors),
-        )
+        if self._method() == "outer":
+            grad = tf.reduce_sum(scaled_rows(self._materialised(), factors, factors), axis=0)
+        else:
+            grad = tf.einsum(
+                self._spec("btGk,btGo->kGo"),
+                scaled_rows(self.a, None, factors),
+                scaled_rows(self.g, factors, factors),
+            )
         return tf.reshape(grad, self.shape)
 
     def materialise(self):
-        per_example = tf.einsum(self._spec("btGk,btGo->bkGo"), self.a, self.g)
         error = gamma(self._steps(), unit_roundoff(self.a.dtype, matmul=True))
         error = error * self._position_norms_bound()
-        return tf.reshape(per_example, [-1, *self.shape]), error
+        return tf.reshape(self._materialised(), [-1, *self.shape]), error
 
 
 class EmbeddingGrad(GradientForm):
@@ -284,15 +334,20 @@ class EmbeddingGrad(GradientForm):
         ids: `[B, T]` int row indices.
         g: `[B, T, D]` gradients of the looked-up rows.
 
-    The norm sums, per example, the rows that share an id: for short sequences by the Gram
-    form `sum_{t,s: id_t = id_s} g_t.g_s` in float64, otherwise by summing the rows of each
-    (example, id) pair in float32 (its rounding added to the bound).
+    The norm sums, per example, the rows that share an id, `sum_{t,s: id_t = id_s} g_t.g_s`:
+    for very short sequences in float64; up to `MAX_GRAM_STEPS` positions in float32 plus its
+    rounding bound, `(gamma_D + gamma_m) Q_i` with `Q_i = sum_{t,s: id_t = id_s} |g_t| |g_s|`
+    and m the number of same-id pairs (only those are summed; the zeros of the mask add no
+    rounding), recomputed in float64 in a step where that bound is loose (terms that cancel);
+    for longer sequences by summing the rows of each (example, id) pair.
     """
+
+    MAX_GRAM_STEPS = 512
 
     def __init__(self, variable, ids, g):
         self.variable = variable
         self.ids = ids
-        self.g = g
+        self.g = working(g)
 
     def group(self, groups):
         ids, g = group_rows(self.ids, groups), group_rows(self.g, groups)
@@ -303,10 +358,15 @@ class EmbeddingGrad(GradientForm):
         ids = tf.concat([f.ids for f in forms], axis=1)
         return EmbeddingGrad(forms[0].variable, ids, tf.concat([f.g for f in forms], axis=1))
 
+    def _position_norms(self, g_sq=None):
+        """Upper bounds of each `|g_t|`, float64 `[B, T]` (from `g_sq` when given)."""
+        if g_sq is None:
+            g_sq = tf.reduce_sum(tf.square(self.g), axis=-1)
+        inflate = 1.0 + 2.0 * gamma(self.g.shape[-1] + 1, unit_roundoff(self.g.dtype, True))
+        return tf.sqrt(f64(g_sq) * inflate)
+
     def _bound(self):
-        g_sq = f64(tf.reduce_sum(tf.square(self.g), axis=-1))
-        inflate = 1.0 + 2.0 * gamma(self.g.shape[-1], unit_roundoff(self.g.dtype))
-        return tf.reduce_sum(tf.sqrt(g_sq * inflate), axis=1) * (1.0 + 1e-12)
+        return tf.reduce_sum(self._position_norms(), axis=1) * (1.0 + 1e-12)
 
     def _unique_rows(self):
         """Rows summed per (example, id): `(rows [U, D], example index [U])`."""
@@ -320,24 +380,52 @@ class EmbeddingGrad(GradientForm):
         )
         return summed, unique // rows, batch
 
-    def norm_bounds(self):
-        steps = tf.shape(self.ids)[1]
+    def _gram64(self, steps):
         bound = self._bound()
-        u = unit_roundoff(self.g.dtype)
-        slack = gamma(steps + 1, u) * bound
+        g = f64(self.g)
+        same = tf.cast(tf.equal(self.ids[:, :, None], self.ids[:, None, :]), "float64")
+        norms_sq = tf.reduce_sum(same * tf.einsum("btd,bsd->bts", g, g), axis=[1, 2])
+        count = 2.0 * self.g.shape[-1] + tf.cast(steps, "float64") ** 2 + 8.0
+        return norms_sq + count * U64 * tf.square(bound), bound
+
+    def _gram32(self, steps):
+        """The float32 Gram norm and its rounding bound; where that bound is loose (terms that
+        cancel), the float64 Gram instead, computed only in a step that needs it."""
+        u = unit_roundoff(self.g.dtype, matmul=True)
+        same = tf.cast(tf.equal(self.ids[:, :, None], self.ids[:, None, :]), self.g.dtype)
+        gram = tf.einsum("btd,bsd->bts", self.g, self.g)
+        norms_sq = f64(tf.reduce_sum(same * gram, axis=[1, 2]))
+        d = self.g.shape[-1]
+        # Q_i = sum over same-id pairs of |g_t| |g_s| <= sum_t c_t |g_t|^2 (c_t: how often
+        # id_t occurs; (x y <= (x^2 + y^2) / 2)), with |g_t|^2 the Gram diagonal; the number of
+        # same-id pairs is sum_t c_t. The inflations cover the float32 rounding.
+        counts = tf.reduce_sum(same, axis=2)
+        squares = tf.maximum(tf.linalg.diag_part(gram), 0.0)
+        q = f64(tf.reduce_sum(counts * squares, axis=1))
+        q = q * (1.0 + 2.0 * gamma(d + 1, u)) * (1.0 + 2.0 * gamma(steps + 1, u))
+        pairs = f64(tf.reduce_sum(counts, axis=1))
+        error = (gamma(d + 2, u) + gamma(pairs + 2.0, u)) * q * (1.0 + 1e-6)
+        lengths = tf.sqrt(f64(squares) * (1.0 + 2.0 * gamma(d + 1, u)))
+        bound = tf.reduce_sum(lengths, axis=1) * (1.0 + 1e-12)
+        loose = tf.reduce_any(error > 1e-4 * norms_sq)
+        return tf.cond(loose, lambda: self._gram64(steps), lambda: (norms_sq + error, bound))
+
+    def norm_bounds(self):
+        steps = static_size(self.ids, 1)
         t, d = self.ids.shape[1], self.g.shape[-1]
         if t is not None and d is not None and FLOAT64_PRICE * t <= 8:
-            g = f64(self.g)
-            same = tf.cast(tf.equal(self.ids[:, :, None], self.ids[:, None, :]), "float64")
-            gram = tf.einsum("btd,bsd->bts", g, g)
-            norms_sq = tf.reduce_sum(same * gram, axis=[1, 2])
-            count = 2.0 * d + tf.cast(steps, "float64") ** 2 + 8.0
-            norms_sq = norms_sq + count * U64 * tf.square(bound)
+            norms_sq, bound = self._gram64(steps)
+        elif t is not None and t <= self.MAX_GRAM_STEPS:
+            norms_sq, bound = self._gram32(steps)
         else:
+            bound = self._bound()
             summed, owner, batch = self._unique_rows()
             per_row = sum_sq64(summed)
             computed = tf.sqrt(tf.math.unsorted_segment_sum(per_row, owner, batch))
+            u = unit_roundoff(self.g.dtype)
             norms_sq = tf.square(computed + gamma(steps, u) * bound)
+        # The clipped sum: the factor's rounding, then up to T rows added per table row.
+        slack = gamma(steps + 1, unit_roundoff(self.g.dtype)) * bound
         return tf.minimum(tf.maximum(norms_sq, 0.0), tf.square(bound)), slack
 
     def clipped_sum(self, factors):
@@ -358,7 +446,7 @@ class EmbeddingGrad(GradientForm):
             tf.reshape(keys, [-1]),
             num_segments=tf.cast(batch, "int64") * rows,
         )
-        error = gamma(tf.shape(self.ids)[1], unit_roundoff(self.g.dtype)) * self._bound()
+        error = gamma(static_size(self.ids, 1), unit_roundoff(self.g.dtype)) * self._bound()
         return tf.reshape(dense, [batch, rows, -1]), error
 
 

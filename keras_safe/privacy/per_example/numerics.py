@@ -14,11 +14,14 @@ import tensorflow as tf
 __all__ = [
     "U64",
     "f64",
+    "frobenius_bound",
     "gamma",
     "group_rows",
     "scaled_rows",
+    "static_size",
     "sum_sq64",
     "unit_roundoff",
+    "working",
 ]
 
 U64 = 2.0**-53
@@ -49,16 +52,27 @@ def _tf32_active():
 
 
 def gamma(n, u):
-    """Higham's `gamma_n = n u / (1 - n u)` as a float64 tensor (infinite when `n u >= 1/2`).
+    """Higham's `gamma_n = n u / (1 - n u)`: infinite when `n u >= 1/2`.
+
+    A Python float for a Python `n` (no graph ops), else a float64 tensor.
 
     Example:
-        >>> float(gamma(2, 0.25))
+        >>> gamma(2, 0.25)
         inf
-        >>> round(float(gamma(10, 2.0**-24)) / (10 * 2.0**-24), 6)
+        >>> round(gamma(10, 2.0**-24) / (10 * 2.0**-24), 6)
         1.000001
     """
+    if isinstance(n, (int, float)):
+        nu = n * u
+        return nu / (1.0 - nu) if nu < 0.5 else math.inf
     nu = tf.cast(n, "float64") * u
     return tf.where(nu < 0.5, nu / (1.0 - nu), tf.constant(math.inf, "float64"))
+
+
+def static_size(t, axis):
+    """`t.shape[axis]` when known while tracing (a Python int), else the tensor size."""
+    size = t.shape[axis]
+    return tf.shape(t)[axis] if size is None else int(size)
 
 
 def f64(t):
@@ -93,16 +107,58 @@ def group_rows(t, groups):
     return tf.reshape(t, tf.concat([[groups, -1], shape[2:]], axis=0))
 
 
-def sum_sq64(t, keep_axes=1):
-    """Per-example sum of squares, float64, an upper bound of the exact sum.
+def _block(n):
+    """A divisor of n near sqrt(n) (1 when there is none above sqrt(n) / 4)."""
+    best = 1
+    for c in range(1, math.isqrt(n) + 1):
+        if n % c == 0:
+            best = c
+    return best if best * best * 16 >= n else 1
 
-    The last axis is reduced in the input dtype (the bound accounts for its rounding: each
-    partial sum of n non-negative terms is at least `(1 - gamma_n)` times the exact one), the
-    rest in float64.
+
+def sum_sq64(t):
+    """Per-example sums of squares (over every axis but the first), float64 upper bounds.
+
+    The squares are summed in float32 in two levels (blocks of about sqrt(n) terms, then the
+    block sums), each inflated by its rounding bound: a float sum of m non-negative terms is at
+    least `(1 - gamma_m)` times the exact one, whatever the order. The bound exceeds the exact
+    sum by about `2 sqrt(n) u` relative, at the cost of one float32 pass.
     """
-    if t.dtype == tf.float64 or len(t.shape) <= keep_axes + 1:
-        return tf.reduce_sum(tf.square(f64(t)), axis=list(range(keep_axes, len(t.shape))))
-    n = t.shape[-1]
-    partial = f64(tf.reduce_sum(tf.square(t), axis=-1))
-    inflate = 1.0 + 2.0 * gamma(n, unit_roundoff(t.dtype))
-    return tf.reduce_sum(partial, axis=list(range(keep_axes, len(t.shape) - 1))) * inflate
+    t = working(t)
+    n = t.shape[1:].num_elements()
+    u = unit_roundoff(t.dtype)
+    if t.dtype == tf.float64 or n is None or n <= 32:
+        flat = tf.reshape(t, [tf.shape(t)[0], -1])
+        squares = tf.reduce_sum(tf.square(f64(flat)), axis=1)
+        count = n if n is not None else tf.shape(flat)[1]
+        return squares * (1.0 + 2.0 * gamma(count, U64))
+    c = _block(n)
+    if c == 1:
+        flat = tf.reshape(t, [-1, n])
+        return f64(tf.reduce_sum(tf.square(flat), axis=1)) * (1.0 + 2.0 * gamma(n, u))
+    blocks = tf.reduce_sum(tf.square(tf.reshape(t, [-1, n // c, c])), axis=2)
+    inflate = (1.0 + 2.0 * gamma(c, u)) * (1.0 + 2.0 * gamma(n // c, u))
+    return f64(tf.reduce_sum(blocks, axis=1)) * inflate
+
+
+def frobenius_bound(t, axes):
+    """float64 upper bound of `sqrt(sum of t**2 over axes)` (one float32 pass, inflated by
+    the rounding bound of the sum)."""
+    t = working(t)
+    sizes = [t.shape[a] for a in axes]
+    count = math.prod(sizes) if None not in sizes else tf.reduce_prod(tf.gather(tf.shape(t), axes))
+    squares = f64(tf.reduce_sum(tf.square(t), axis=axes))
+    return tf.sqrt(squares * (1.0 + 2.0 * gamma(count, unit_roundoff(t.dtype))))
+
+
+def working(t):
+    """`t` in the precision the forms compute in: 16-bit floats go up to float32.
+
+    Mixed-precision models record bfloat16 or float16 factors; summed in 16 bits, a sum of a few
+    hundred terms has no useful rounding bound (`gamma_n` is infinite once `n u >= 1/2`), so the
+    forms work on the recorded values in float32 (the variables are float32 anyway).
+    """
+    t = tf.convert_to_tensor(t)
+    if t.dtype in (tf.float16, tf.bfloat16):
+        return tf.cast(t, tf.float32)
+    return t

@@ -6,6 +6,7 @@ import pytest
 import tensorflow as tf
 
 import keras_safe
+from keras_safe._validation import PrivacyError
 from keras_safe.privacy.per_example import clipped_gradient_sum
 from tests.privacy.per_example.common import (
     RNG,
@@ -112,7 +113,7 @@ def test_scalar_loss_function_is_refused():
         loss=lambda y_true, y_pred: tf.reduce_mean(tf.square(y_true - y_pred)),
     )
     keras_safe.privacy.make_private(model)
-    with pytest.raises(ValueError, match="per example"):
+    with pytest.raises(PrivacyError, match="per example"):
         model.fit(RNG.normal(size=(B, 5)), RNG.normal(size=(B, 3)), verbose=0)
 
 

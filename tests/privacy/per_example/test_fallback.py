@@ -131,3 +131,15 @@ def test_verify_with_microbatches():
     model = _compiled(Bilinear())
     found = verify(model, PerExampleLoss(model), *_data(count=6), num_microbatches=3)
     assert found.fallback == "vectorized"
+
+
+def test_verify_leaves_out_an_example_whose_gradient_is_not_finite():
+    # Such an example is dropped by the train step; it must not make verification refuse.
+    model = _compiled(Bilinear())
+    x, y = _data()
+    x[1, 0] = np.nan
+    found = verify(model, PerExampleLoss(model), x, y)
+    assert found.fallback == "vectorized" and found.max_error < 1e-3
+    x[:, 0] = np.nan
+    with pytest.raises(PrivacyError, match="None of the 5 examples given to verify has a finite"):
+        verify(model, PerExampleLoss(model), x, y)

@@ -4,6 +4,7 @@ the shared axes."""
 import keras
 
 from keras_safe.privacy.per_example.forms import summed_form
+from keras_safe.privacy.per_example.numerics import working
 from keras_safe.privacy.per_example.rules.base import TapRule, plain_keras_call
 
 __all__ = ["PReLURule"]
@@ -30,4 +31,4 @@ class PReLURule(TapRule):
             for axis, size in enumerate(layer.alpha.shape, start=1)
             if size == 1 and dz.shape[axis] != 1
         ]
-        return [summed_form(layer.alpha, negative * dz, shared)]
+        return [summed_form(layer.alpha, working(negative) * working(dz), shared)]

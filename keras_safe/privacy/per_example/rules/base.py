@@ -1,8 +1,10 @@
 """The base class of per-example gradient rules and helpers the built-in rules share."""
 
+import math
+
 import keras
 
-__all__ = ["TapRule", "as_sequence", "finish", "plain_keras_call", "rule_name"]
+__all__ = ["TapRule", "as_sequence", "finish", "plain_keras_call", "positions", "rule_name"]
 
 
 class TapRule:
@@ -53,12 +55,24 @@ def plain_keras_call(layer, cls):
     )
 
 
+def positions(t, *tail):
+    """Reshapes `[B, ...]` to `[B, T, *tail]`, with T static whenever the shape allows.
+
+    A static T lets the forms choose their norm method while tracing, also when the batch
+    size is unknown.
+    """
+    known = t.shape[1:].num_elements()
+    if known is not None:
+        return keras.ops.reshape(t, (-1, known // math.prod(tail), *tail))
+    return keras.ops.reshape(t, (keras.ops.shape(t)[0], -1, *tail))
+
+
 def as_sequence(t):
     """Flattens `[B, ..., K]` to `[B, T, K]` (T = 1 for rank-2 inputs)."""
     t = keras.ops.convert_to_tensor(t)
     if len(t.shape) == 2:
         return t[:, None, :]
-    return keras.ops.reshape(t, (keras.ops.shape(t)[0], -1, t.shape[-1]))
+    return positions(t, t.shape[-1])
 
 
 def finish(layer, z):

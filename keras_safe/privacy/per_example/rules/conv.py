@@ -14,7 +14,18 @@ import keras
 import tensorflow as tf
 
 from keras_safe.privacy.per_example.forms import OuterProductGrad
-from keras_safe.privacy.per_example.rules.base import TapRule, finish, plain_keras_call
+from keras_safe.privacy.per_example.numerics import (
+    frobenius_bound,
+    gamma,
+    unit_roundoff,
+    working,
+)
+from keras_safe.privacy.per_example.rules.base import (
+    TapRule,
+    finish,
+    plain_keras_call,
+    positions,
+)
 from keras_safe.privacy.per_example.rules.dense import bias_form
 
 __all__ = [
@@ -45,7 +56,7 @@ def patches(inputs, kernel_size, strides, padding, dilation_rate):
         out = keras.ops.conv(
             inputs, one_hot, strides=list(strides), padding=padding, dilation_rate=dilation_rate
         )
-        return keras.ops.reshape(out, (keras.ops.shape(out)[0], -1, size))
+        return positions(out, size)
     if rank < 3:
         images = inputs[:, None] if rank == 1 else inputs
         one = [1] * (2 - rank)
@@ -62,7 +73,7 @@ def patches(inputs, kernel_size, strides, padding, dilation_rate):
         )
     else:
         return _patches_per_channel(inputs, kernel_size, strides, padding, dilation_rate)
-    return tf.reshape(out, [tf.shape(out)[0], -1, out.shape[-1]])
+    return positions(out, out.shape[-1])
 
 
 def _patches_per_channel(inputs, kernel_size, strides, padding, dilation_rate):
@@ -77,7 +88,7 @@ def _patches_per_channel(inputs, kernel_size, strides, padding, dilation_rate):
     )
     out = tf.reshape(out, [-1, channels, tf.reduce_prod(tf.shape(out)[1:-1]), taps])
     out = tf.transpose(out, [0, 2, 3, 1])  # [B, T, taps, channels]
-    return tf.reshape(out, [tf.shape(out)[0], -1, taps * channels])
+    return positions(out, taps * channels)
 
 
 def _channels_last(layer):
@@ -91,16 +102,16 @@ def _add_bias(layer, z):
 
 
 def _output_grads(dz):
-    return keras.ops.reshape(dz, (keras.ops.shape(dz)[0], -1, dz.shape[-1]))
+    return positions(dz, dz.shape[-1])
 
 
 def _grouped(p, g, groups, taps):
     """Splits patches `[B, T, taps * C]` and gradients `[B, T, F]` into `groups` groups."""
     channels = p.shape[-1] // taps
-    p = keras.ops.reshape(p, (keras.ops.shape(p)[0], -1, taps, groups, channels // groups))
+    p = positions(p, taps, groups, channels // groups)
     p = keras.ops.transpose(p, (0, 1, 3, 2, 4))
-    p = keras.ops.reshape(p, (keras.ops.shape(p)[0], -1, groups, taps * (channels // groups)))
-    g = keras.ops.reshape(g, (keras.ops.shape(g)[0], -1, groups, g.shape[-1] // groups))
+    p = positions(p, groups, taps * (channels // groups))
+    g = positions(g, groups, g.shape[-1] // groups)
     return p, g
 
 
@@ -139,13 +150,16 @@ class ConvRule(TapRule):
         padding = "valid" if layer.padding == "causal" else layer.padding  # inputs are padded
         p = patches(inputs, layer.kernel_size, layer.strides, padding, layer.dilation_rate)
         g = _output_grads(dz)
+        bound = _patch_norm_bound(inputs, layer, layer.groups)
+        a, g_rows = p, g
         if layer.groups > 1:
-            a, g_groups = _grouped(p, g, layer.groups, math.prod(layer.kernel_size))
-            forms = [OuterProductGrad(layer.kernel, a, g_groups, layer.kernel.shape)]
-        else:
-            forms = [OuterProductGrad(layer.kernel, p, g, layer.kernel.shape)]
+            a, g_rows = _grouped(p, g, layer.groups, math.prod(layer.kernel_size))
+        g_norm = frobenius_bound(g_rows, [1, 3] if layer.groups > 1 else [1, 2])
+        kernel = layer.kernel
+        forms = [OuterProductGrad(kernel, a, g_rows, kernel.shape, bound, g_norm)]
         if layer.use_bias:
-            forms.append(bias_form(layer.bias, g))
+            total = tf.sqrt(tf.reduce_sum(tf.square(g_norm), 1)) if layer.groups > 1 else g_norm
+            forms.append(bias_form(layer.bias, g, total))
         return forms
 
 
@@ -184,8 +198,10 @@ class DepthwiseConvRule(TapRule):
 
 def _depthwise_form(layer, kernel, inputs, g):
     p = patches(inputs, layer.kernel_size, layer.strides, layer.padding, layer.dilation_rate)
-    a, g_groups = _grouped(p, g, inputs.shape[-1], math.prod(layer.kernel_size))
-    return OuterProductGrad(kernel, a, g_groups, kernel.shape)
+    channels = inputs.shape[-1]
+    a, g_groups = _grouped(p, g, channels, math.prod(layer.kernel_size))
+    bound = _patch_norm_bound(inputs, layer, channels)
+    return OuterProductGrad(kernel, a, g_groups, kernel.shape, bound)
 
 
 class SeparableConvRule(TapRule):
@@ -262,7 +278,36 @@ class ConvTransposeRule(TapRule):
     def forms(layer, inputs, dz):
         p = patches(dz, layer.kernel_size, layer.strides, layer.padding, layer.dilation_rate)
         x = _output_grads(inputs)
-        forms = [OuterProductGrad(layer.kernel, p, x, layer.kernel.shape)]
+        bound = _patch_norm_bound(dz, layer, 1)
+        forms = [OuterProductGrad(layer.kernel, p, x, layer.kernel.shape, bound)]
         if layer.use_bias:
             forms.append(bias_form(layer.bias, _output_grads(dz)))
         return forms
+
+
+def _patch_norm_bound(inputs, layer, groups):
+    """An upper bound of each example's `||patches||_F` (per group), from the input alone.
+
+    An input element lies in at most `prod_d ceil(k_d gcd(s_d, r_d) / s_d)` patches (kernel
+    size k, stride s, dilation r), so the patches' squared norm is at most that count times
+    the input's. A pass over the input instead of over the (larger) patches.
+    """
+    strides = layer.strides if isinstance(layer.strides, (list, tuple)) else [layer.strides]
+    rank = len(layer.kernel_size)
+    strides = list(strides) * (rank if len(strides) == 1 else 1)
+    dilation = layer.dilation_rate
+    dilation = list(dilation) * (rank if len(dilation) == 1 else 1)
+    cover = math.prod(
+        -(-k * math.gcd(s, r) // s) for k, s, r in zip(layer.kernel_size, strides, dilation)
+    )
+    x = working(inputs)
+    channels = x.shape[-1]
+    per_channel = tf.reduce_sum(tf.square(x), axis=list(range(1, len(x.shape) - 1)))
+    grouped = tf.reduce_sum(tf.reshape(per_channel, [-1, groups, channels // groups]), axis=2)
+    if None in x.shape[1:-1]:
+        count = tf.reduce_prod(tf.shape(x)[1:-1]) * (channels // groups)
+    else:
+        count = math.prod(x.shape[1:-1]) * (channels // groups)
+    inflate = 1.0 + 2.0 * gamma(count, unit_roundoff(x.dtype))
+    bound = tf.sqrt(tf.cast(grouped, "float64") * cover * inflate)
+    return bound if groups > 1 else bound[:, 0]

@@ -1,16 +1,26 @@
 """Dense: per-example kernel gradient `sum_t a_t g_t^T`, bias gradient `sum_t g_t`."""
 
 import keras
+import tensorflow as tf
 
-from keras_safe.privacy.per_example.forms import OuterProductGrad, summed_form
+from keras_safe.privacy.per_example.forms import MaterialisedGrad, OuterProductGrad, summed_form
+from keras_safe.privacy.per_example.numerics import gamma, static_size, unit_roundoff, working
 from keras_safe.privacy.per_example.rules.base import TapRule, as_sequence, finish, plain_keras_call
 
 __all__ = ["DenseRule", "bias_form"]
 
 
-def bias_form(variable, g):
-    """The form of a bias added at every position: `sum_t g_t` per example (`g`: `[B, T, O]`)."""
-    return summed_form(variable, g, [1])
+def bias_form(variable, g, g_norm_bound=None):
+    """The form of a bias added at every position: `sum_t g_t` per example (`g`: `[B, T, O]`).
+
+    With `g_norm_bound` (a float64 bound of each example's `||g||_F`), the rounding bound of
+    the sum over positions uses `|| sum_t |g_t| || <= sqrt(T) ||g||_F` instead of a pass over g.
+    """
+    steps = static_size(g, 1)
+    if g_norm_bound is None or (isinstance(steps, int) and steps == 1):
+        return summed_form(variable, g, [1])
+    error = gamma(steps, unit_roundoff(working(g).dtype)) * tf.sqrt(tf.cast(steps, "float64"))
+    return MaterialisedGrad(variable, keras.ops.sum(working(g), axis=1), error * g_norm_bound)
 
 
 class DenseRule(TapRule):

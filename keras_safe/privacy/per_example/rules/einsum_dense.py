@@ -4,7 +4,7 @@ import keras
 import tensorflow as tf
 
 from keras_safe.privacy.per_example.forms import MaterialisedGrad, summed_form
-from keras_safe.privacy.per_example.numerics import gamma, unit_roundoff
+from keras_safe.privacy.per_example.numerics import gamma, unit_roundoff, working
 from keras_safe.privacy.per_example.rules.base import TapRule, finish, plain_keras_call
 
 __all__ = ["EinsumDenseRule"]
@@ -39,6 +39,7 @@ class EinsumDenseRule(TapRule):
     @staticmethod
     def forms(layer, inputs, dz):
         ins, ker, out = _parts(layer)
+        inputs, dz = working(inputs), working(dz)
         batch = ins[0]
         equation = f"{ins},{out}->{batch}{ker}"
         kernel_grads = keras.ops.einsum(equation, inputs, dz)

@@ -3,7 +3,7 @@
 import keras
 
 from keras_safe.privacy.per_example.forms import EmbeddingGrad
-from keras_safe.privacy.per_example.rules.base import TapRule, plain_keras_call
+from keras_safe.privacy.per_example.rules.base import TapRule, plain_keras_call, positions
 
 __all__ = ["EmbeddingRule"]
 
@@ -24,7 +24,6 @@ class EmbeddingRule(TapRule):
 
     @staticmethod
     def forms(layer, ids, dz):
-        batch = keras.ops.shape(ids)[0]
-        flat_ids = keras.ops.reshape(ids, (batch, -1))
-        g = keras.ops.reshape(dz, (batch, -1, dz.shape[-1]))
+        flat_ids = positions(ids)
+        g = positions(dz, dz.shape[-1])
         return [EmbeddingGrad(layer.embeddings, flat_ids, g)]

@@ -8,6 +8,7 @@ across, materialised (they are as small as the parameters).
 import keras
 
 from keras_safe.privacy.per_example.forms import summed_form
+from keras_safe.privacy.per_example.numerics import working
 from keras_safe.privacy.per_example.rules.base import TapRule, plain_keras_call
 
 __all__ = ["GroupNormRule", "LayerNormRule"]
@@ -37,6 +38,7 @@ def _affine(layer, normalized, axes):
 
 def _affine_forms(layer, normalized, dz, axes):
     reduce_axes = [a for a in range(1, len(dz.shape)) if a not in axes]
+    normalized, dz = working(normalized), working(dz)
     forms = []
     if layer.scale:
         forms.append(summed_form(layer.gamma, normalized * dz, reduce_axes))

@@ -8,7 +8,7 @@ products over time, joined across the steps.
 
 import keras
 
-from keras_safe.privacy.per_example.forms import MaterialisedGrad, OuterProductGrad
+from keras_safe.privacy.per_example.forms import OuterProductGrad
 from keras_safe.privacy.per_example.rules.base import TapRule, plain_keras_call
 
 __all__ = ["GRUCellRule", "LSTMCellRule", "SimpleRNNCellRule"]
@@ -22,6 +22,19 @@ def _plain_cell(layer, cls):
     return plain_keras_call(layer, cls) and not layer.dropout and not layer.recurrent_dropout
 
 
+def _bias_rows(bias, rows):
+    """A bias gradient as an outer product with one-hot rows: `rows` is `[B, P, O]` with one
+    row per slice of the bias (P = 1 for a plain bias). Outer products of the time steps join
+    into one form (no per-step materialised rows to add up)."""
+    count = rows.shape[1]
+    if count == 1:
+        one_hot = keras.ops.ones_like(rows[:, :, :1])
+    else:
+        eye = keras.ops.eye(count, dtype=rows.dtype)
+        one_hot = keras.ops.broadcast_to(eye, (keras.ops.shape(rows)[0], count, count))
+    return OuterProductGrad(bias, one_hot, rows, bias.shape)
+
+
 def _recurrent_forms(layer, saved, d_inputs, d_state, bias=True):
     inputs, previous = saved
     kernel, recurrent = layer.kernel, layer.recurrent_kernel
@@ -30,7 +43,7 @@ def _recurrent_forms(layer, saved, d_inputs, d_state, bias=True):
         OuterProductGrad(recurrent, previous[:, None], d_state[:, None], recurrent.shape),
     ]
     if bias and getattr(layer, "bias", None) is not None:
-        forms.append(MaterialisedGrad(layer.bias, d_inputs))
+        forms.append(_bias_rows(layer.bias, d_inputs[:, None]))
     return forms
 
 
@@ -120,8 +133,7 @@ class GRUCellRule(TapRule):
         d_inputs, d_state = dzs
         forms = _recurrent_forms(layer, saved, d_inputs, d_state, bias=False)
         if layer.use_bias:
-            bias = keras.ops.stack([d_inputs, d_state], axis=1)
-            forms.append(MaterialisedGrad(layer.bias, bias))
+            forms.append(_bias_rows(layer.bias, keras.ops.stack([d_inputs, d_state], axis=1)))
         return forms
 
 
@@ -158,5 +170,5 @@ def _gru_reset_before_forms(layer, saved, d_inputs, d_gates, d_reset):
         OuterProductGrad(recurrent, rows, grads, recurrent.shape),
     ]
     if layer.use_bias:
-        forms.append(MaterialisedGrad(layer.bias, d_inputs))
+        forms.append(_bias_rows(layer.bias, d_inputs[:, None]))
     return forms

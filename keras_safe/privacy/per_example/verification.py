@@ -72,10 +72,14 @@ def _check_independent(model, loss_fn, x, y, sample_weight, training):
     alone = np.array(
         [_loss_alone(model, loss_fn, x, y, sample_weight, i, training) for i in range(count)]
     )
-    scale = max(float(np.max(np.abs(alone))), 1e-6)
-    gap = np.abs(batch - alone)
+    finite = np.isfinite(batch) & np.isfinite(alone)
+    scale = max(float(np.max(np.abs(alone[finite]), initial=0.0)), 1e-6)
+    # A loss that is not finite both ways (a NaN in the example's data) is the example's own:
+    # the train step drops it. Finite one way only, or different, means the examples interact.
+    gap = np.where(finite, np.abs(batch - alone), 0.0)
+    gap = np.where(np.isfinite(batch) == np.isfinite(alone), gap, np.inf)
     worst = int(np.argmax(gap))
-    if not np.all(np.isfinite(gap)) or gap[worst] > 1e-4 * scale:
+    if gap[worst] > 1e-4 * scale:
         raise PrivacyError(
             f"Examples interact: example {worst}'s loss is {batch[worst]:.6g} in a batch of "
             f"{count} but {alone[worst]:.6g} alone. A layer or the loss mixes the examples of "
@@ -85,7 +89,7 @@ def _check_independent(model, loss_fn, x, y, sample_weight, training):
             "(keras_safe.privacy.validate(model, fix=True)), use a loss with one value per "
             "example, and keep layers stateless."
         )
-    return batch
+    return alone
 
 
 def _loss_alone(model, loss_fn, x, y, sample_weight, i, training):
@@ -146,7 +150,8 @@ def _disagreements(ours, ref_norms, ref_variable_norms, ref_sums, clip, rtol):
     reference's clip factors; the total (keras_safe's own factors) must agree too.
     """
     variable_norms, _, own, alike = ours
-    scale = np.maximum(ref_norms, 1e-12)
+    valid = np.isfinite(ref_norms)  # units whose gradient is not finite are dropped by both
+    scale = np.where(valid, np.maximum(ref_norms, 1e-12), np.inf)
     bad, worst = set(), 0.0
 
     def note(k, gap, limit):
@@ -156,7 +161,8 @@ def _disagreements(ours, ref_norms, ref_variable_norms, ref_sums, clip, rtol):
         worst = max(worst, gap if np.isfinite(gap) else np.inf)
 
     for k, (mine, theirs) in enumerate(zip(variable_norms, ref_variable_norms)):
-        note(k, float(np.max(np.abs(mine - theirs) / scale)), rtol)
+        gaps = np.abs(np.where(valid, mine, 0.0) - np.where(valid, theirs, 0.0)) / scale
+        note(k, float(np.max(gaps)), rtol)
     units = len(ref_norms)
     for k, (mine, theirs) in enumerate(zip(alike, ref_sums)):
         note(k, float(np.linalg.norm(mine - theirs)) / clip, rtol * units)
@@ -240,9 +246,20 @@ def verify(
         every variable has a built-in rule
     """
     variables = list(model.trainable_variables if variables is None else variables)
-    count = reference.example_count(x)
+    losses = _check_independent(model, loss_fn, x, y, sample_weight, training)
+    # An example whose loss is not finite is dropped by the train step; left in, it would turn
+    # every example's Jacobian rows into NaN (0 * NaN), so the comparison leaves it out too.
+    keep = np.flatnonzero(np.isfinite(losses))
+    if not len(keep):
+        raise PrivacyError(
+            f"None of the {len(losses)} examples given to verify has a finite loss, so the "
+            "per-example clipping of this model cannot be checked. Fix: verify (start `fit`) on "
+            "examples without NaN or infinite values."
+        )
+    if len(keep) < len(losses):
+        x, y, sample_weight = (reference.take(d, keep) for d in (x, y, sample_weight))
+    count = len(keep)
     microbatches = num_microbatches if num_microbatches and count % num_microbatches == 0 else None
-    _check_independent(model, loss_fn, x, y, sample_weight, training)
     data = (x, y, sample_weight)
     sides = {
         mode: _KerasSafeSide(model, loss_fn, variables, data, microbatches, training, mode)
@@ -264,10 +281,12 @@ def verify(
         np.array([np.linalg.norm(g[k]) for g in grads]) for k in range(len(variables))
     ]
     ref_norms = np.sqrt(sum(n**2 for n in ref_variable_norms))
-    clip = float(np.median(ref_norms)) if l2_norm_clip is None else float(l2_norm_clip)
+    valid = np.isfinite(ref_norms)
+    finite = [unit for unit, ok in zip(grads, valid) if ok]
+    clip = float(np.median(ref_norms[valid])) if l2_norm_clip is None else float(l2_norm_clip)
     clip = clip if clip > 0 else 1.0
-    ref = (ref_norms, ref_variable_norms, reference.clip_and_sum(grads, clip)[0], clip, rtol)
-    ref_factors = np.minimum(1.0, clip / np.maximum(ref_norms, 1e-300))
+    ref = (ref_norms, ref_variable_norms, reference.clip_and_sum(finite, clip)[0], clip, rtol)
+    ref_factors = np.where(valid, np.minimum(1.0, clip / np.maximum(ref_norms, 1e-300)), 0.0)
 
     fallback = "vectorized" if fallback_ids else None
     ours = sides["vectorized"](clip, ref_factors)
