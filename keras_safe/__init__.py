@@ -1,9 +1,9 @@
 """keras_safe: model security and training-data privacy for Keras 3.
 
 Subpackages:
-    privacy: per-example gradients, DP train step, accounting, Poisson sampling, model checks.
+    privacy: per-example gradients, accounting and the privacy ledger, Poisson sampling, model
+        checks (`make_private` and `dp_gradients` re-exported from `training`).
     optimizers: DP optimizers (`DPSGD`, `DPAdam`, `DPOptimizer`) and gradient clipping wrappers.
-    regularizers: weight-noise regularisers.
     layers: layers that are not preprocessing (weight noise, output defences).
     preprocessing: cleaning and normalising layers, leak-free splitting.
     callbacks: privacy budget, audits and gradient monitoring during `fit`.
@@ -30,13 +30,12 @@ from keras_safe import (  # noqa: E402
     optimizers,
     preprocessing,
     privacy,
-    regularizers,
     security,
     testing,
     training,
 )
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "audit",
@@ -45,7 +44,6 @@ __all__ = [
     "optimizers",
     "preprocessing",
     "privacy",
-    "regularizers",
     "security",
     "testing",
     "training",
