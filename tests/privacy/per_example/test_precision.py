@@ -10,8 +10,10 @@ API and measure the update.
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import keras_safe
+from keras_safe.privacy.per_example import clipped_gradient_sum
 
 LR, CLIP = 1.0, 1.0
 
@@ -90,3 +92,44 @@ def test_a_sequence_bias_with_cancelling_gradients():
     moved = _one_dp_step(model, [x, weights[None]], np.zeros((1, 1), "float32"))
     assert moved <= LR * CLIP * (1 + 1e-5)
     assert moved >= 0.9 * LR * CLIP
+
+
+def test_mixed_bfloat16_keeps_every_example_and_the_bound():
+    # bfloat16 factors summed in bfloat16 would have no useful rounding bound (gamma_n is
+    # infinite for n >= 128 at u = 2^-8) and every example would be dropped; the forms work
+    # in float32 on the recorded values.
+    keras.mixed_precision.set_dtype_policy("mixed_bfloat16")
+    try:
+        model = keras.Sequential(
+            [
+                keras.Input((16, 16, 1)),
+                keras.layers.Conv2D(4, 3, padding="same"),
+                keras.layers.Flatten(),
+                keras.layers.Dense(3, dtype="float32"),
+            ]
+        )
+        variables = model.trainable_variables
+        x = np.random.default_rng(1).normal(size=(4, 16, 16, 1)).astype("float32")
+        y = np.array([0, 1, 2, 1])
+
+        @tf.function
+        def clipped(xb, yb):
+            def forward():
+                pred = model(xb, training=True)
+                loss = keras.losses.sparse_categorical_crossentropy(yb, pred, from_logits=True)
+                return loss, pred
+
+            sums, _, _, norms = clipped_gradient_sum(model, variables, forward, CLIP)
+            return sums, norms
+
+        full, norms = clipped(x, y)
+        assert np.all(np.isfinite(norms)) and np.all(np.asarray(norms) > 0)
+        for i in range(4):
+            keep = [j for j in range(4) if j != i]
+            without, _ = clipped(x[keep], y[keep])
+            moved = np.sqrt(
+                sum(np.sum((np.asarray(a) - np.asarray(b)) ** 2) for a, b in zip(full, without))
+            )
+            assert moved <= CLIP * (1 + 1e-5)
+    finally:
+        keras.mixed_precision.set_dtype_policy("float32")
