@@ -16,6 +16,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 import types
 
 import dp_accounting
@@ -81,27 +82,32 @@ def _free_ports(count):
 def _run_workers(path):
     ports = ",".join(str(p) for p in _free_ports(2))
     outputs = [path.with_name(f"worker{i}.json") for i in range(2)]
-    workers = [
-        subprocess.Popen(
-            [sys.executable, RUNS, "worker", str(i), ports, str(out)],
-            env=_environment(),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i, out in enumerate(outputs)
-    ]
-    errors = []
+    logs = [path.with_name(f"worker{i}.log") for i in range(2)]
+    workers = []
     try:
-        for worker in workers:
-            _, err = worker.communicate(timeout=TIMEOUT)
-            errors.append(err[-3000:])
+        for i, (out, log) in enumerate(zip(outputs, logs)):
+            with open(log, "w") as handle:
+                workers.append(
+                    subprocess.Popen(
+                        [sys.executable, RUNS, "worker", str(i), ports, str(out)],
+                        env=_environment(),
+                        stdout=subprocess.DEVNULL,
+                        stderr=handle,
+                    )
+                )
+        deadline = time.monotonic() + TIMEOUT
+        # A worker whose peer failed would wait for it until the deadline: stop it at once.
+        while any(w.poll() is None for w in workers) and time.monotonic() < deadline:
+            if any(w.poll() not in (None, 0) for w in workers):
+                break
+            time.sleep(0.5)
     finally:
-        for worker in workers:  # a worker left waiting for its peer is stopped here
+        for worker in workers:
             if worker.poll() is None:
                 worker.kill()
-                worker.wait()
+            worker.wait()
     codes = [w.returncode for w in workers]
+    errors = [log.read_text()[-3000:] for log in logs]
     assert codes == [0, 0] and all(o.exists() for o in outputs), (codes, errors)
     path.write_text(json.dumps([json.loads(o.read_text()) for o in outputs]))
 
