@@ -16,15 +16,9 @@ import dataclasses
 import keras
 import tensorflow as tf
 
-from keras_safe._validation import (
-    PrivacyError,
-    check_choice,
-    check_number,
-    check_probability,
-    fail,
-)
+from keras_safe._validation import PrivacyError, check_choice, check_number, check_probability, fail
 from keras_safe.optimizers import provenance, replicas
-from keras_safe.optimizers.noise import fresh_seed, gaussian_noise
+from keras_safe.optimizers.noise import fresh_seed
 from keras_safe.optimizers.wrapper import OptimizerWrapper, innermost, optimizer_chain
 from keras_safe.privacy.accounting import DPSchedule, accountant_names, default_delta
 
@@ -315,25 +309,14 @@ class DPOptimizer(OptimizerWrapper):
         sums = [tf.cast(total, tf.float32) for total in clipped_sums]
         if stddev > 0:
             sizes = [int(v.shape.num_elements()) for v in variables]
-            noise = tf.split(self._replica_noise(sum(sizes), stddev), sizes)
+            share = replicas.noise_share(self._base_seed, self._noise_draws, sum(sizes), stddev)
+            noise = tf.split(share, sizes)
             sums = [total + tf.reshape(n, tf.shape(total)) for total, n in zip(sums, noise)]
         # Under a strategy, every replica gets the whole release (keras_safe.optimizers.replicas).
         sums = replicas.sum_over_replicas(sums)
         noisy = [tf.cast(total / denominator, v.dtype) for total, v in zip(sums, variables)]
         self._noise_draws.assign_add(1)
         return provenance.mark_released(noisy)
-
-    def _replica_noise(self, size, stddev):
-        """This replica's share of the update's noise: `size` draws of deviation
-        `stddev / sqrt(R)` (R replicas in sync), from its own counter, so the replicas' draws are
-        independent and their sum has deviation `stddev`."""
-        seed = tf.stack(
-            [
-                tf.constant(self._base_seed, tf.int64),
-                replicas.replica_noise_counter(self._noise_draws),
-            ]
-        )
-        return gaussian_noise(size, seed) * (stddev / replicas.num_replicas() ** 0.5)
 
     def apply(self, grads, trainable_variables=None):
         grads = list(grads)

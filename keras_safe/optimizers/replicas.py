@@ -28,8 +28,11 @@ Outside a strategy (and in cross-replica context) there is one replica and nothi
 
 import tensorflow as tf
 
+from keras_safe.optimizers.noise import gaussian_noise
+
 __all__ = [
     "apply_if",
+    "noise_share",
     "num_replicas",
     "replica_index",
     "replica_noise_counter",
@@ -78,6 +81,25 @@ def replica_noise_counter(draws):
     if num_replicas() == 1:
         return draws
     return draws + replica_index() * _REPLICA_STRIDE
+
+
+def noise_share(seed, draws, size, stddev):
+    """This replica's share of the noise of the `draws`-th update.
+
+    `size` Gaussian draws of standard deviation `stddev / sqrt(R)` from the counter-based
+    generator keyed by `seed` at this replica's counter (`replica_noise_counter`): the replicas'
+    shares are independent and their sum has standard deviation `stddev`. With one replica it
+    is the whole noise, `stddev` times `gaussian_noise(size, [seed, draws])`.
+
+    Example:
+
+    >>> noise = noise_share(7, 0, 10000, 2.0)  # one device
+    >>> 1.9 < float(tf.math.reduce_std(noise)) < 2.1
+    True
+    """
+    counter = replica_noise_counter(draws)
+    key = tf.stack([tf.constant(seed, tf.int64), counter])
+    return gaussian_noise(size, key) * (stddev / num_replicas() ** 0.5)
 
 
 def sum_over_replicas(tensors):

@@ -132,15 +132,11 @@ def _zero_gradient_update(strategy, seed=None, batch=16):
 
 
 def _replica_draws(strategy):
-    """Each replica's own noise draw for one update (same user seed on every replica)."""
-    with strategy.scope():
-        optimizer = DPSGD(0.1, l2_norm_clip=1.0, noise_multiplier=1.0, seed=5)
-        variable = keras.Variable(np.zeros(2000, "float32"))
-        optimizer.build([variable])
+    """Each replica's own noise draw for one update, with the same seed on every replica."""
 
     @tf.function
     def draws():
-        return strategy.run(lambda: optimizer._replica_noise(2000, 1.0))
+        return strategy.run(lambda: keras_safe.optimizers.replicas.noise_share(5, 0, 2000, 1.0))
 
     return [np.asarray(d).tolist() for d in strategy.experimental_local_results(draws())]
 
