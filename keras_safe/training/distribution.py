@@ -303,6 +303,11 @@ def loss_for_gradients(loss):
 
     Keras's optimizer sums the replicas' gradients, so each replica differentiates `1 / R` of
     its mean loss (what `model.compute_loss` returns under a strategy).
+
+    Example:
+
+    >>> float(loss_for_gradients(tf.constant(0.5)))  # outside a strategy
+    0.5
     """
     count = _loss_replicas()
     return loss if count == 1 else loss / tf.cast(count, loss.dtype)
