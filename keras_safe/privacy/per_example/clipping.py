@@ -1,6 +1,7 @@
 """The clipped gradient sum: rules where a layer has one, the Jacobian fallback elsewhere."""
 
 import dataclasses
+import math
 
 import keras
 import tensorflow as tf
@@ -130,8 +131,9 @@ def clip_factors(forms, l2_norm_clip, checks=()):
     """Per-example clip factors and the norm bounds they come from.
 
     The norm bound of example i is `sqrt(sum_v norms_sq_v) + sum_v slack_v` over the variables'
-    forms (float64): at least the exact norm of its gradient and at least the norm of what it
-    adds to the computed clipped sum, before scaling (see `forms`). The factor is
+    forms (float64; a slack given as a Python float is that fraction of the form's own norm
+    bound): at least the exact norm of its gradient and at least the norm of what it adds to
+    the computed clipped sum, before scaling (see `forms`). The factor is
     `C / max(bound, C)`, and 0 where the bound is not finite.
 
     Returns:
@@ -139,9 +141,14 @@ def clip_factors(forms, l2_norm_clip, checks=()):
     """
     bounds = [f.norm_bounds() for f in forms]
     norms_sq = tf.add_n([b[0] for b in bounds])
-    slack = tf.add_n([b[1] for b in bounds])
+    # A slack given as a Python float is relative to its form's own norm bound; summed over
+    # the forms, sum_v r ||v|| <= r sqrt(V) sqrt(sum_v ||v||^2).
+    relative = max([s for _, s in bounds if isinstance(s, float)], default=0.0)
+    absolute = [s for _, s in bounds if not isinstance(s, float)]
     with tf.control_dependencies(list(checks)):
-        norms = tf.sqrt(norms_sq) * (1.0 + 1e-12) + slack
+        norms = tf.sqrt(norms_sq) * (1.0 + 1e-12 + relative * math.sqrt(len(bounds)))
+        if absolute:
+            norms = norms + tf.add_n(absolute)
     clip = tf.cast(l2_norm_clip, "float64")
     # Examples with a non-finite norm (NaN or inf in their data or loss) get factor 0 and are
     # dropped from the sum: otherwise one such example would turn the whole step into NaN.

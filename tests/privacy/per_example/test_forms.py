@@ -23,8 +23,10 @@ RNG = np.random.default_rng(3)
 
 
 def _bound(form):
+    """The norm bound and the absolute slack (a float slack is relative to the bound)."""
     norms_sq, slack = form.norm_bounds()
-    return np.sqrt(np.asarray(norms_sq)), np.asarray(slack)
+    bound = np.sqrt(np.asarray(norms_sq))
+    return bound, bound * slack if isinstance(slack, float) else np.asarray(slack)
 
 
 def _variable(shape):
