@@ -7,7 +7,7 @@ import keras
 import tensorflow as tf
 
 from keras_safe.privacy.model_checks import all_layers
-from keras_safe.privacy.per_example.registry import find_rule
+from keras_safe.privacy.per_example.registry import find_rule, is_builtin
 
 __all__ = ["MAX_UNROLL", "installed_taps", "tapped_layers", "unrolled", "untap_unsafe_layers"]
 
@@ -119,7 +119,12 @@ def untap_unsafe_layers(taps, records, untapped, sentinel, losses):
     batch = losses.shape[0]
     checks = []
     for layer, saved, zs in records:
-        for tensor in [keras.tree.flatten(saved)[0], *zs]:
+        # The built-in rules record `saved` and `zs` with the same rows; a registered rule's
+        # outputs are checked too.
+        tensors = [keras.tree.flatten(saved)[0]]
+        if not is_builtin(taps[layer]):
+            tensors.extend(zs)
+        for tensor in tensors:
             rows = tensor.shape[0]
             if rows is not None and batch is not None:
                 if rows != batch:
