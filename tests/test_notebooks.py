@@ -1,37 +1,189 @@
-"""Every demo notebook runs top to bottom, offline, with the small settings."""
+"""The demo notebooks: stored with the outputs of a full run, and runnable with small settings.
 
+The stored notebooks are what a reader sees on GitHub: every code cell must hold the outputs of
+one run of `notebooks/run_all.py` with the full settings (plots included, no errors). The test
+suite runs each notebook again with the small settings (`KERAS_SAFE_FAST=1`) into a temporary
+copy, through the same function `run_all.py` uses, and checks that the stored file is untouched.
+"""
+
+import ast
+import importlib.util
 import os
 import pathlib
+import re
+import time
 
-import nbclient
 import nbformat
 import pytest
+from IPython.core.inputtransformer2 import TransformerManager
 
-NOTEBOOKS = sorted((pathlib.Path(__file__).resolve().parent.parent / "notebooks").glob("*.ipynb"))
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+NOTEBOOK_DIR = ROOT / "notebooks"
+NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))
+EXPECTED = [
+    "01_quickstart.ipynb",
+    "02_preprocessing.ipynb",
+    "03_privacy_audit.ipynb",
+    "04_existing_script.ipynb",
+    "05_model_security.ipynb",
+    "06_migrating_from_tf_privacy.ipynb",
+]
+FAST_LIMIT_S = 180  # each notebook, small settings, 2 CPU cores
+MAX_NOTEBOOK_BYTES = 1_000_000
+MAX_TOTAL_BYTES = 4_000_000
+# Calls that must never get a `seed=` in a notebook: a known seed voids the DP guarantee.
+DP_CALLS = {"DPSGD", "DPAdam", "DPOptimizer", "poisson_batches"}
 
 
-def test_there_are_notebooks():
-    assert any(p.name == "01_quickstart.ipynb" for p in NOTEBOOKS)
+def _load_runner():
+    spec = importlib.util.spec_from_file_location("run_all", NOTEBOOK_DIR / "run_all.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _code_cells(notebook):
+    return [cell for cell in notebook.cells if cell.cell_type == "code"]
+
+
+def _stream_text(cell, name="stdout"):
+    return "".join(
+        output.get("text", "")
+        for output in cell.get("outputs", [])
+        if output.get("output_type") == "stream" and output.get("name") == name
+    )
+
+
+def _images(notebook):
+    return [
+        output
+        for cell in _code_cells(notebook)
+        for output in cell.get("outputs", [])
+        if "image/png" in output.get("data", {})
+    ]
+
+
+def _errors(notebook):
+    return [
+        f"{output.get('ename')}: {output.get('evalue')}"
+        for cell in _code_cells(notebook)
+        for output in cell.get("outputs", [])
+        if output.get("output_type") == "error"
+    ]
+
+
+def _python_source(source):
+    """The cell as plain Python (IPython magics turned into calls), for `ast`."""
+    return TransformerManager().transform_cell(source)
+
+
+def test_the_six_notebooks_are_there():
+    assert [p.name for p in NOTEBOOKS] == EXPECTED
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_stored_notebook_holds_a_full_run(path):
+    """Outputs of one top-to-bottom run with the full settings, plots included, no errors."""
+    notebook = nbformat.read(path, as_version=4)
+    nbformat.validate(notebook)
+    cells = _code_cells(notebook)
+    counts = [cell.execution_count for cell in cells]
+    assert counts == list(range(1, len(cells) + 1)), "not one run, top to bottom"
+    assert _errors(notebook) == []
+    for cell in cells:
+        assert "Traceback" not in _stream_text(cell, "stderr")
+    settings = [re.search(r"settings: (\w+)", _stream_text(cell)) for cell in cells]
+    settings = [match.group(1) for match in settings if match]
+    assert settings == ["full"], "stored outputs must come from the full settings"
+    assert len(_images(notebook)) >= 1, "no plot in the stored outputs"
+    assert path.stat().st_size < MAX_NOTEBOOK_BYTES
+
+
+def test_stored_notebooks_stay_small():
+    assert sum(p.stat().st_size for p in NOTEBOOKS) < MAX_TOTAL_BYTES
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_opens_with_colab_link_and_install_cell(path):
+    notebook = nbformat.read(path, as_version=4)
+    title = notebook.cells[0]
+    assert title.cell_type == "markdown" and title.source.startswith("# ")
+    assert f"colab.research.google.com/github/OWNER/keras_safe/blob/main/notebooks/{path.name}" in (
+        title.source
+    )
+    install = _code_cells(notebook)[0]
+    assert 'REPOSITORY = "https://github.com/' in install.source
+    assert 'find_spec("keras_safe") is None' in install.source
+    assert "%pip install" in install.source
+    # Here keras_safe is importable: the stored run installed nothing.
+    assert "already installed: nothing to install" in _stream_text(install)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_no_seed_in_the_dp_path(path):
+    """DP optimizers and Poisson batches take their seeds from the OS in every notebook."""
+    notebook = nbformat.read(path, as_version=4)
+    seeded = []
+    for cell in _code_cells(notebook):
+        for node in ast.walk(ast.parse(_python_source(cell.source))):
+            if not isinstance(node, ast.Call):
+                continue
+            func = node.func
+            name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
+            if name in DP_CALLS and any(k.arg == "seed" for k in node.keywords):
+                seeded.append(ast.unparse(node)[:80])
+    assert seeded == []
+
+
+def test_seed_check_finds_a_seeded_call():
+    source = "b = keras_safe.privacy.poisson_batches(x, y, batch_size=8, seed=0)\n%pip list"
+    calls = [
+        node
+        for node in ast.walk(ast.parse(_python_source(source)))
+        if isinstance(node, ast.Call) and any(k.arg == "seed" for k in node.keywords)
+    ]
+    assert len(calls) == 1 and calls[0].func.attr in DP_CALLS
+
+
+def test_tensorboard_extra():
+    """Notebook 4's TensorBoard callback: TensorFlow 2.21 no longer installs TensorBoard."""
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["optional-dependencies"]["tensorboard"] == ["tensorboard"]
+    assert (
+        "keras_safe[audit,tensorboard]" in (NOTEBOOK_DIR / "04_existing_script.ipynb").read_text()
+    )
+
+
+def test_runner_refuses_small_settings_in_place(capsys):
+    runner = _load_runner()
+    with pytest.raises(SystemExit):
+        runner.main(["--fast"])
+    assert "--fast needs --output" in capsys.readouterr().err
+
+
+def test_runner_kernel_environment():
+    runner = _load_runner()
+    fast, full = runner.kernel_environment(True), runner.kernel_environment(False)
+    assert fast["KERAS_SAFE_FAST"] == "1" and "KERAS_SAFE_FAST" not in full
+    assert "MPLBACKEND" not in fast  # figures reach the outputs through the inline backend
+    assert fast["KERAS_SAFE_HEADLESS"] == "1"
+    assert str(ROOT) in fast["PYTHONPATH"].split(os.pathsep)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
-def test_notebook_executes(path, tmp_path, monkeypatch):
-    monkeypatch.setenv("KERAS_SAFE_FAST", "1")
-    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "3")
-    monkeypatch.setenv("MPLBACKEND", "Agg")
-    root = str(path.parent.parent)
-    monkeypatch.setenv("PYTHONPATH", root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    notebook = nbformat.read(path, as_version=4)
-    client = nbclient.NotebookClient(
-        notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": tmp_path}}
-    )
-    client.execute()
-    errors = [
-        output
-        for cell in notebook.cells
-        if cell.cell_type == "code"
-        for output in cell.get("outputs", [])
-        if output.get("output_type") == "error"
-    ]
-    assert errors == []
+def test_notebook_runs_with_small_settings(path, tmp_path):
+    """Runs top to bottom, offline, with the small settings, in time, leaving the stored one."""
+    runner = _load_runner()
+    stored = path.read_bytes()
+    start = time.perf_counter()
+    executed, _ = runner.execute_notebook(path, fast=True, output=tmp_path / path.name)
+    seconds = time.perf_counter() - start
+    assert path.read_bytes() == stored
+    assert _errors(executed) == []
+    printed = "".join(_stream_text(cell) for cell in _code_cells(executed))
+    assert "settings: fast" in printed
+    assert "already installed: nothing to install" in printed
+    assert all(cell.execution_count for cell in _code_cells(executed))
+    assert seconds < FAST_LIMIT_S, f"{path.name} took {seconds:.0f} s with the small settings"
