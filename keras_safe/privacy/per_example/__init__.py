@@ -28,9 +28,9 @@ from keras_safe.privacy.per_example.clipping import (
     clipped_gradient_sum,
     per_example_forms,
 )
+from keras_safe.privacy.per_example.embedding_form import EmbeddingGrad
 from keras_safe.privacy.per_example.fallback import FALLBACKS, jacobian
 from keras_safe.privacy.per_example.forms import (
-    EmbeddingGrad,
     GradientForm,
     MaterialisedGrad,
     OuterProductGrad,

@@ -2,7 +2,7 @@
 
 import keras
 
-from keras_safe.privacy.per_example.forms import EmbeddingGrad
+from keras_safe.privacy.per_example.embedding_form import EmbeddingGrad
 from keras_safe.privacy.per_example.rules.base import TapRule, plain_keras_call, positions
 
 __all__ = ["EmbeddingRule"]
