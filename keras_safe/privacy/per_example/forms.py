@@ -41,6 +41,7 @@ from keras_safe.privacy.per_example.numerics import (
     static_size,
     sum_sq64,
     unit_roundoff,
+    weighted_sum,
     working,
 )
 
@@ -114,7 +115,7 @@ class MaterialisedGrad(GradientForm):
         return tf.square(self._norms() + self.error), slack
 
     def clipped_sum(self, factors):
-        return tf.reduce_sum(scaled_rows(self.per_example, factors, factors), axis=0)
+        return weighted_sum(self.per_example, factors)
 
     def group(self, groups):
         grouped = group_rows(self.per_example[:, None], groups)
@@ -316,7 +317,7 @@ class OuterProductGrad(GradientForm):
 
     def clipped_sum(self, factors):
         if self._method() == "outer":
-            grad = tf.reduce_sum(scaled_rows(self._materialised(), factors, factors), axis=0)
+            grad = weighted_sum(self._materialised(), factors)
         else:
             grad = tf.einsum(
                 self._spec("btGk,btGo->kGo"),

@@ -21,6 +21,7 @@ __all__ = [
     "static_size",
     "sum_sq64",
     "unit_roundoff",
+    "weighted_sum",
     "working",
 ]
 
@@ -99,6 +100,20 @@ def scaled_rows(t, scale, factors):
         lambda: t,
         lambda: tf.where(tf.reshape(keep, shape), t, tf.zeros_like(t)),
     )
+
+
+def weighted_sum(rows, factors):
+    """`sum_i factors[i] * rows[i]` as one matrix-vector product; rows whose factor is 0 are
+    dropped whole (a NaN row does not spread), at no cost in a step without such rows."""
+    flat = tf.reshape(rows, [tf.shape(rows)[0], -1])
+    keep = factors > 0
+    flat = tf.cond(
+        tf.reduce_all(keep),
+        lambda: flat,
+        lambda: tf.where(keep[:, None], flat, tf.zeros_like(flat)),
+    )
+    total = tf.linalg.matvec(flat, tf.cast(factors, flat.dtype), transpose_a=True)
+    return tf.reshape(total, tf.shape(rows)[1:])
 
 
 def group_rows(t, groups):
