@@ -110,6 +110,8 @@ def train_step(model, data):
         first = next(t for t in keras.tree.flatten(x) if t is not None)
         metric.update_state(loss, sample_weight=tf.shape(first)[0])
     model.optimizer.apply(grads, variables)
+    if sample_weight is not None and getattr(state.data_settings(model), "poisson", False):
+        y_pred = _mask_padding(y_pred, sample_weight)
     logs = model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
     for optimizer in optimizer_chain(model.optimizer):
         if hasattr(optimizer, "step_logs"):
@@ -125,6 +127,34 @@ def _run_data_stages(model, x, y, sample_weight):
         x, y, sample_weight = stage.transform(model, x, y, sample_weight)
         x = keras.tree.map_structure(lambda t: None if t is None else tf.stop_gradient(t), x)
     return x, y, sample_weight
+
+
+def _mask_padding(y_pred, sample_weight):
+    """Outputs masked on the padding rows of a Poisson batch, so that metrics skip them.
+
+    Keras applies `sample_weight` only to `weighted_metrics`; an output's Keras mask reaches every
+    metric. The padding rows (weight 0) are not examples: without the mask, `accuracy` would count
+    them.
+    """
+    weights = keras.tree.flatten(sample_weight)[0]
+    rows = tf.reduce_max(tf.reshape(tf.cast(weights, tf.float32), [tf.shape(weights)[0], -1]), 1)
+    real = rows > 0
+
+    def mask(output):
+        if output is None:
+            return None
+        previous = getattr(output, "_keras_mask", None)
+        output = tf.identity(output)
+        rank = output.shape.rank
+        # One value per example for outputs [B] or [B, C]; [B, 1, ...] against a [B, T, ...] mask.
+        row_mask = real if rank is None or rank <= 2 else tf.reshape(real, [-1] + [1] * (rank - 2))
+        if previous is not None:
+            row_mask = tf.logical_and(tf.cast(previous, tf.bool), row_mask)
+        combined = row_mask
+        output._keras_mask = combined  # the attribute Keras reads masks from
+        return output
+
+    return keras.tree.map_structure(mask, y_pred)
 
 
 def _loss_stage(model):

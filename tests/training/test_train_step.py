@@ -215,3 +215,22 @@ def test_dp_step_compiles_with_xla():
     x = RNG.normal(size=(16, 6, 6, 2)).astype("float32")
     history = model.fit(x, RNG.integers(0, 2, 16), batch_size=8, epochs=2, verbose=0)
     assert np.all(np.isfinite(history.history["loss"]))
+
+
+def test_metrics_of_poisson_batches_skip_the_padding_rows():
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(2000, 4)).astype("float32")
+    y = (x[:, 0] > 0).astype("int32")
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    model.compile(
+        optimizer=DPSGD(1e-9, l2_norm_clip=1.0, noise_multiplier=0.0),  # the weights stay put
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    keras_safe.privacy.make_private(model)
+    true_accuracy = model.evaluate(x, y, verbose=0)[1]
+    data = keras_safe.privacy.poisson_batches(x, y, batch_size=200, epochs=2)
+    reported = model.fit(data, verbose=0).history["accuracy"][0]
+    # About 4,000 sampled examples: the reported accuracy is the true one up to sampling noise;
+    # counting the padding rows (a quarter of each padded batch) would move it far away.
+    assert abs(reported - true_accuracy) < 4 * np.sqrt(0.25 / 4000) + 1e-3
