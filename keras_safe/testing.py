@@ -91,7 +91,13 @@ class _KerasSafeSum:
             self._traced[key] = tf.function(
                 lambda d: self._body(d, microbatches), input_signature=[specs]
             )
-        sums, norms = self._traced[key](data)
+        try:
+            sums, norms = self._traced[key](data)
+        except tf.errors.InvalidArgumentError:
+            # A layer sees a batch axis folded with others, which only a trace with a known
+            # batch size can tell: trace per batch size from now on.
+            self._traced[key] = tf.function(lambda d: self._body(d, microbatches))
+            sums, norms = self._traced[key](data)
         return [np.asarray(s, "float64") for s in sums], np.asarray(norms, "float64")
 
 

@@ -2,6 +2,7 @@
 
 import contextlib
 import functools
+import weakref
 
 import keras
 import tensorflow as tf
@@ -12,6 +13,10 @@ from keras_safe.privacy.per_example.registry import find_rule, is_builtin
 __all__ = ["MAX_UNROLL", "installed_taps", "tapped_layers", "unrolled", "untap_unsafe_layers"]
 
 MAX_UNROLL = 200
+
+# Per layer, whether a trace with a known batch size saw its recorded rows differ from the
+# examples (a layer applied to a batch axis folded with others).
+_FOLDED = weakref.WeakKeyDictionary()
 """Recurrent layers with up to this many (static) time steps run unrolled so cells are tapped."""
 
 
@@ -117,7 +122,7 @@ def untap_unsafe_layers(taps, records, untapped, sentinel, losses):
         if any(id(v.value) in outside or id(v) in outside for v in layer.trainable_weights):
             untapped.add(layer)
     batch = losses.shape[0]
-    checks = []
+    pending = []
     for layer, saved, zs in records:
         # The built-in rules record `saved` and `zs` with the same rows; a registered rule's
         # outputs are checked too.
@@ -127,15 +132,23 @@ def untap_unsafe_layers(taps, records, untapped, sentinel, losses):
         for tensor in tensors:
             rows = tensor.shape[0]
             if rows is not None and batch is not None:
+                _FOLDED[layer] = _FOLDED.get(layer, False) or rows != batch
                 if rows != batch:
                     untapped.add(layer)
-            elif layer not in untapped:
-                checks.append(
-                    tf.debugging.assert_equal(
-                        tf.shape(tensor)[0],
-                        tf.shape(losses)[0],
-                        message=f"{layer.name} sees a batch axis that is not the example axis; "
-                        "DP-SGD cannot clip its gradients per example with layer rules.",
-                    )
-                )
-    return checks
+            elif _FOLDED.get(layer):
+                # A trace with a known batch size saw this layer's rows differ from the
+                # examples (a batch axis folded in); a trace without one (the last, smaller
+                # batch of an epoch) sends it to the fallback too, instead of failing.
+                untapped.add(layer)
+            else:
+                pending.append((layer, tensor))
+    return [
+        tf.debugging.assert_equal(
+            tf.shape(tensor)[0],
+            tf.shape(losses)[0],
+            message=f"{layer.name} sees a batch axis that is not the example axis; DP-SGD "
+            "cannot clip its gradients per example with layer rules.",
+        )
+        for layer, tensor in pending
+        if layer not in untapped
+    ]

@@ -290,7 +290,10 @@ def verify(
 
     fallback = "vectorized" if fallback_ids else None
     ours = sides["vectorized"](clip, ref_factors)
-    bad, worst = _disagreements(ours, *ref) if ours is not None else (fallback_ids, np.inf)
+    if ours is None:  # the run failed: blame the fallback if there is one, else everything
+        bad, worst = (fallback_ids or set(range(len(variables)))), np.inf
+    else:
+        bad, worst = _disagreements(ours, *ref)
     if bad and bad <= fallback_ids:
         looped = sides["loop"](clip, ref_factors)
         if looped is not None:

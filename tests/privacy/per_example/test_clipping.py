@@ -12,6 +12,7 @@ from tests.privacy.per_example.common import (
     RNG,
     B,
     assert_fit_matches_reference,
+    check_with_oracle,
     classifier,
     labels,
     reference_update,
@@ -156,3 +157,21 @@ def test_a_trainable_variable_the_loss_does_not_use():
 
     model = classifier([keras.layers.Dense(4), Unused()], (5,))
     assert_fit_matches_reference(model, RNG.normal(size=(B, 5)), labels())
+
+
+def test_folded_batch_with_a_smaller_last_batch():
+    # The last batch of an epoch is smaller, so Keras traces again without a known batch size;
+    # the layer on folded rows must still go to the fallback instead of failing the step.
+    inputs = keras.Input((8, 5))
+    rows = keras.ops.reshape(inputs, (-1, 5))
+    out = keras.ops.reshape(keras.layers.Dense(3)(rows), (-1, 8, 3))
+    model = keras.Model(inputs, keras.layers.Dense(3)(keras.ops.mean(out, axis=1)))
+    check = check_with_oracle(model, RNG.normal(size=(6, 8, 5)), labels(count=6))
+    assert check.fallback == "vectorized" and check.max_sensitivity <= 1 + 1e-5
+    model.compile(
+        optimizer=keras_safe.optimizers.DPSGD(0.1, l2_norm_clip=1.0, noise_multiplier=1.0),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    keras_safe.privacy.make_private(model)
+    history = model.fit(RNG.normal(size=(10, 8, 5)), labels(count=10), batch_size=4, verbose=0)
+    assert np.isfinite(history.history["loss"][0])
