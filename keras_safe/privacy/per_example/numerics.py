@@ -32,7 +32,10 @@ def unit_roundoff(dtype, matmul=False):
     """The unit roundoff u of `dtype`; with `matmul=True`, of matrix products in that dtype.
 
     Matrix products in float32 run in TensorFloat-32 (u = 2^-11) on GPUs where TensorFlow
-    enables it (its default); everywhere else they round as the dtype.
+    enables it (its default); everywhere else they round as the dtype. The norm bounds follow,
+    so on such a GPU they are looser (each example is clipped a little harder); call
+    `tf.config.experimental.enable_tensor_float_32_execution(False)` for float32 products and
+    tight bounds.
 
     Example:
         >>> unit_roundoff("float32") == 2.0**-24
