@@ -11,6 +11,8 @@ from collections.abc import Callable
 
 import keras
 
+from keras_safe._validation import PrivacyError
+
 __all__ = [
     "CHECKS",
     "LayerCheck",
@@ -163,7 +165,7 @@ def _problems(model):
 
 
 def check_supported(model):
-    """Raises a ValueError listing the layers DP-SGD cannot train, if any.
+    """Raises a `PrivacyError` listing the layers DP-SGD cannot train, if any.
 
     Example:
         >>> import keras
@@ -171,14 +173,14 @@ def check_supported(model):
         ...                           keras.layers.GRU(2, stateful=True)])
         >>> try:
         ...     check_supported(model)
-        ... except ValueError as error:
+        ... except PrivacyError as error:
         ...     print(str(error).splitlines()[1][:41])
           - gru (GRU): a stateful recurrent layer
     """
     problems = _problems(model)
     if problems:
         listing = "\n".join(f"  - {check.problem(layer)}" for layer, check in problems)
-        raise ValueError(f"This model cannot be trained with DP-SGD:\n{listing}")
+        raise PrivacyError(f"This model cannot be trained with DP-SGD:\n{listing}")
 
 
 def validate(model, fix=False):

@@ -14,6 +14,7 @@ import tensorflow as tf
 from keras_safe._validation import PrivacyError
 from keras_safe.optimizers.dp import find_dp_optimizer
 from keras_safe.privacy.losses import PerExampleLoss
+from keras_safe.privacy.model_checks import check_supported
 from keras_safe.privacy.per_example import verify
 from keras_safe.training import state
 
@@ -76,6 +77,7 @@ def verify_model(model, x, y=None, sample_weight=None):
         keras_safe._validation.PrivacyError: if examples interact or a variable's per-example
             gradients cannot be computed correctly.
     """
+    check_supported(model)  # what the model checks refuse needs no example to see
     dp = find_dp_optimizer(getattr(model, "optimizer", None))
     result = verify(
         model,

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import keras_safe
+from keras_safe._validation import PrivacyError
 from keras_safe.privacy.model_checks import CHECKS, all_layers, check_supported, validate
 
 RNG = np.random.default_rng(2)
@@ -29,7 +30,7 @@ def test_stateful_recurrent_layers_are_refused():
     assert "stateful=False" in problems[0].fix
     with pytest.raises(ValueError, match="No automatic fix"):
         validate(model, fix=True)
-    with pytest.raises(ValueError, match="stateful recurrent layer"):
+    with pytest.raises(PrivacyError, match="stateful recurrent layer"):
         check_supported(model)
 
 
@@ -51,7 +52,7 @@ def test_fit_refuses_a_stateful_model():
     model.compile(optimizer=_dp(), loss="mse")
     keras_safe.privacy.make_private(model)
     before = [np.array(v) for v in model.trainable_variables]
-    with pytest.raises(ValueError, match="stateful"):
+    with pytest.raises(PrivacyError, match="stateful"):
         model.fit(RNG.normal(size=(8, 3, 2)), RNG.normal(size=(8, 1)), batch_size=4, verbose=0)
     after = [np.array(v) for v in model.trainable_variables]
     assert all(np.array_equal(b, a) for b, a in zip(before, after))
