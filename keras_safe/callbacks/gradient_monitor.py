@@ -1,7 +1,5 @@
 """A callback that watches per-layer gradient norms and warns about vanishing or exploding ones."""
 
-from __future__ import annotations
-
 import math
 import numbers
 import warnings

@@ -6,8 +6,6 @@ noise changes the forward pass itself (the loss is evaluated at perturbed weight
 a layer can do.
 """
 
-from __future__ import annotations
-
 import inspect
 import numbers
 
