@@ -6,10 +6,10 @@ it:
 
 1. Layer rules ("taps"; ghost clipping, Goodfellow 2015; Lee & Kifer 2020; Li et al. 2022).
    While the forward pass runs, each layer a rule supports (`registry.DEFAULT_RULES`: Dense,
-   EinsumDense, convolutions of every kind, Embedding, Layer/GroupNormalization, PReLU and
-   the SimpleRNN/LSTM/GRU cells) records what its per-example gradients need; one backward
-   pass gives each example's gradient in a factored form (`forms`). Users add rules with
-   `register_tap`.
+   EinsumDense, convolutions of every kind, Embedding, LoRA-enabled Dense, EinsumDense and
+   Embedding, Layer/GroupNormalization, PReLU and the SimpleRNN/LSTM/GRU cells) records what
+   its per-example gradients need; one backward pass gives each example's gradient in a
+   factored form (`forms`). Users add rules with `register_tap`.
 2. Every other trainable variable gets its per-example gradients from a Jacobian of the
    per-example losses (`fallback`): vectorized with `pfor`, or a loop over examples.
 3. `verify` checks on real examples, before training, that examples do not interact and that
@@ -54,6 +54,9 @@ from keras_safe.privacy.per_example.rules import (
     GroupNormRule,
     GRUCellRule,
     LayerNormRule,
+    LoRADenseRule,
+    LoRAEinsumDenseRule,
+    LoRAEmbeddingRule,
     LSTMCellRule,
     PReLURule,
     SeparableConvRule,
@@ -78,6 +81,9 @@ __all__ = [
     "GroupNormRule",
     "LSTMCellRule",
     "LayerNormRule",
+    "LoRADenseRule",
+    "LoRAEinsumDenseRule",
+    "LoRAEmbeddingRule",
     "MaterialisedGrad",
     "OuterProductGrad",
     "PReLURule",

@@ -11,6 +11,11 @@ from keras_safe.privacy.per_example.rules.conv import (
 from keras_safe.privacy.per_example.rules.dense import DenseRule
 from keras_safe.privacy.per_example.rules.einsum_dense import EinsumDenseRule
 from keras_safe.privacy.per_example.rules.embedding import EmbeddingRule
+from keras_safe.privacy.per_example.rules.lora import (
+    LoRADenseRule,
+    LoRAEinsumDenseRule,
+    LoRAEmbeddingRule,
+)
 from keras_safe.privacy.per_example.rules.normalization import GroupNormRule, LayerNormRule
 from keras_safe.privacy.per_example.rules.recurrent import (
     GRUCellRule,
@@ -29,6 +34,9 @@ __all__ = [
     "GroupNormRule",
     "LSTMCellRule",
     "LayerNormRule",
+    "LoRADenseRule",
+    "LoRAEinsumDenseRule",
+    "LoRAEmbeddingRule",
     "PReLURule",
     "SeparableConvRule",
     "SimpleRNNCellRule",
