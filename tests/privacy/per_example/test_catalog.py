@@ -76,6 +76,25 @@ def _pair(layer):
     return lambda h: layer([h, h])
 
 
+def _lora(layer, parts=None):
+    """LoRA (rank 2, alpha 4) on `layer` (or its sublayers `parts`), random adapters."""
+
+    def apply(*h):
+        out = layer(*h)
+        for part in parts(layer) if parts else [layer]:
+            part.enable_lora(2, lora_alpha=4)
+            for v in part.weights:
+                if v.name.startswith("lora_"):
+                    v.assign(RNG.normal(size=v.shape) * 0.5)
+        return out
+
+    return apply
+
+
+def _query_value(attention):
+    return [attention.query_dense, attention.value_dense]
+
+
 def _ids(shape, vocabulary):
     ids = RNG.integers(0, vocabulary, (B, *shape))
     ids[:, 1] = ids[:, 0]  # every example repeats an id
@@ -117,11 +136,23 @@ CATALOG = {
     "time_distributed": ((3, 4), lambda: L.TimeDistributed(L.Dense(2)), True),
     "multi_head_attention": ((4, 3), lambda: _self_attention(L.MultiHeadAttention(2, 2)), True),
     "prelu": ((3, 4), lambda: L.PReLU(shared_axes=[1]), True),
+    "dense_lora": ((4, 5), lambda: _lora(L.Dense(3, activation="tanh")), True),
+    "einsum_lora": (
+        (4, 5),
+        lambda: _lora(L.EinsumDense("abc,cde->abde", (4, 2, 3), bias_axes="e")),
+        True,
+    ),
+    "embedding_lora": ((6,), lambda: _chain(_lora(L.Embedding(5, 3)), L.Flatten()), True),
+    "multi_head_attention_lora": (
+        (4, 3),
+        lambda: _self_attention(_lora(L.MultiHeadAttention(2, 2), _query_value)),
+        True,
+    ),
     "custom_layer_with_rule": ((3, 4), lambda: Scale(), True),
     "custom_layer_without_rule": ((4,), lambda: Bilinear(), False),
     "additive_attention": ((3, 4), lambda: _pair(L.AdditiveAttention(use_scale=True)), False),
 }
-INTEGER_INPUTS = {"embedding_short": 4, "embedding_long": 5}
+INTEGER_INPUTS = {"embedding_short": 4, "embedding_long": 5, "embedding_lora": 5}
 
 
 @pytest.fixture
