@@ -114,7 +114,8 @@ def poisson_batches(
     Args:
         x: inputs: an array, or a dict/list/tuple of arrays with the same first dimension.
         y: targets (same structure rules), or None.
-        sample_weight: optional per-example weights, multiplied with the padding mask.
+        sample_weight: optional per-example (or per-token, `[n, T]`) weights, multiplied with
+            the padding mask.
         batch_size: the expected batch size `q * n`.
         epochs: the dataset yields `ceil(epochs * ceil(n / batch_size))` batches, as many as
             `fit` on arrays runs for `epochs` epochs.
@@ -205,9 +206,13 @@ def poisson_batches(
         padded = tf.concat([p for p, _ in parts], axis=0)
         mask = tf.concat([m for _, m in parts], axis=0)
         batch = tf.nest.map_structure(lambda t: tf.gather(t, padded), tensors)
+
+        def unpadded(weights):  # per-example or per-token weights, 0 on the padding rows
+            return weights * tf.reshape(mask, [-1] + [1] * (len(weights.shape) - 1))
+
         if y is None:
-            return batch[0], None, batch[1] * mask
-        return batch[0], batch[1], batch[2] * mask
+            return batch[0], None, unpadded(batch[1])
+        return batch[0], batch[1], unpadded(batch[2])
 
     dataset = tf.data.Dataset.range(steps).map(sample, num_parallel_calls=tf.data.AUTOTUNE)
     dataset = dataset.prefetch(2)
