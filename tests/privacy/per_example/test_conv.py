@@ -12,7 +12,8 @@ import tensorflow as tf
 import keras_safe
 from keras_safe.privacy.losses import PerExampleLoss
 from keras_safe.privacy.per_example import reference
-from keras_safe.privacy.per_example.rules.conv import ConvKernelGrad, ConvRule
+from keras_safe.privacy.per_example.rules.conv import ConvRule
+from keras_safe.privacy.per_example.rules.conv_kernel import ConvKernelGrad
 from tests.privacy.per_example.common import (
     RNG,
     B,
@@ -154,3 +155,24 @@ def test_kernel_gradients_with_the_examples_as_groups_match_the_loop(case):
     # And the whole DP step against the one-example-at-a-time loop.
     check = check_with_oracle(model, x, y, l2_norm_clip=0.5)
     assert check.max_error < 1e-4 and check.max_sensitivity <= 1 + 1e-5
+
+
+@pytest.mark.parametrize(
+    "layer, shape",
+    [
+        (lambda: L.Conv2D(16, 3, padding="same"), (4, 4, 8)),
+        (lambda: L.Conv1D(12, 3, strides=2, use_bias=False), (9, 10)),
+    ],
+)
+def test_large_kernels_recompute_the_clipped_sum_from_scaled_output_gradients(layer, shape):
+    # Per-example kernel gradients larger than the layer's activations serve the norms only;
+    # the clipped sum is the kernel gradient of the scaled output gradients.
+    layer = layer()
+    model = classifier([layer], shape)
+    x = RNG.normal(size=(B, *shape)).astype("float32") * 2.0
+    dz = RNG.normal(size=(B, *layer.compute_output_shape((B, *shape))[1:])).astype("float32")
+    form = ConvRule.forms(layer, tf.constant(x), tf.constant(dz))[0]
+    assert form._sums_from_outputs()
+    check = check_with_oracle(model, x, labels(), l2_norm_clip=0.3)
+    assert check.max_error < 1e-4 and check.max_sensitivity <= 1 + 1e-5
+    assert check.max_sensitivity > 0.5  # examples are clipped
