@@ -1,24 +1,26 @@
-"""Peak memory of DP-SGD `fit` over plain `fit`: MLP 784-512-512-10 at batch 1024.
+"""Peak memory of DP-SGD `fit` over plain `fit`, per model (see `dp_models.py`).
 
-Each trainer runs in its own Python process (peak resident memory cannot be reset inside
-one). Reported: the process's peak RSS, and the growth of RSS during `fit` over the RSS
-after the model and data were set up. The "per-example Jacobian" row materialises every
+Each trainer runs in its own Python process (peak resident memory cannot be reset inside one).
+Reported: the process's peak RSS, and the growth of RSS during `fit` over the RSS after the
+model and data were set up. For the MLP, the "per-example Jacobian" row materialises every
 example's gradient (keras_safe's fallback path forced on all layers), the cost that ghost
-clipping avoids.
+clipping avoids (`--jacobian`).
 
-Usage: python benchmarks/dp_memory.py [--batch 1024] [--steps 10]
+Usage: python benchmarks/dp_memory.py [--models mlp,cnn,...] [--batch 256] [--steps 4] [--jacobian]
 """
-
-from __future__ import annotations
 
 import argparse
 import json
 import os
+import pathlib
 import resource
 import subprocess
 import sys
 
-MODES = ("plain", "dp", "jacobian")
+HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+DEFAULT_MODELS = "mlp,cnn,embedding,lstm,transformer,resnet,wrn"
 
 
 def _rss_mb():
@@ -33,27 +35,23 @@ def _peak_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def worker(mode, batch, steps):
+def worker(name, mode, batch, steps):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import keras
     import numpy as np
     import tensorflow as tf
+    from dp_models import MODELS
 
     import keras_safe
     from keras_safe.privacy.losses import PerExampleLoss
     from keras_safe.privacy.per_example import clipped_gradient_sum
 
+    factory, _, make_x, classes = MODELS[name]
     rng = np.random.default_rng(0)
-    x = rng.normal(size=(batch * steps, 784)).astype("float32")
-    y = rng.integers(0, 10, batch * steps)
-    model = keras.Sequential(
-        [
-            keras.Input((784,)),
-            keras.layers.Dense(512, activation="relu"),
-            keras.layers.Dense(512, activation="relu"),
-            keras.layers.Dense(10),
-        ]
-    )
+    x = make_x(batch * steps, rng)
+    y = rng.integers(0, classes, batch * steps)
+    keras.utils.set_random_seed(0)
+    model = factory()
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     if mode == "plain":
         model.compile(optimizer=keras.optimizers.SGD(0.05), loss=loss)
@@ -82,42 +80,51 @@ def worker(mode, batch, steps):
     print(json.dumps({"peak": _peak_mb(), "growth": _peak_mb() - baseline}))
 
 
+def _run(name, mode, batch, steps):
+    out = subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            f"--worker={name}:{mode}",
+            f"--batch={batch}",
+            f"--steps={steps}",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    if out.returncode:
+        tail = out.stderr.strip().splitlines()[-1:] or ["?"]
+        return {"error": tail[0][:60]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=1024)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
+    parser.add_argument("--models", default=DEFAULT_MODELS)
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--jacobian", action="store_true", help="also the MLP's Jacobian path")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        return worker(args.worker, args.batch, args.steps)
-    results = {}
-    for mode in MODES:
-        out = subprocess.run(
-            [
-                sys.executable,
-                __file__,
-                "--worker",
-                mode,
-                f"--batch={args.batch}",
-                f"--steps={args.steps}",
-            ],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
-    plain = results["plain"]
-    print(f"MLP 784-512-512-10, batch {args.batch}")
-    print(
-        f"{'trainer':22} {'peak MB':>8} {'growth MB':>10} {'peak/plain':>11} {'growth/plain':>13}"
-    )
-    names = {"plain": "plain Keras", "dp": "keras_safe DP-SGD", "jacobian": "per-example Jacobian"}
-    for mode in MODES:
-        r = results[mode]
-        print(
-            f"{names[mode]:22} {r['peak']:8.0f} {r['growth']:10.0f} "
-            f"{r['peak'] / plain['peak']:11.2f} {r['growth'] / plain['growth']:13.2f}"
-        )
+        name, mode = args.worker.split(":")
+        return worker(name, mode, args.batch, args.steps)
+    print(f"peak RSS of fit, batch {args.batch}, {args.steps} steps, one process per trainer")
+    print(f"{'model':12} {'trainer':9} {'peak MB':>8} {'growth MB':>10} {'peak/plain':>11}")
+    for name in args.models.split(","):
+        modes = ["plain", "dp"] + (["jacobian"] if args.jacobian and name == "mlp" else [])
+        results = {mode: _run(name, mode, args.batch, args.steps) for mode in modes}
+        plain = results["plain"]
+        for mode in modes:
+            r = results[mode]
+            if "error" in r or "error" in plain:
+                print(f"{name:12} {mode:9} failed: {r.get('error', plain.get('error'))}")
+                continue
+            print(
+                f"{name:12} {mode:9} {r['peak']:8.0f} {r['growth']:10.0f} "
+                f"{r['peak'] / plain['peak']:11.2f}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -1,85 +1,37 @@
 """DP-SGD throughput over plain Keras throughput, measured side by side in one process.
 
-Models (synthetic data of the right shapes; speed does not depend on the values):
-- cnn: TF Privacy's tutorial CNN on 28x28x1, batch 250.
-- mlp: 784-512-512-10, batch 256.
-- text: Embedding(10000, 64) over 100 tokens, average pooling, Dense 64, Dense 2; batch 256.
-- lstm: Embedding + LSTM(32) + Dense (recurrent: per-example Jacobian path); batch 64.
+The models are those of `dp_models.py` (synthetic data of the right shapes; speed does not
+depend on the values): TF Privacy's tutorial CNN, an MLP, an Embedding text model, an LSTM,
+a small transformer text classifier, a ResNet-20 and a WideResNet-16-4 with GroupNorm.
 
-Usage: python benchmarks/dp_overhead.py [--steps 30] [--repeats 3] [--models cnn,mlp,text,lstm]
-Prints the best examples/s of plain and DP training and the median ratio (DP / plain) of
-epochs timed alternately (plain, DP, plain, DP, ...), so a change of machine load hits both.
+Usage: python benchmarks/dp_overhead.py [--steps 30] [--repeats 5] [--models cnn,mlp,...]
+       [--batch 256,1024] [--no-parts]
+
+For each model: the best examples/s of plain and DP `fit` and the median of the per-round
+ratios (DP / plain) of epochs timed alternately (plain, DP, plain, DP, ...), so a change of
+machine load hits both; then the parts of one step in milliseconds (`dp_parts.py`): the plain
+step, the per-example norm pass, the clipped-sum pass, the noise draw, the whole DP step and
+the limit a DP step can reach (plain step + noise draw). `--batch` overrides the models'
+default batch sizes (a comma-separated list runs each).
 """
-
-from __future__ import annotations
 
 import argparse
 import os
+import pathlib
+import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
+from dp_models import MODELS  # noqa: E402
+from dp_parts import time_parts  # noqa: E402
 
 import keras_safe  # noqa: E402
 
-
-def cnn():
-    return keras.Sequential(
-        [
-            keras.Input((28, 28, 1)),
-            keras.layers.Conv2D(16, 8, strides=2, padding="same", activation="relu"),
-            keras.layers.MaxPool2D(2, 1),
-            keras.layers.Conv2D(32, 4, strides=2, padding="valid", activation="relu"),
-            keras.layers.MaxPool2D(2, 1),
-            keras.layers.Flatten(),
-            keras.layers.Dense(32, activation="relu"),
-            keras.layers.Dense(10),
-        ]
-    )
-
-
-def mlp():
-    return keras.Sequential(
-        [
-            keras.Input((784,)),
-            keras.layers.Dense(512, activation="relu"),
-            keras.layers.Dense(512, activation="relu"),
-            keras.layers.Dense(10),
-        ]
-    )
-
-
-def text():
-    return keras.Sequential(
-        [
-            keras.Input((100,), dtype="int32"),
-            keras.layers.Embedding(10000, 64),
-            keras.layers.GlobalAveragePooling1D(),
-            keras.layers.Dense(64, activation="relu"),
-            keras.layers.Dense(2),
-        ]
-    )
-
-
-def lstm():
-    return keras.Sequential(
-        [
-            keras.Input((40,), dtype="int32"),
-            keras.layers.Embedding(2000, 32),
-            keras.layers.LSTM(32),
-            keras.layers.Dense(2),
-        ]
-    )
-
-
-MODELS = {
-    "cnn": (cnn, 250, lambda n, r: r.normal(size=(n, 28, 28, 1)).astype("float32"), 10),
-    "mlp": (mlp, 256, lambda n, r: r.normal(size=(n, 784)).astype("float32"), 10),
-    "text": (text, 256, lambda n, r: r.integers(0, 10000, (n, 100)).astype("int32"), 2),
-    "lstm": (lstm, 64, lambda n, r: r.integers(0, 2000, (n, 40)).astype("int32"), 2),
-}
+DEFAULT_MODELS = "cnn,mlp,embedding,lstm,transformer,resnet,wrn"
 
 
 def _compiled(factory, dp):
@@ -103,39 +55,61 @@ def _epoch_seconds(model, x, y, batch_size):
     return time.perf_counter() - start
 
 
-def _compare(plain, private, x, y, batch_size, repeats):
+def compare(factory, x, y, batch_size, repeats):
     """Times plain and DP epochs alternately, so load changes hit both alike.
 
-    Returns the best examples/s of each and the median of the per-round ratios.
+    Returns the best examples/s of each and the per-round ratios DP / plain, sorted.
     """
-    for model in (plain, private):  # warm-up: tracing and compilation
+    plain, private = _compiled(factory, False), _compiled(factory, True)
+    for model in (plain, private):  # warm-up: tracing, compilation and verification
         model.fit(x[: batch_size * 2], y[: batch_size * 2], batch_size=batch_size, verbose=0)
     plain_times, private_times = [], []
     for _ in range(repeats):
         plain_times.append(_epoch_seconds(plain, x, y, batch_size))
         private_times.append(_epoch_seconds(private, x, y, batch_size))
     ratios = sorted(p / d for p, d in zip(plain_times, private_times))
-    return len(x) / min(plain_times), len(x) / min(private_times), ratios[len(ratios) // 2]
+    return len(x) / min(plain_times), len(x) / min(private_times), ratios
+
+
+def _parts_line(factory, x, y, batch_size):
+    keras.utils.set_random_seed(0)
+    times = time_parts(factory(), x, y, batch_size)
+    best = {part: min(values) for part, values in times.items()}
+    limit = best["plain"] + best["noise"]
+    return (
+        f"    parts (ms/step): plain {best['plain']:.1f}, norms {best['norms']:.1f}, "
+        f"clipped sums {best['clipping'] - best['norms']:.1f}, noise {best['noise']:.1f}, "
+        f"DP step {best['dp']:.1f}; limit (plain + noise) {limit:.1f}, "
+        f"DP step / limit {best['dp'] / limit:.2f}"
+    )
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=60, help="training steps per timed epoch")
+    parser.add_argument("--steps", type=int, default=30, help="training steps per timed epoch")
     parser.add_argument("--repeats", type=int, default=5, help="alternating timed epochs")
-    parser.add_argument("--models", default="cnn,mlp,text,lstm")
+    parser.add_argument("--models", default=DEFAULT_MODELS)
+    parser.add_argument("--batch", help="batch sizes to run instead of each model's default")
+    parser.add_argument("--no-parts", action="store_true", help="skip timing the step's parts")
     args = parser.parse_args(argv)
     rng = np.random.default_rng(0)
     print(f"keras {keras.__version__}, keras_safe {keras_safe.__version__}")
-    print(f"{'model':6} {'batch':>5} {'plain ex/s':>11} {'DP ex/s':>9} {'DP/plain':>9}")
     print(f"load average: {os.getloadavg()[0]:.2f}")
+    print(f"{'model':12} {'batch':>5} {'plain ex/s':>11} {'DP ex/s':>9} {'DP/plain':>9}  ratios")
     for name in args.models.split(","):
-        factory, batch, make_x, classes = MODELS[name]
-        n = batch * args.steps
-        x, y = make_x(n, rng), rng.integers(0, classes, n)
-        plain, private, ratio = _compare(
-            _compiled(factory, False), _compiled(factory, True), x, y, batch, args.repeats
-        )
-        print(f"{name:6} {batch:5d} {plain:11.0f} {private:9.0f} {ratio:9.2f}", flush=True)
+        factory, default_batch, make_x, classes = MODELS[name]
+        batches = [int(b) for b in args.batch.split(",")] if args.batch else [default_batch]
+        for batch in batches:
+            n = batch * args.steps
+            x, y = make_x(n, rng), rng.integers(0, classes, n)
+            plain, private, ratios = compare(factory, x, y, batch, args.repeats)
+            print(
+                f"{name:12} {batch:5d} {plain:11.0f} {private:9.0f} "
+                f"{ratios[len(ratios) // 2]:9.2f}  {ratios[0]:.2f}-{ratios[-1]:.2f}",
+                flush=True,
+            )
+            if not args.no_parts:
+                print(_parts_line(factory, x, y, batch), flush=True)
 
 
 if __name__ == "__main__":

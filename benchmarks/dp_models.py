@@ -1,0 +1,155 @@
+"""The models the DP benchmarks train: the families people train with DP-SGD.
+
+Each entry of `MODELS` gives a model factory, its default batch size, a maker of synthetic
+inputs of the right shape (speed does not depend on the values) and the number of classes.
+
+- cnn: TF Privacy's tutorial CNN (two Conv2D, two Dense) on 28x28x1, batch 250.
+- mlp: 784-512-512-10, batch 256.
+- embedding: Embedding(10000, 64) over 100 tokens, average pooling, Dense 64, Dense 2.
+- lstm: Embedding(2000, 32) + LSTM(32) + Dense over 40 steps, batch 64.
+- transformer: a small text classifier, Embedding(10000, 64) over 64 tokens, two blocks of
+  MultiHeadAttention (4 heads) + LayerNormalization + Dense (128) + LayerNormalization,
+  average pooling, Dense 2; batch 64.
+- resnet: ResNet-20 (He et al. 2016, CIFAR variant: 3 stages of 3 basic blocks, 16/32/64
+  channels) with GroupNormalization in place of BatchNormalization, 32x32x3, batch 128.
+- wrn: WideResNet-16-4 (Zagoruyko & Komodakis 2016) with GroupNormalization (16 groups), as
+  in De et al. 2022's DP training on CIFAR-10, 32x32x3, batch 256.
+"""
+
+import keras
+
+__all__ = ["MODELS", "resnet", "transformer", "wide_resnet"]
+
+L = keras.layers
+
+
+def cnn():
+    return keras.Sequential(
+        [
+            keras.Input((28, 28, 1)),
+            L.Conv2D(16, 8, strides=2, padding="same", activation="relu"),
+            L.MaxPool2D(2, 1),
+            L.Conv2D(32, 4, strides=2, padding="valid", activation="relu"),
+            L.MaxPool2D(2, 1),
+            L.Flatten(),
+            L.Dense(32, activation="relu"),
+            L.Dense(10),
+        ]
+    )
+
+
+def mlp():
+    return keras.Sequential(
+        [
+            keras.Input((784,)),
+            L.Dense(512, activation="relu"),
+            L.Dense(512, activation="relu"),
+            L.Dense(10),
+        ]
+    )
+
+
+def embedding():
+    return keras.Sequential(
+        [
+            keras.Input((100,), dtype="int32"),
+            L.Embedding(10000, 64),
+            L.GlobalAveragePooling1D(),
+            L.Dense(64, activation="relu"),
+            L.Dense(2),
+        ]
+    )
+
+
+def lstm():
+    return keras.Sequential(
+        [
+            keras.Input((40,), dtype="int32"),
+            L.Embedding(2000, 32),
+            L.LSTM(32),
+            L.Dense(2),
+        ]
+    )
+
+
+def transformer(vocabulary=10000, tokens=64, width=64, heads=4, hidden=128, blocks=2):
+    inputs = keras.Input((tokens,), dtype="int32")
+    h = L.Embedding(vocabulary, width)(inputs)
+    for _ in range(blocks):
+        attended = L.MultiHeadAttention(heads, width // heads)(h, h)
+        h = L.LayerNormalization()(h + attended)
+        ff = L.Dense(width)(L.Dense(hidden, activation="relu")(h))
+        h = L.LayerNormalization()(h + ff)
+    h = L.GlobalAveragePooling1D()(h)
+    return keras.Model(inputs, L.Dense(2)(h))
+
+
+def _norm(groups):
+    return L.GroupNormalization(groups=groups)
+
+
+def _basic_block(h, channels, stride, groups):
+    shortcut = h
+    y = L.Conv2D(channels, 3, strides=stride, padding="same", use_bias=False)(h)
+    y = L.Activation("relu")(_norm(groups)(y))
+    y = L.Conv2D(channels, 3, padding="same", use_bias=False)(y)
+    y = _norm(groups)(y)
+    if stride != 1 or h.shape[-1] != channels:
+        shortcut = L.Conv2D(channels, 1, strides=stride, use_bias=False)(h)
+    return L.Activation("relu")(y + shortcut)
+
+
+def resnet(blocks=3, widths=(16, 32, 64), groups=4, classes=10):
+    inputs = keras.Input((32, 32, 3))
+    h = L.Conv2D(widths[0], 3, padding="same", use_bias=False)(inputs)
+    h = L.Activation("relu")(_norm(groups)(h))
+    for stage, channels in enumerate(widths):
+        for block in range(blocks):
+            stride = 2 if stage > 0 and block == 0 else 1
+            h = _basic_block(h, channels, stride, groups)
+    h = L.GlobalAveragePooling2D()(h)
+    return keras.Model(inputs, L.Dense(classes)(h))
+
+
+def _wide_block(h, channels, stride, groups):
+    # Pre-activation block (norm, relu, conv, norm, relu, conv), as in WideResNet.
+    y = L.Activation("relu")(_norm(groups)(h))
+    shortcut = h
+    if stride != 1 or h.shape[-1] != channels:
+        shortcut = L.Conv2D(channels, 1, strides=stride, use_bias=False)(y)
+    y = L.Conv2D(channels, 3, strides=stride, padding="same", use_bias=False)(y)
+    y = L.Activation("relu")(_norm(groups)(y))
+    y = L.Conv2D(channels, 3, padding="same", use_bias=False)(y)
+    return y + shortcut
+
+
+def wide_resnet(depth=16, width=4, groups=16, classes=10):
+    blocks = (depth - 4) // 6
+    inputs = keras.Input((32, 32, 3))
+    h = L.Conv2D(16, 3, padding="same", use_bias=False)(inputs)
+    for stage, channels in enumerate((16 * width, 32 * width, 64 * width)):
+        for block in range(blocks):
+            stride = 2 if stage > 0 and block == 0 else 1
+            h = _wide_block(h, channels, stride, groups)
+    h = L.Activation("relu")(_norm(groups)(h))
+    h = L.GlobalAveragePooling2D()(h)
+    return keras.Model(inputs, L.Dense(classes)(h))
+
+
+def _images(shape):
+    return lambda n, rng: rng.normal(size=(n, *shape)).astype("float32")
+
+
+def _tokens(vocabulary, length):
+    return lambda n, rng: rng.integers(0, vocabulary, (n, length)).astype("int32")
+
+
+MODELS = {
+    "cnn": (cnn, 250, _images((28, 28, 1)), 10),
+    "mlp": (mlp, 256, _images((784,)), 10),
+    "embedding": (embedding, 256, _tokens(10000, 100), 2),
+    "lstm": (lstm, 64, _tokens(2000, 40), 2),
+    "transformer": (transformer, 64, _tokens(10000, 64), 2),
+    "resnet": (resnet, 128, _images((32, 32, 3)), 10),
+    "wrn": (wide_resnet, 256, _images((32, 32, 3)), 10),
+}
