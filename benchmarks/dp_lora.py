@@ -18,8 +18,6 @@ cannot be reset inside one); printed are the peak RSS and its growth during `fit
 RSS after the model and data were set up, and their ratios DP / plain.
 """
 
-from __future__ import annotations
-
 import argparse
 import json
 import os
@@ -32,6 +30,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
+from dp_memory import rss_mb  # noqa: E402  (benchmarks/ is on the path as the script's folder)
 
 import keras_safe  # noqa: E402
 
@@ -159,18 +158,10 @@ def speed(name, steps, repeats):
     return n / min(plain_times), n / min(private_times), ratios[len(ratios) // 2], ratios
 
 
-def _rss_mb():
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def memory_worker(name, mode, steps):
     x, y, batch = _data(name, steps)
     model = _compiled(name, mode == "dp")
-    baseline = _rss_mb()
+    baseline = rss_mb()
     model.fit(x, y, batch_size=batch, epochs=1, verbose=0)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"peak": peak, "growth": peak - baseline}))

@@ -23,7 +23,8 @@ sys.path.insert(0, str(HERE))
 DEFAULT_MODELS = "mlp,cnn,embedding,lstm,transformer,resnet,wrn"
 
 
-def _rss_mb():
+def rss_mb():
+    """This process's resident memory now, in MB (Linux)."""
     with open("/proc/self/status") as status:
         for line in status:
             if line.startswith("VmRSS:"):
@@ -59,7 +60,7 @@ def worker(name, mode, batch, steps):
         dp = keras_safe.optimizers.DPSGD(0.05, l2_norm_clip=1.0, noise_multiplier=1.1)
         model.compile(optimizer=dp, loss=loss)
         keras_safe.privacy.make_private(model)
-    baseline = _rss_mb()
+    baseline = rss_mb()
     if mode == "jacobian":
         per_example_loss = PerExampleLoss(model)
         variables = model.trainable_variables
