@@ -44,6 +44,11 @@ def _channels_last(layer):
     return layer.data_format == "channels_last"
 
 
+def _plain_channels_last(layer, classes):
+    """True for a channels-last layer of one of `classes` whose `call` is Keras's own."""
+    return any(plain_keras_call(layer, cls) for cls in classes) and _channels_last(layer)
+
+
 def _add_bias(layer, z):
     if layer.use_bias:
         z = z + layer.bias
@@ -70,10 +75,14 @@ class ConvRule(TapRule):
 
     @staticmethod
     def supports(layer):
-        for cls in (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D):
-            if plain_keras_call(layer, cls):
-                return _channels_last(layer)
-        return False
+        return _plain_channels_last(
+            layer,
+            (
+                keras.layers.Conv1D,
+                keras.layers.Conv2D,
+                keras.layers.Conv3D,
+            ),
+        )
 
     @staticmethod
     def forward(layer, record, inputs, *args, **kwargs):
@@ -123,10 +132,13 @@ class DepthwiseConvRule(TapRule):
 
     @staticmethod
     def supports(layer):
-        for cls in (keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D):
-            if plain_keras_call(layer, cls):
-                return _channels_last(layer)
-        return False
+        return _plain_channels_last(
+            layer,
+            (
+                keras.layers.DepthwiseConv1D,
+                keras.layers.DepthwiseConv2D,
+            ),
+        )
 
     @staticmethod
     def forward(layer, record, inputs, *args, **kwargs):
@@ -164,10 +176,13 @@ class SeparableConvRule(TapRule):
 
     @staticmethod
     def supports(layer):
-        for cls in (keras.layers.SeparableConv1D, keras.layers.SeparableConv2D):
-            if plain_keras_call(layer, cls):
-                return _channels_last(layer)
-        return False
+        return _plain_channels_last(
+            layer,
+            (
+                keras.layers.SeparableConv1D,
+                keras.layers.SeparableConv2D,
+            ),
+        )
 
     @staticmethod
     def forward(layer, record, inputs, *args, **kwargs):
@@ -205,14 +220,17 @@ class ConvTransposeRule(TapRule):
 
     @staticmethod
     def supports(layer):
-        for cls in (
-            keras.layers.Conv1DTranspose,
-            keras.layers.Conv2DTranspose,
-            keras.layers.Conv3DTranspose,
-        ):
-            if plain_keras_call(layer, cls):
-                return _channels_last(layer) and layer.output_padding is None
-        return False
+        return (
+            _plain_channels_last(
+                layer,
+                (
+                    keras.layers.Conv1DTranspose,
+                    keras.layers.Conv2DTranspose,
+                    keras.layers.Conv3DTranspose,
+                ),
+            )
+            and layer.output_padding is None
+        )
 
     @staticmethod
     def forward(layer, record, inputs, *args, **kwargs):
