@@ -34,9 +34,9 @@ import tensorflow as tf
 from keras_safe.privacy.per_example.numerics import (
     U64,
     f64,
-    frobenius_bound,
     gamma,
     group_rows,
+    norm_bound,
     scaled_rows,
     static_size,
     sum_sq64,
@@ -145,7 +145,7 @@ class MaterialisedGrad(GradientForm):
         return MaterialisedGrad(forms[0].variable, total, error)
 
 
-def summed_form(variable, terms, axis, shape=None):
+def summed_form(variable, terms, axis, shape=None, magnitude=None):
     """A `MaterialisedGrad` of per-example gradients that are sums of `terms` over `axis`.
 
     The float sum carries its rounding bound, `gamma_n` times the norm of the sum of the
@@ -157,6 +157,9 @@ def summed_form(variable, terms, axis, shape=None):
         terms: `[B, ...]` tensor.
         axis: the axes (not 0) to sum over; an empty list keeps `terms` as they are.
         shape: reshape the rows to `[B, *shape]` (default: the variable's shape).
+        magnitude: optional float64 `[B]`, an upper bound of the norm of `sum(|terms|)` over
+            `axis` that the rule got more cheaply (by Cauchy-Schwarz, from norms it computes
+            anyway) than the pass over `|terms|` it spares.
     """
     shape = tuple(variable.shape if shape is None else shape)
     terms = working(terms)
@@ -167,14 +170,20 @@ def summed_form(variable, terms, axis, shape=None):
     sizes = [terms.shape[a] for a in axis]
     if all(size == 1 for size in sizes):
         return MaterialisedGrad(variable, values)
-    count = (
-        math.prod(sizes) if None not in sizes else tf.reduce_prod(tf.gather(tf.shape(terms), axis))
-    )
-    magnitude = tf.reduce_sum(tf.abs(terms), axis=axis)
-    size = tf.sqrt(sum_sq64(tf.reshape(magnitude, [tf.shape(magnitude)[0], -1])))
+    if magnitude is None:
+        summed = tf.reduce_sum(tf.abs(terms), axis=axis)
+        magnitude = tf.sqrt(sum_sq64(tf.reshape(summed, [tf.shape(summed)[0], -1])))
     # gamma_n, not gamma_{n-1}: also covers one rounded product per term (such as x * dz).
-    error = gamma(count, unit_roundoff(terms.dtype)) * size * (1.0 + 1e-6)
+    error = gamma(_count(terms, axis), unit_roundoff(terms.dtype)) * magnitude * (1.0 + 1e-6)
     return MaterialisedGrad(variable, values, error)
+
+
+def _count(t, axes):
+    """The number of entries of `t` along `axes` (a Python int when known while tracing)."""
+    sizes = [t.shape[a] for a in axes]
+    if None in sizes:
+        return tf.reduce_prod(tf.gather(tf.shape(t), axes))
+    return math.prod(sizes)
 
 
 class OuterProductGrad(GradientForm):
@@ -254,19 +263,13 @@ class OuterProductGrad(GradientForm):
         cheaply, such as from a convolution's input), the Cauchy-Schwarz bound
         `||A_i||_F ||G_i||_F >= S_i` spares a pass over `a`.
         """
-        o = self.g.shape[-1]
-        u = unit_roundoff(self.g.dtype)
         if self.a_norm_bound is not None:
             g_norm = self.g_norm_bound
             if g_norm is None:
-                g_norm = frobenius_bound(self.g, [1, 3] if self.grouped else [1, 2])
+                g_norm = norm_bound(self.g, [1, 3] if self.grouped else [1, 2])
             terms = f64(g_norm) * f64(self.a_norm_bound)
             return tf.reduce_sum(tf.reshape(terms, [tf.shape(terms)[0], -1]), axis=1)
-        a_sq = f64(tf.reduce_sum(tf.square(self.a), axis=-1))
-        g_sq = f64(tf.reduce_sum(tf.square(self.g), axis=-1))
-        k = self.a.shape[-1]
-        inflate = (1.0 + 2.0 * gamma(k, unit_roundoff(self.a.dtype))) * (1.0 + 2.0 * gamma(o, u))
-        terms = tf.sqrt(a_sq * g_sq * inflate)
+        terms = norm_bound(self.a, [-1]) * norm_bound(self.g, [-1])
         return tf.reduce_sum(tf.reshape(terms, [tf.shape(terms)[0], -1]), axis=1) * (1.0 + 1e-12)
 
     def _method(self):

@@ -14,9 +14,9 @@ import tensorflow as tf
 __all__ = [
     "U64",
     "f64",
-    "frobenius_bound",
     "gamma",
     "group_rows",
+    "norm_bound",
     "scaled_rows",
     "static_size",
     "sum_sq64",
@@ -134,17 +134,31 @@ def _block(n):
     return best if best * best * 16 >= n else 1
 
 
+def norm_bound(t, axes):
+    """float64 upper bound of the Euclidean norm of `t` over `axes` (one float32 pass).
+
+    `tf.math.reduce_euclidean_norm` sums the rounded squares and rounds the square root, so the
+    computed norm of n terms is at least `(1 - u) sqrt(1 - gamma_n)` times the exact one; it is
+    inflated by `(1 + 2 gamma_n)(1 + 2 u)`. One fused pass, about twice as fast on CPU as
+    squaring and summing.
+    """
+    t = working(t)
+    sizes = [t.shape[a] for a in axes]
+    count = math.prod(sizes) if None not in sizes else tf.reduce_prod(tf.gather(tf.shape(t), axes))
+    u = unit_roundoff(t.dtype)
+    norms = f64(tf.math.reduce_euclidean_norm(t, axis=axes))
+    return norms * ((1.0 + 2.0 * gamma(count, u)) * (1.0 + 2.0 * u))
+
+
 def sum_sq64(t):
     """Per-example sums of squares (over every axis but the first), float64 upper bounds.
 
-    The squares are summed in float32 in two levels (blocks of about sqrt(n) terms, then the
-    block sums), each inflated by its rounding bound: a float sum of m non-negative terms is at
-    least `(1 - gamma_m)` times the exact one, whatever the order. The bound exceeds the exact
+    The squares are summed in float32 in blocks of about sqrt(n) terms (`norm_bound` of each
+    block), and the blocks' bounds squared and summed in float64: the bound exceeds the exact
     sum by about `2 sqrt(n) u` relative, at the cost of one float32 pass.
     """
     t = working(t)
     n = t.shape[1:].num_elements()
-    u = unit_roundoff(t.dtype)
     if t.dtype == tf.float64 or n is None or n <= 32:
         flat = tf.reshape(t, [tf.shape(t)[0], -1])
         squares = tf.reduce_sum(tf.square(f64(flat)), axis=1)
@@ -152,21 +166,9 @@ def sum_sq64(t):
         return squares * (1.0 + 2.0 * gamma(count, U64))
     c = _block(n)
     if c == 1:
-        flat = tf.reshape(t, [-1, n])
-        return f64(tf.reduce_sum(tf.square(flat), axis=1)) * (1.0 + 2.0 * gamma(n, u))
-    blocks = tf.reduce_sum(tf.square(tf.reshape(t, [-1, n // c, c])), axis=2)
-    inflate = (1.0 + 2.0 * gamma(c, u)) * (1.0 + 2.0 * gamma(n // c, u))
-    return f64(tf.reduce_sum(blocks, axis=1)) * inflate
-
-
-def frobenius_bound(t, axes):
-    """float64 upper bound of `sqrt(sum of t**2 over axes)` (one float32 pass, inflated by
-    the rounding bound of the sum)."""
-    t = working(t)
-    sizes = [t.shape[a] for a in axes]
-    count = math.prod(sizes) if None not in sizes else tf.reduce_prod(tf.gather(tf.shape(t), axes))
-    squares = f64(tf.reduce_sum(tf.square(t), axis=axes))
-    return tf.sqrt(squares * (1.0 + 2.0 * gamma(count, unit_roundoff(t.dtype))))
+        return tf.square(norm_bound(tf.reshape(t, [-1, n]), [1]))
+    blocks = tf.square(norm_bound(tf.reshape(t, [-1, n // c, c]), [2]))
+    return tf.reduce_sum(blocks, axis=1) * (1.0 + 2.0 * gamma(n // c, U64))
 
 
 def working(t):

@@ -16,9 +16,9 @@ import tensorflow as tf
 
 from keras_safe.privacy.per_example.forms import OuterProductGrad
 from keras_safe.privacy.per_example.numerics import (
-    frobenius_bound,
+    U64,
     gamma,
-    unit_roundoff,
+    norm_bound,
     working,
 )
 from keras_safe.privacy.per_example.rules.base import (
@@ -113,7 +113,7 @@ class ConvRule(TapRule):
             a = patches(inputs, layer.kernel_size, layer.strides, padding, layer.dilation_rate)
         if layer.groups > 1:
             a, g_rows = _grouped(a, g, layer.groups, math.prod(layer.kernel_size))
-        g_norm = frobenius_bound(g_rows, [1, 3] if layer.groups > 1 else [1, 2])
+        g_norm = norm_bound(g_rows, [1, 3] if layer.groups > 1 else [1, 2])
         kernel = layer.kernel
         if layer.groups == 1 and len(layer.kernel_size) < 3:
             geometry = (layer.kernel_size, layer.strides, padding, layer.dilation_rate)
@@ -275,12 +275,8 @@ def _patch_norm_bound(inputs, layer, groups):
     )
     x = working(inputs)
     channels = x.shape[-1]
-    per_channel = tf.reduce_sum(tf.square(x), axis=list(range(1, len(x.shape) - 1)))
+    per_channel = tf.square(norm_bound(x, list(range(1, len(x.shape) - 1))))
     grouped = tf.reduce_sum(tf.reshape(per_channel, [-1, groups, channels // groups]), axis=2)
-    if None in x.shape[1:-1]:
-        count = tf.reduce_prod(tf.shape(x)[1:-1]) * (channels // groups)
-    else:
-        count = math.prod(x.shape[1:-1]) * (channels // groups)
-    inflate = 1.0 + 2.0 * gamma(count, unit_roundoff(x.dtype))
-    bound = tf.sqrt(tf.cast(grouped, "float64") * cover * inflate)
+    inflate = 1.0 + 2.0 * gamma(channels // groups, U64)
+    bound = tf.sqrt(grouped * cover * inflate)
     return bound if groups > 1 else bound[:, 0]

@@ -5,10 +5,13 @@ per-example gradients are `sum(n * dz)` and `sum(dz)` over the axes the paramete
 across, materialised (they are as small as the parameters).
 """
 
+import math
+
 import keras
+import tensorflow as tf
 
 from keras_safe.privacy.per_example.forms import summed_form
-from keras_safe.privacy.per_example.numerics import working
+from keras_safe.privacy.per_example.numerics import U64, norm_bound, working
 from keras_safe.privacy.per_example.rules.base import TapRule, plain_keras_call
 
 __all__ = ["GroupNormRule", "LayerNormRule"]
@@ -19,31 +22,60 @@ def _param_axes(layer, rank):
     return sorted(a % rank for a in axes)
 
 
-def _broadcast(param, axes, rank):
+def _broadcast(param, axes, rank, shape=None):
+    """`param` shaped to broadcast against a rank-`rank` tensor along `axes` (its own shape, or
+    `shape` when the parameter is viewed split, as GroupNormalization's channels in groups)."""
     full = [1] * rank
-    for axis, size in zip(axes, param.shape):
+    for axis, size in zip(axes, shape or param.shape):
         full[axis] = size
     return keras.ops.reshape(param, full)
 
 
-def _affine(layer, normalized, axes):
-    out = normalized
-    rank = len(normalized.shape)
+def _normalize(layer, x, mean, variance, param_axes, param_shape=None):
+    """`(normalized, out)`: `(x - mean) / sqrt(variance + epsilon)` and the affine output.
+
+    The output is computed as Keras computes it, `x * scale + offset` with the per-group scale
+    and offset folded first (two passes over `x`, and two in the backward pass). The normalised
+    input is not on the loss's path: it is computed beside it, for the per-example gradient of
+    the scale, `sum(n * dz)`, which is the exact derivative of the output with respect to it.
+    """
+    rank = len(x.shape)
+    inv = keras.ops.rsqrt(variance + layer.epsilon)
+    normalized = (x - mean) * inv
+    scale, offset = inv, -mean * inv
     if layer.scale:
-        out = out * keras.ops.cast(_broadcast(layer.gamma, axes, rank), out.dtype)
+        gamma = keras.ops.cast(_broadcast(layer.gamma, param_axes, rank, param_shape), x.dtype)
+        scale, offset = scale * gamma, offset * gamma
     if layer.center:
-        out = out + keras.ops.cast(_broadcast(layer.beta, axes, rank), out.dtype)
-    return out
+        offset = offset + keras.ops.cast(
+            _broadcast(layer.beta, param_axes, rank, param_shape), x.dtype
+        )
+    return normalized, x * scale + offset
 
 
 def _affine_forms(layer, normalized, dz, axes):
     reduce_axes = [a for a in range(1, len(dz.shape)) if a not in axes]
     normalized, dz = working(normalized), working(dz)
+    if not reduce_axes:
+        magnitudes = [None, None]
+    else:
+        # Cauchy-Schwarz per parameter entry: sum|n dz| <= |n| |dz|, sum|dz| <= sqrt(m) |dz|,
+        # from one fused norm pass over each factor instead of passes over |n dz| and |dz|.
+        dz_norms = norm_bound(dz, reduce_axes)
+        rows = [tf.shape(dz)[0], -1]
+        dz_total = tf.sqrt(tf.reduce_sum(tf.reshape(tf.square(dz_norms), rows), 1))
+        count = tf.cast(tf.reduce_prod(tf.gather(tf.shape(dz), reduce_axes)), "float64")
+        entries = math.prod(dz.shape[a] for a in axes)  # float64 sums of this many squares
+        inflate = 1.0 + 4.0 * (entries + 2) * U64
+        magnitudes = [None, tf.sqrt(count) * dz_total * inflate]
+        if layer.scale:
+            products = tf.square(norm_bound(normalized, reduce_axes) * dz_norms)
+            magnitudes[0] = tf.sqrt(tf.reduce_sum(tf.reshape(products, rows), 1)) * inflate
     forms = []
     if layer.scale:
-        forms.append(summed_form(layer.gamma, normalized * dz, reduce_axes))
+        forms.append(summed_form(layer.gamma, normalized * dz, reduce_axes, None, magnitudes[0]))
     if layer.center:
-        forms.append(summed_form(layer.beta, dz, reduce_axes))
+        forms.append(summed_form(layer.beta, dz, reduce_axes, None, magnitudes[1]))
     return forms
 
 
@@ -63,10 +95,8 @@ class LayerNormRule(TapRule):
         axes = _param_axes(layer, len(inputs.shape))
         x = _float32(inputs)
         mean, variance = keras.ops.moments(x, axes=axes, keepdims=True)
-        normalized = (x - mean) * keras.ops.rsqrt(variance + layer.epsilon)
-        normalized = keras.ops.cast(normalized, inputs.dtype)
-        out = _affine(layer, normalized, axes)
-        record(normalized, out)
+        normalized, out = _normalize(layer, x, mean, variance, axes)
+        record(keras.ops.cast(normalized, inputs.dtype), out)
         return keras.ops.cast(out, layer.compute_dtype)
 
     @staticmethod
@@ -87,14 +117,15 @@ class GroupNormRule(TapRule):
         axis = layer.axis % rank
         channels = inputs.shape[axis]
         shape = keras.ops.shape(inputs)
-        grouped_shape = (*shape[:axis], layer.groups, channels // layer.groups, *shape[axis + 1 :])
-        x = keras.ops.reshape(keras.ops.cast(inputs, "float32"), grouped_shape)
+        split = (layer.groups, channels // layer.groups)
+        x = keras.ops.reshape(
+            keras.ops.cast(inputs, "float32"), (*shape[:axis], *split, *shape[axis + 1 :])
+        )
         reduce_axes = [a for a in range(1, rank + 1) if a != axis]
         mean, variance = keras.ops.moments(x, axes=reduce_axes, keepdims=True)
-        normalized = (x - mean) * keras.ops.rsqrt(variance + layer.epsilon)
-        normalized = keras.ops.cast(keras.ops.reshape(normalized, shape), inputs.dtype)
-        out = _affine(layer, normalized, [axis])
-        record(normalized, out)
+        normalized, out = _normalize(layer, x, mean, variance, [axis, axis + 1], split)
+        out = keras.ops.reshape(out, shape)
+        record(keras.ops.cast(keras.ops.reshape(normalized, shape), inputs.dtype), out)
         return keras.ops.cast(out, layer.compute_dtype)
 
     @staticmethod
