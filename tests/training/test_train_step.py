@@ -202,7 +202,9 @@ def test_dp_step_compiles_with_xla():
     # On GPUs Keras compiles the train step with XLA by default ("auto").
     inputs = keras.Input((6, 6, 2))
     h = keras.layers.Conv2D(4, 3, activation="relu")(inputs)
+    h = keras.layers.GroupNormalization(groups=2)(h)
     h = keras.layers.Reshape((4, 16))(h)
+    h = keras.layers.LayerNormalization()(h)
     h = keras.layers.LSTM(3)(h)
     model = keras.Model(inputs, keras.layers.Dense(2)(h))
     model.compile(

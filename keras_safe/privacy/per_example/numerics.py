@@ -137,16 +137,16 @@ def _block(n):
 def norm_bound(t, axes):
     """float64 upper bound of the Euclidean norm of `t` over `axes` (one float32 pass).
 
-    `tf.math.reduce_euclidean_norm` sums the rounded squares and rounds the square root, so the
-    computed norm of n terms is at least `(1 - u) sqrt(1 - gamma_n)` times the exact one; it is
-    inflated by `(1 + 2 gamma_n)(1 + 2 u)`. One fused pass, about twice as fast on CPU as
-    squaring and summing.
+    The rounded squares are summed and the square root rounded, so the computed norm of n terms
+    is at least `(1 - u) sqrt(1 - gamma_n)` times the exact one, whatever the summation order;
+    it is inflated by `(1 + 2 gamma_n)(1 + 2 u)`. (`tf.math.reduce_euclidean_norm` would fuse
+    the pass on CPU, but has no XLA kernel.)
     """
     t = working(t)
     sizes = [t.shape[a] for a in axes]
     count = math.prod(sizes) if None not in sizes else tf.reduce_prod(tf.gather(tf.shape(t), axes))
     u = unit_roundoff(t.dtype)
-    norms = f64(tf.math.reduce_euclidean_norm(t, axis=axes))
+    norms = f64(tf.sqrt(tf.reduce_sum(tf.square(t), axis=axes)))
     return norms * ((1.0 + 2.0 * gamma(count, u)) * (1.0 + 2.0 * u))
 
 
