@@ -161,8 +161,11 @@ def test_kernel_gradients_with_the_examples_as_groups_match_the_loop(case):
     "layer, shape",
     [
         (lambda: L.Conv2D(16, 3, padding="same"), (4, 4, 8)),
+        (lambda: L.Conv2D(12, 2, strides=2, padding="same"), (5, 5, 16)),
+        (lambda: L.Conv1D(24, 3, padding="causal"), (6, 12)),
         (lambda: L.Conv1D(12, 3, strides=2, use_bias=False), (9, 10)),
     ],
+    ids=["same", "same_strided", "conv1d_causal", "conv1d_strided"],
 )
 def test_large_kernels_recompute_the_clipped_sum_from_scaled_output_gradients(layer, shape):
     # Per-example kernel gradients larger than the layer's activations serve the norms only;
@@ -171,8 +174,16 @@ def test_large_kernels_recompute_the_clipped_sum_from_scaled_output_gradients(la
     model = classifier([layer], shape)
     x = RNG.normal(size=(B, *shape)).astype("float32") * 2.0
     dz = RNG.normal(size=(B, *layer.compute_output_shape((B, *shape))[1:])).astype("float32")
-    form = ConvRule.forms(layer, tf.constant(x), tf.constant(dz))[0]
+    inputs = x if layer.padding != "causal" else np.pad(x, [(0, 0), (2, 0), (0, 0)])
+    form = ConvRule.forms(layer, tf.constant(inputs), tf.constant(dz))[0]
     assert form._sums_from_outputs()
+    # The norms (from rows in any order) against each example's gradient from the tape.
+    bounds = np.sqrt(np.asarray(form.norm_bounds()[0]))
+    for i in range(B):
+        with tf.GradientTape() as tape:
+            target = tf.reduce_sum(layer(tf.constant(x[i : i + 1])) * dz[i : i + 1])
+        exact = np.linalg.norm(np.asarray(tape.gradient(target, layer.kernel), "float64"))
+        assert exact * (1 - 1e-5) <= bounds[i] <= exact * (1 + 1e-4)
     check = check_with_oracle(model, x, labels(), l2_norm_clip=0.3)
     assert check.max_error < 1e-4 and check.max_sensitivity <= 1 + 1e-5
     assert check.max_sensitivity > 0.5  # examples are clipped
