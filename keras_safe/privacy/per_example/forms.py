@@ -145,7 +145,7 @@ class MaterialisedGrad(GradientForm):
         return MaterialisedGrad(forms[0].variable, total, error)
 
 
-def summed_form(variable, terms, axis, shape=None, magnitude=None):
+def summed_form(variable, terms, axis, shape=None):
     """A `MaterialisedGrad` of per-example gradients that are sums of `terms` over `axis`.
 
     The float sum carries its rounding bound, `gamma_n` times the norm of the sum of the
@@ -157,9 +157,6 @@ def summed_form(variable, terms, axis, shape=None, magnitude=None):
         terms: `[B, ...]` tensor.
         axis: the axes (not 0) to sum over; an empty list keeps `terms` as they are.
         shape: reshape the rows to `[B, *shape]` (default: the variable's shape).
-        magnitude: optional float64 `[B]`, an upper bound of the norm of `sum(|terms|)` over
-            `axis` that the rule got more cheaply (by Cauchy-Schwarz, from norms it computes
-            anyway) than the pass over `|terms|` it spares.
     """
     shape = tuple(variable.shape if shape is None else shape)
     terms = working(terms)
@@ -170,20 +167,14 @@ def summed_form(variable, terms, axis, shape=None, magnitude=None):
     sizes = [terms.shape[a] for a in axis]
     if all(size == 1 for size in sizes):
         return MaterialisedGrad(variable, values)
-    if magnitude is None:
-        summed = tf.reduce_sum(tf.abs(terms), axis=axis)
-        magnitude = tf.sqrt(sum_sq64(tf.reshape(summed, [tf.shape(summed)[0], -1])))
+    count = (
+        math.prod(sizes) if None not in sizes else tf.reduce_prod(tf.gather(tf.shape(terms), axis))
+    )
+    magnitude = tf.reduce_sum(tf.abs(terms), axis=axis)
+    size = tf.sqrt(sum_sq64(tf.reshape(magnitude, [tf.shape(magnitude)[0], -1])))
     # gamma_n, not gamma_{n-1}: also covers one rounded product per term (such as x * dz).
-    error = gamma(_count(terms, axis), unit_roundoff(terms.dtype)) * magnitude * (1.0 + 1e-6)
+    error = gamma(count, unit_roundoff(terms.dtype)) * size * (1.0 + 1e-6)
     return MaterialisedGrad(variable, values, error)
-
-
-def _count(t, axes):
-    """The number of entries of `t` along `axes` (a Python int when known while tracing)."""
-    sizes = [t.shape[a] for a in axes]
-    if None in sizes:
-        return tf.reduce_prod(tf.gather(tf.shape(t), axes))
-    return math.prod(sizes)
 
 
 class OuterProductGrad(GradientForm):

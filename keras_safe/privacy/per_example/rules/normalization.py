@@ -5,13 +5,10 @@ per-example gradients are `sum(n * dz)` and `sum(dz)` over the axes the paramete
 across, materialised (they are as small as the parameters).
 """
 
-import math
-
 import keras
-import tensorflow as tf
 
 from keras_safe.privacy.per_example.forms import summed_form
-from keras_safe.privacy.per_example.numerics import U64, norm_bound, working
+from keras_safe.privacy.per_example.numerics import working
 from keras_safe.privacy.per_example.rules.base import TapRule, plain_keras_call
 
 __all__ = ["GroupNormRule", "LayerNormRule"]
@@ -56,26 +53,11 @@ def _normalize(layer, x, mean, variance, param_axes, param_shape=None):
 def _affine_forms(layer, normalized, dz, axes):
     reduce_axes = [a for a in range(1, len(dz.shape)) if a not in axes]
     normalized, dz = working(normalized), working(dz)
-    if not reduce_axes:
-        magnitudes = [None, None]
-    else:
-        # Cauchy-Schwarz per parameter entry: sum|n dz| <= |n| |dz|, sum|dz| <= sqrt(m) |dz|,
-        # from one fused norm pass over each factor instead of passes over |n dz| and |dz|.
-        dz_norms = norm_bound(dz, reduce_axes)
-        rows = [tf.shape(dz)[0], -1]
-        dz_total = tf.sqrt(tf.reduce_sum(tf.reshape(tf.square(dz_norms), rows), 1))
-        count = tf.cast(tf.reduce_prod(tf.gather(tf.shape(dz), reduce_axes)), "float64")
-        entries = math.prod(dz.shape[a] for a in axes)  # float64 sums of this many squares
-        inflate = 1.0 + 4.0 * (entries + 2) * U64
-        magnitudes = [None, tf.sqrt(count) * dz_total * inflate]
-        if layer.scale:
-            products = tf.square(norm_bound(normalized, reduce_axes) * dz_norms)
-            magnitudes[0] = tf.sqrt(tf.reduce_sum(tf.reshape(products, rows), 1)) * inflate
     forms = []
     if layer.scale:
-        forms.append(summed_form(layer.gamma, normalized * dz, reduce_axes, None, magnitudes[0]))
+        forms.append(summed_form(layer.gamma, normalized * dz, reduce_axes))
     if layer.center:
-        forms.append(summed_form(layer.beta, dz, reduce_axes, None, magnitudes[1]))
+        forms.append(summed_form(layer.beta, dz, reduce_axes))
     return forms
 
 
