@@ -33,8 +33,8 @@ def _normalize(layer, x, mean, variance, param_axes, param_shape=None):
 
     The output is computed as Keras computes it, `x * scale + offset` with the per-group scale
     and offset folded first (two passes over `x`, and two in the backward pass). The normalised
-    input is not on the loss's path: it is computed beside it, for the per-example gradient of
-    the scale, `sum(n * dz)`, which is the exact derivative of the output with respect to it.
+    input `n` is not on the loss's path: it is computed beside it, for the per-example gradient
+    of the scale, `sum(n * dz)` (`n` is the exact derivative of the output by the scale).
     """
     rank = len(x.shape)
     inv = keras.ops.rsqrt(variance + layer.epsilon)
