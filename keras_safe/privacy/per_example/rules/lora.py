@@ -29,8 +29,10 @@ import tensorflow as tf
 from keras_safe.privacy.per_example.embedding_form import EmbeddingGrad
 from keras_safe.privacy.per_example.forms import GradientForm, OuterProductGrad, summed_form
 from keras_safe.privacy.per_example.numerics import U64, f64, gamma, unit_roundoff, working
-from keras_safe.privacy.per_example.rules.base import TapRule, as_sequence, finish, positions
-from keras_safe.privacy.per_example.rules.dense import bias_form
+from keras_safe.privacy.per_example.rules.base import TapRule, as_sequence, positions
+from keras_safe.privacy.per_example.rules.dense import DenseRule, bias_form
+from keras_safe.privacy.per_example.rules.einsum_dense import EinsumDenseRule
+from keras_safe.privacy.per_example.rules.embedding import EmbeddingRule
 
 __all__ = [
     "FactorRounding",
@@ -176,13 +178,7 @@ class LoRADenseRule(TapRule):
     def supports(layer):
         return _stock_lora(layer, keras.layers.Dense, "kernel", ("lora_kernel_a", "lora_kernel_b"))
 
-    @staticmethod
-    def forward(layer, record, inputs, *args, **kwargs):
-        z = keras.ops.matmul(inputs, layer.kernel)
-        if layer.bias is not None:
-            z = z + layer.bias
-        record(inputs, z)
-        return finish(layer, z)
+    forward = staticmethod(DenseRule.forward)  # the base layer's call, recorded
 
     @staticmethod
     def forms(layer, inputs, dz):
@@ -276,13 +272,7 @@ class LoRAEinsumDenseRule(TapRule):
             and einsum_layout(layer.equation) is not None
         )
 
-    @staticmethod
-    def forward(layer, record, inputs, *args, **kwargs):
-        z = keras.ops.einsum(layer.equation, inputs, layer.kernel)
-        if layer.bias is not None:
-            z = z + layer.bias
-        record(inputs, z)
-        return finish(layer, z)
+    forward = staticmethod(EinsumDenseRule.forward)
 
     @staticmethod
     def forms(layer, inputs, dz):
@@ -317,12 +307,7 @@ class LoRAEmbeddingRule(TapRule):
             ("lora_embeddings_a", "lora_embeddings_b"),
         )
 
-    @staticmethod
-    def forward(layer, record, inputs, *args, **kwargs):
-        ids = keras.ops.cast(inputs, "int32")
-        z = keras.ops.take(layer.embeddings, ids, axis=0)
-        record(ids, z)
-        return keras.ops.cast(z, layer.compute_dtype)
+    forward = staticmethod(EmbeddingRule.forward)
 
     @staticmethod
     def forms(layer, ids, dz):
