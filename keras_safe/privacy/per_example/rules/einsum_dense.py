@@ -7,7 +7,7 @@ from keras_safe.privacy.per_example.forms import MaterialisedGrad, summed_form
 from keras_safe.privacy.per_example.numerics import gamma, unit_roundoff, working
 from keras_safe.privacy.per_example.rules.base import TapRule, finish, plain_keras_call
 
-__all__ = ["EinsumDenseRule"]
+__all__ = ["EinsumDenseRule", "einsum_bias_form"]
 
 
 def _parts(layer):
@@ -55,7 +55,7 @@ class EinsumDenseRule(TapRule):
             error = gamma(count, unit_roundoff(dz.dtype, matmul=True)) * size * (1.0 + 1e-6)
         forms = [MaterialisedGrad(layer.kernel, kernel_grads, error)]
         if layer.bias is not None:
-            forms.append(_bias_form(layer, dz))
+            forms.append(einsum_bias_form(layer, dz))
         return forms
 
 
@@ -66,7 +66,7 @@ def _size(letter, ins, inputs, out, dz):
     return tf.shape(tensor)[axis] if size is None else size
 
 
-def _bias_form(layer, dz):
+def einsum_bias_form(layer, dz):
     """The bias spans the trailing output axes from the first bias axis on, with size 1 on the
     axes of that span that are not bias axes: sum `dz` over everything else."""
     bias_shape = list(layer.bias.shape)

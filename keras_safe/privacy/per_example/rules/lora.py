@@ -27,11 +27,11 @@ import keras
 import tensorflow as tf
 
 from keras_safe.privacy.per_example.embedding_form import EmbeddingGrad
-from keras_safe.privacy.per_example.forms import GradientForm, OuterProductGrad, summed_form
+from keras_safe.privacy.per_example.forms import GradientForm, OuterProductGrad
 from keras_safe.privacy.per_example.numerics import U64, f64, gamma, unit_roundoff, working
 from keras_safe.privacy.per_example.rules.base import TapRule, as_sequence, positions
 from keras_safe.privacy.per_example.rules.dense import DenseRule, bias_form
-from keras_safe.privacy.per_example.rules.einsum_dense import EinsumDenseRule
+from keras_safe.privacy.per_example.rules.einsum_dense import EinsumDenseRule, einsum_bias_form
 from keras_safe.privacy.per_example.rules.embedding import EmbeddingRule
 
 __all__ = [
@@ -247,18 +247,6 @@ def _transposed(t, perm):
     return t if perm == sorted(perm) else tf.transpose(t, perm)
 
 
-def _einsum_bias_form(layer, dz):
-    """The bias spans the trailing output axes from its first axis on, with size 1 where it
-    is not a bias axis: each example's gradient sums `dz` over everything else."""
-    bias_shape = list(layer.bias.shape)
-    lead = len(dz.shape) - len(bias_shape)
-    axes = list(range(1, lead))
-    for axis, size in enumerate(bias_shape, start=lead):
-        if size == 1 and dz.shape[axis] != 1:
-            axes.append(axis)
-    return summed_form(layer.bias, dz, axes)
-
-
 class LoRAEinsumDenseRule(TapRule):
     """`keras.layers.EinsumDense` with LoRA enabled (so MultiHeadAttention projections),
     for the equations `einsum_layout` maps onto an outer product."""
@@ -291,7 +279,7 @@ class LoRAEinsumDenseRule(TapRule):
             positions(second, tail, shape[-1]),
         )
         if _trainable(layer.bias):
-            forms.append(_einsum_bias_form(layer, working(dz)))
+            forms.append(einsum_bias_form(layer, working(dz)))
         return forms
 
 
