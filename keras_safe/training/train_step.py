@@ -210,8 +210,11 @@ def _private_gradients(model, x, y, sample_weight):
     slot = ledger.slot(
         schedule.accounted_noise, schedule.sampling_rate, schedule.num_examples, dp.seeded
     )
-    ledger.charge(slot, rows=_rows(x, sample_weight))
+    charged = ledger.charge(slot, rows=_rows(x, sample_weight))
     ledger.record_nonfinite(tf.reduce_sum(tf.cast(~tf.math.is_finite(norms), tf.int64)))
+    # The release waits for the charge: a step the ledger refuses releases nothing.
+    with tf.control_dependencies([c for c in charged if c is not None]):
+        grads = provenance.mark_released([tf.identity(g) for g in grads])
     regularization = _regularization_gradients(model, variables)
     if regularization is not None:
         # The weight penalty's gradient does not depend on the data: adding it to the release

@@ -133,14 +133,18 @@ class PrivacyLedger(keras.layers.Layer):
     def charge(self, slot, rows=None):
         """Adds one accounted step to segment `slot` (graph-safe); `rows`: examples in it.
 
+        Returns the update ops: the train step makes its release wait for them, so a step
+        whose charge fails (a budget check, for example) releases nothing.
+
         Under a `tf.distribute` strategy every replica calls it for the global step, with the
         examples of its own part of the batch: the step counts once and the rows of all
         replicas are summed.
         """
         one_hot = tf.one_hot(slot, self.capacity, dtype=tf.int64)
-        self._steps.assign_add(one_hot)
+        updates = [self._steps.assign_add(one_hot)]
         if rows is not None:
-            self._rows.assign_add(one_hot * _sum_over_replicas(rows))
+            updates.append(self._rows.assign_add(one_hot * _sum_over_replicas(rows)))
+        return updates
 
     def record_nonfinite(self, count):
         """Counts examples dropped from a step because their gradient norm was not finite
