@@ -1,6 +1,7 @@
 """keras_safe: model security and training-data privacy for Keras 3.
 
 Subpackages:
+    accounting: accountants, the DP-SGD schedule, epsilon, the privacy statement (no TensorFlow).
     privacy: per-example gradients, accounting and the privacy ledger, Poisson sampling, model
         checks (`make_private` and `dp_gradients` re-exported from `training`).
     optimizers: DP optimizers (`DPSGD`, `DPAdam`, `DPOptimizer`) and gradient clipping wrappers.
@@ -24,6 +25,7 @@ if _keras.backend.backend() != "tensorflow":
     )
 
 from keras_safe import (  # noqa: E402
+    accounting,
     audit,
     callbacks,
     layers,
@@ -38,6 +40,7 @@ from keras_safe import (  # noqa: E402
 __version__ = "0.2.0"
 
 __all__ = [
+    "accounting",
     "audit",
     "callbacks",
     "layers",

@@ -5,14 +5,14 @@ import os
 import sys
 
 from keras_safe._validation import ArgumentError
-from keras_safe.privacy.accounting.accountants import accountant_names
-from keras_safe.privacy.accounting.compute import (
+from keras_safe.accounting.accountants import accountant_names
+from keras_safe.accounting.compute import (
     compute_epsilon,
     noise_multiplier_for_epsilon,
     resolve_delta,
     resolve_schedule,
 )
-from keras_safe.privacy.accounting.statement import privacy_statement
+from keras_safe.accounting.statement import privacy_statement
 
 __all__ = ["add_epsilon_arguments", "build_parser", "main", "run_epsilon"]
 

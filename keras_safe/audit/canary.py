@@ -28,7 +28,7 @@ from keras_safe._validation import check_choice, check_number, check_probability
 from keras_safe.audit._models import check_model_factory, compiled_model, default_delta
 from keras_safe.audit.features import class_labels, example_losses
 from keras_safe.audit.metrics import attack_metrics, guessing_epsilon_lower_bound
-from keras_safe.privacy.accounting import get_ledger
+from keras_safe.privacy.ledger import get_ledger
 
 __all__ = ["DEFAULT_FIT_KWARGS", "CanaryAuditResult", "accountant_epsilon", "canary_audit"]
 

@@ -3,9 +3,10 @@
 import keras
 
 from keras_safe._validation import check_choice, check_number
+from keras_safe.accounting import accountant_names, default_delta
+from keras_safe.accounting.compute import check_delta, check_target
 from keras_safe.optimizers.dp import find_dp_optimizer
-from keras_safe.privacy.accounting import accountant_names, default_delta, get_ledger
-from keras_safe.privacy.accounting.compute import check_delta, check_target
+from keras_safe.privacy.ledger import get_ledger
 from keras_safe.training import fit_plan, make_private, state
 from keras_safe.training.private_model import is_guarded
 

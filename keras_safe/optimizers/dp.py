@@ -17,10 +17,10 @@ import keras
 import tensorflow as tf
 
 from keras_safe._validation import PrivacyError, check_choice, check_number, check_probability, fail
+from keras_safe.accounting import DPSchedule, accountant_names, default_delta
 from keras_safe.optimizers import provenance, replicas
 from keras_safe.optimizers.noise import fresh_seed
 from keras_safe.optimizers.wrapper import OptimizerWrapper, innermost, optimizer_chain
-from keras_safe.privacy.accounting import DPSchedule, accountant_names, default_delta
 
 __all__ = ["DPAdam", "DPOptimizer", "DPSGD", "NON_PRIVATE_GRADIENTS", "find_dp_optimizer"]
 

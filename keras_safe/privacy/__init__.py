@@ -7,16 +7,15 @@ and `dp_gradients` live in `keras_safe.training` (`find_dp_optimizer` in
 
 import importlib
 
-from keras_safe.privacy.accounting import (
+from keras_safe.accounting import (
     DPSchedule,
-    PrivacyLedger,
     compute_epsilon,
     default_delta,
-    get_ledger,
     noise_multiplier_for_epsilon,
     privacy_statement,
     register_accountant,
 )
+from keras_safe.privacy.ledger import PrivacyLedger, get_ledger
 from keras_safe.privacy.model_checks import UnsupportedLayer, validate
 from keras_safe.privacy.per_example import TapRule, register_tap
 from keras_safe.privacy.sampling import poisson_batches

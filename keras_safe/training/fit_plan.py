@@ -13,7 +13,7 @@ import tensorflow as tf
 
 from keras_safe._validation import PrivacyError, fail
 from keras_safe.optimizers.dp import find_dp_optimizer
-from keras_safe.privacy.accounting import get_ledger
+from keras_safe.privacy.ledger import get_ledger
 from keras_safe.privacy.sampling import poisson_info
 from keras_safe.training import distribution, state, verification
 

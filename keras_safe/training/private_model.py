@@ -16,7 +16,7 @@ import keras
 
 from keras_safe._validation import PrivacyError, fail
 from keras_safe.optimizers.dp import find_dp_optimizer
-from keras_safe.privacy.accounting import get_ledger
+from keras_safe.privacy.ledger import get_ledger
 from keras_safe.training import fit_plan, state, verification
 from keras_safe.training.stages import get_stages, set_stages
 from keras_safe.training.train_step import train_step

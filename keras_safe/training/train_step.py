@@ -17,7 +17,7 @@ from keras_safe._validation import PrivacyError
 from keras_safe.optimizers import provenance
 from keras_safe.optimizers.dp import find_dp_optimizer
 from keras_safe.optimizers.wrapper import optimizer_chain
-from keras_safe.privacy.accounting import get_ledger
+from keras_safe.privacy.ledger import get_ledger
 from keras_safe.privacy.losses import PerExampleLoss
 from keras_safe.privacy.model_checks import check_supported
 from keras_safe.privacy.per_example import clipped_gradient_sum

@@ -27,7 +27,7 @@ from scipy import stats
 
 import keras_safe
 from keras_safe._validation import PrivacyError
-from keras_safe.privacy.accounting import RDP_ORDERS
+from keras_safe.accounting import RDP_ORDERS
 from keras_safe.training import distribution
 
 RUNS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "distributed_runs.py")

@@ -19,7 +19,7 @@ of every intermediate model, not only the final one.
 import math
 
 from keras_safe._validation import check_number, check_probability, fail
-from keras_safe.privacy.accounting.accountants import (
+from keras_safe.accounting.accountants import (
     calibrate_noise,
     check_accountant,
     epsilon_of,

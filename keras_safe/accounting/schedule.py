@@ -23,8 +23,8 @@ import dataclasses
 import math
 
 from keras_safe._validation import check_number, fail
-from keras_safe.privacy.accounting.accountants import check_accountant, epsilon_of
-from keras_safe.privacy.accounting.compute import calibrate, check_delta, check_target
+from keras_safe.accounting.accountants import check_accountant, epsilon_of
+from keras_safe.accounting.compute import calibrate, check_delta, check_target
 
 __all__ = ["DPSchedule"]
 

@@ -1,4 +1,4 @@
-"""Tests of keras_safe.privacy.accounting against published and independently computed figures."""
+"""Tests of keras_safe.accounting against published and independently computed figures."""
 
 import math
 import os

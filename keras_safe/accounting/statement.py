@@ -3,8 +3,8 @@
 import math
 import textwrap
 
-from keras_safe.privacy.accounting.accountants import check_accountant, epsilon_of
-from keras_safe.privacy.accounting.compute import check_noise, resolve_delta, resolve_schedule
+from keras_safe.accounting.accountants import check_accountant, epsilon_of
+from keras_safe.accounting.compute import check_noise, resolve_delta, resolve_schedule
 
 __all__ = ["privacy_statement"]
 

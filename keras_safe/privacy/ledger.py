@@ -20,8 +20,8 @@ import numpy as np
 import tensorflow as tf
 
 from keras_safe._validation import PrivacyError, check_number
-from keras_safe.privacy.accounting.accountants import check_accountant, epsilon_of
-from keras_safe.privacy.accounting.compute import check_delta, default_delta
+from keras_safe.accounting.accountants import check_accountant, epsilon_of
+from keras_safe.accounting.compute import check_delta, default_delta
 
 __all__ = ["LEDGER_ATTRIBUTE", "PrivacyLedger", "get_ledger"]
 

@@ -1,37 +1,39 @@
-"""Privacy accounting: accountants, the DP-SGD schedule, the model's ledger, the statement.
+"""Privacy accounting: accountants, the DP-SGD schedule and the privacy statement.
+
+The bottom layer of keras_safe, beside `_validation`: it needs `dp_accounting` only (no
+TensorFlow, no Keras), so the command line computes epsilon without starting TensorFlow.
 
 - `accountants`: RDP and PLD (and any registered one) composing DP-SGD segments.
 - `compute`: `compute_epsilon`, `noise_multiplier_for_epsilon`, `default_delta`.
 - `schedule`: `DPSchedule`, the one place where microbatches, gradient accumulation and the
   sampling rate enter the accountant.
-- `ledger`: `PrivacyLedger`, what a model has spent, saved with the model.
 - `statement`: `privacy_statement`, the guarantee in plain language.
+
+What a model has spent is its privacy ledger (`keras_safe.privacy.ledger`), which composes its
+segments with these accountants.
 """
 
-from keras_safe.privacy.accounting.accountants import (
+from keras_safe.accounting.accountants import (
     RDP_ORDERS,
     accountant_names,
     epsilon_of,
     register_accountant,
 )
-from keras_safe.privacy.accounting.compute import (
+from keras_safe.accounting.compute import (
     compute_epsilon,
     default_delta,
     noise_multiplier_for_epsilon,
 )
-from keras_safe.privacy.accounting.ledger import PrivacyLedger, get_ledger
-from keras_safe.privacy.accounting.schedule import DPSchedule
-from keras_safe.privacy.accounting.statement import privacy_statement
+from keras_safe.accounting.schedule import DPSchedule
+from keras_safe.accounting.statement import privacy_statement
 
 __all__ = [
     "RDP_ORDERS",
     "DPSchedule",
-    "PrivacyLedger",
     "accountant_names",
     "compute_epsilon",
     "default_delta",
     "epsilon_of",
-    "get_ledger",
     "noise_multiplier_for_epsilon",
     "privacy_statement",
     "register_accountant",
