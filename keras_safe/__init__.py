@@ -12,34 +12,25 @@ Subpackages:
     training: the one train step (make_private, dp_gradients).
     audit: membership inference audits, metrics and reports.
     testing: `assert_dp_matches_reference`, the one-example-at-a-time check of DP clipping.
+
+Importing keras_safe imports neither Keras nor TensorFlow: each subpackage is loaded on first use
+(`keras_safe.privacy`, `from keras_safe import privacy`, `import keras_safe.privacy` alike), so
+the command line and the accounting start in a fraction of a second. The first subpackage that
+needs Keras checks that Keras runs on the TensorFlow backend (`keras_safe._backend`).
+
+Example:
+    >>> import keras_safe
+    >>> keras_safe.accounting.default_delta(60000) < 1 / 60000
+    True
 """
 
-import keras as _keras
+import importlib
+import sys
 
-if _keras.backend.backend() != "tensorflow":
-    raise ImportError(
-        "keras_safe supports the TensorFlow backend of Keras 3 only, but Keras is running on "
-        f"the '{_keras.backend.backend()}' backend. Fix: set the environment variable "
-        "KERAS_BACKEND=tensorflow (or remove it) before importing keras, or set "
-        '"backend": "tensorflow" in ~/.keras/keras.json.'
-    )
+from keras_safe import _backend
+from keras_safe._version import __version__
 
-from keras_safe import (  # noqa: E402
-    accounting,
-    audit,
-    callbacks,
-    layers,
-    optimizers,
-    preprocessing,
-    privacy,
-    security,
-    testing,
-    training,
-)
-
-__version__ = "0.2.0"
-
-__all__ = [
+_SUBPACKAGES = (
     "accounting",
     "audit",
     "callbacks",
@@ -50,5 +41,23 @@ __all__ = [
     "security",
     "testing",
     "training",
-    "__version__",
-]
+)
+
+__all__ = [*_SUBPACKAGES, "__version__"]
+
+# Every import of a Keras-using part of keras_safe runs the backend check first; where Keras is
+# already loaded, the check costs nothing and runs now.
+_backend.install_guard()
+if sys.modules.get("keras") is not None:
+    _backend.check_backend()
+
+
+def __getattr__(name):
+    if name in _SUBPACKAGES:
+        # import_module stores the subpackage in this module's namespace: loaded once.
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_SUBPACKAGES))

@@ -1,10 +1,21 @@
-"""Command line: `python -m keras_safe demo` and `python -m keras_safe epsilon`."""
+"""Command line: `python -m keras_safe demo` and `python -m keras_safe epsilon`.
+
+`--help` and `epsilon` need only the accounting (dp-accounting): they never import TensorFlow
+or Keras and answer in about a second. `demo` imports TensorFlow quietly: the C++ start-up log
+lines TensorFlow writes before its logging is set up (oneDNN, CUDA, CPU features) are held back,
+and absl's Python logging is set to errors only.
+"""
 
 import argparse
+import contextlib
+import logging
 import os
+import re
 import sys
+import tempfile
 
 from keras_safe._validation import ArgumentError
+from keras_safe._version import __version__
 from keras_safe.accounting.accountants import accountant_names
 from keras_safe.accounting.compute import (
     compute_epsilon,
@@ -14,7 +25,14 @@ from keras_safe.accounting.compute import (
 )
 from keras_safe.accounting.statement import privacy_statement
 
-__all__ = ["add_epsilon_arguments", "build_parser", "main", "run_epsilon"]
+__all__ = ["add_epsilon_arguments", "build_parser", "main", "quiet_tensorflow_start", "run_epsilon"]
+
+# An absl/TensorFlow C++ log line: severity letter, date, time, thread, file:line].
+_CPP_LOG_LINE = re.compile(r"^([IWEF])\d{4} [\d:.]+\s+\d+ [^\]]+\] ")
+_CPP_LOG_NOISE = (
+    "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR",
+    "To enable the following instructions:",  # second line of TensorFlow's CPU feature notice
+)
 
 
 def build_parser():
@@ -22,15 +40,21 @@ def build_parser():
         prog="python -m keras_safe",
         description="keras_safe: differentially private training and privacy audits for Keras 3.",
     )
+    parser.add_argument("--version", action="version", version=f"keras_safe {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
 
     demo = commands.add_parser(
         "demo",
-        help="train a small model on bundled digits data, plainly and with DP-SGD, and compare",
+        help=(
+            "train a small model on bundled digits data plainly, with DP-SGD and with adversarial "
+            "training, and compare"
+        ),
         description=(
-            "Trains a small classifier on scikit-learn's bundled digits data twice, plainly and "
-            "with DP-SGD, audits both with membership inference and prints a comparison table."
+            "Trains a small classifier on scikit-learn's bundled digits data three times: plainly, "
+            "with DP-SGD and with PGD adversarial training; audits each with membership inference "
+            "and a PGD attack and prints a comparison table (needs the audit extra: "
+            'pip install "keras-safe[audit]").'
         ),
     )
     demo.add_argument("--epochs", type=int, default=60, help="training epochs (default: 60)")
@@ -57,11 +81,22 @@ def build_parser():
 
 
 def main(argv=None):
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     args = build_parser().parse_args(argv)
     if args.command == "demo":
-        # Deferred: the demo needs the optional `audit` extra (scikit-learn, matplotlib).
-        from keras_safe import demo  # noqa: PLC0415
+        # Deferred: the demo needs TensorFlow and the optional `audit` extra (scikit-learn,
+        # matplotlib); --help and epsilon need neither.
+        try:
+            with quiet_tensorflow_start():
+                from keras_safe import demo  # noqa: PLC0415
+        except ModuleNotFoundError as error:
+            if error.name not in ("sklearn", "matplotlib"):
+                raise
+            print(
+                f"error: the demo needs {error.name}, which the audit extra installs. Fix: "
+                'pip install "keras-safe[audit]"',
+                file=sys.stderr,
+            )
+            return 2
 
         return demo.run(
             epochs=args.epochs,
@@ -70,6 +105,65 @@ def main(argv=None):
             seed=args.seed,
         )
     return run_epsilon(args)
+
+
+@contextlib.contextmanager
+def quiet_tensorflow_start():
+    """Imports made inside this block start TensorFlow without its start-up log lines.
+
+    TensorFlow 2.20+ writes its C++ start-up notices (oneDNN, CUDA drivers, CPU features) to
+    standard error before its logging is set up, whatever `TF_CPP_MIN_LOG_LEVEL` says. This block
+    sets `TF_CPP_MIN_LOG_LEVEL=3` unless it is set, holds standard error back at the file
+    descriptor level, and afterwards passes on every line except the C++ log lines below that
+    level (and absl's notice that logging is not set up yet), so a real error still shows. It
+    also sets the Python loggers of absl and TensorFlow to errors only.
+
+    Example:
+        >>> with quiet_tensorflow_start():
+        ...     import math
+        >>> math.sqrt(4.0)
+        2.0
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    try:
+        min_level = int(os.environ["TF_CPP_MIN_LOG_LEVEL"])
+    except ValueError:
+        min_level = 0
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no file descriptor 2 (some embedded interpreters): nothing to hold back
+        saved = None
+    with tempfile.TemporaryFile(mode="w+b") as held:
+        if saved is not None:
+            os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            if saved is not None:
+                os.dup2(saved, 2)
+                os.close(saved)
+                held.seek(0)
+                kept = [
+                    line
+                    for line in held.read().decode(errors="replace").splitlines(keepends=True)
+                    if not _is_noise(line, min_level)
+                ]
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()
+    for name in ("absl", "tensorflow"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _is_noise(line, min_level):
+    """True for a TensorFlow/absl C++ start-up line below `TF_CPP_MIN_LOG_LEVEL`."""
+    if min_level <= 0:
+        return False
+    if line.startswith(_CPP_LOG_NOISE):
+        return True
+    match = _CPP_LOG_LINE.match(line)
+    return bool(match) and "IWEF".index(match.group(1)) < min_level
 
 
 def add_epsilon_arguments(parser):

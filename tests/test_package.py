@@ -77,3 +77,67 @@ def test_other_backend_raises_import_error_naming_the_fix():
     assert result.returncode != 0
     assert "ImportError" in result.stderr
     assert "KERAS_BACKEND=tensorflow" in result.stderr
+
+
+def test_import_keras_safe_loads_neither_keras_nor_tensorflow():
+    code = (
+        "import sys, keras_safe\n"
+        "assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules\n"
+        "keras_safe.accounting.compute_epsilon\n"
+        "assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules\n"
+        "print(sorted(set(keras_safe.__all__) - set(dir(keras_safe))))\n"
+    )
+    result = _run(code)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"
+
+
+# Each way of reaching a Keras-using subpackage after `import keras_safe` (which loads no Keras).
+LAZY_IMPORTS = [
+    "import keras_safe; keras_safe.optimizers",
+    "from keras_safe import privacy",
+    "import keras_safe.layers",
+    "import keras_safe.training.train_step",
+    "from keras_safe.preprocessing import Imputer",
+    "from keras_safe import *",
+]
+
+
+# Runs each statement in turn (one process: TensorFlow starts once) and prints what it raised.
+LAZY_PROBE = """
+import keras_safe
+import keras
+{patch}
+for statement in {statements!r}:
+    try:
+        exec(statement, {{}})
+        print("OK", statement)
+    except ImportError as error:
+        print("REFUSED" if "KERAS_BACKEND=tensorflow" in str(error) else "OTHER", statement)
+"""
+
+
+def test_other_backend_is_refused_on_the_lazy_paths():
+    patch = "keras.backend.backend = lambda: 'jax'"
+    result = _run(LAZY_PROBE.format(patch=patch, statements=LAZY_IMPORTS))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.splitlines() == [f"REFUSED {s}" for s in LAZY_IMPORTS]
+
+
+def test_lazy_paths_load_the_subpackages():
+    result = _run(LAZY_PROBE.format(patch="", statements=LAZY_IMPORTS))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.splitlines() == [f"OK {s}" for s in LAZY_IMPORTS]
+
+
+def test_accounting_needs_no_keras_on_any_backend():
+    code = (
+        "import sys\n"
+        "sys.modules['keras'] = None  # any import of Keras fails\n"
+        "from keras_safe.accounting import compute_epsilon\n"
+        "from keras_safe import cli\n"
+        "print(compute_epsilon(noise_multiplier=1.1, sampling_rate=0.01, steps=100, delta=1e-5))\n"
+    )
+    result = _run(code)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert 0 < float(result.stdout) < 10
