@@ -144,15 +144,31 @@ def run(epochs=60, target_epsilon=3.0, output="demo_output", seed=0, verbose=Tru
         )
 
     os.makedirs(output, exist_ok=True)
+    seconds = time.perf_counter() - started
+    table = _table_lines(rows, n, len(x_test), epochs)
     with open(os.path.join(output, "report.json"), "w") as handle:
         json.dump(
-            {"num_train": n, "num_test": len(x_test), "epochs": epochs, "rows": rows},
+            {
+                "num_train": n,
+                "num_test": len(x_test),
+                "epochs": epochs,
+                "seconds": round(seconds, 1),
+                "rows": rows,
+                "table": table,
+            },
             handle,
             indent=2,
         )
     plot = _plot(reports, os.path.join(output, "roc.png"))
     if verbose:
-        _print_table(rows, n, len(x_test), epochs, time.perf_counter() - started, output, plot)
+        print("\n".join(table))
+        print(
+            "MIA: the stronger of the loss and confidence threshold attacks (AUC 0.5 = guessing)."
+        )
+        print(f"PGD acc: accuracy under a 20-step L-inf PGD attack at epsilon {ROBUST_EPSILON}.")
+        report = os.path.join(output, "report.json")
+        print(f"report: {report}" + (f", ROC plot: {plot}" if plot else ""))
+        print(f"done in {seconds:.0f} s")
     return 0
 
 
@@ -174,29 +190,25 @@ def _plot(reports, path):
     return path
 
 
-def _print_table(rows, n_train, n_test, epochs, seconds, output, plot):
-    print(
-        f"digits: {n_train} training examples (members), {n_test} held out (non-members), "
-        f"{epochs} epochs"
-    )
+def _table_lines(rows, n_train, n_test, epochs):
+    """The comparison table, as printed (and stored in `report.json`), one string per line."""
     header = (
         f"{'model':8} {'test acc':>8} {'PGD acc':>8} {'epsilon':>8} {'delta':>7} "
         f"{'MIA AUC':>8} {'TPR@1%FPR':>10} {'eps lower bd':>12}"
     )
-    print(header)
-    print("-" * len(header))
+    lines = [
+        f"digits: {n_train} training examples (members), {n_test} held out (non-members), "
+        f"{epochs} epochs",
+        header,
+        "-" * len(header),
+    ]
     for row in rows:
         eps = "inf" if row["epsilon"] is None else f"{row['epsilon']:.2f}"
         delta = "-" if row["delta"] is None else f"{row['delta']:.0e}"
-        print(
+        lines.append(
             f"{row['model']:8} {row['test_accuracy']:8.3f} {row['pgd_accuracy']:8.3f} "
             f"{eps:>8} {delta:>7} "
             f"{row['mia_auc']:8.3f} {row['mia_tpr_at_1%_fpr']:10.3f} "
             f"{row['mia_epsilon_lower_bound']:12.2f}"
         )
-    print("MIA: the stronger of the loss and confidence threshold attacks (AUC 0.5 = guessing).")
-    print(f"PGD acc: accuracy under a 20-step L-inf PGD attack at epsilon {ROBUST_EPSILON}.")
-    print(
-        f"report: {os.path.join(output, 'report.json')}" + (f", ROC plot: {plot}" if plot else "")
-    )
-    print(f"done in {seconds:.0f} s")
+    return lines
