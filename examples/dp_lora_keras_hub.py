@@ -111,7 +111,10 @@ def preset_model(preset):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("--records", type=int, default=2048, help="private training records")
     parser.add_argument("--epochs", type=float, default=3, help="passes over the records")
     parser.add_argument("--batch-size", type=int, default=64, help="expected Poisson batch")

@@ -1,5 +1,6 @@
 """The command line starts fast and quietly: `--help` and `epsilon` never import TensorFlow."""
 
+import importlib.util
 import os
 import pathlib
 import re
@@ -158,3 +159,18 @@ def test_quiet_start_holds_back_start_up_lines_and_passes_the_rest(tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stderr == "a real problem\n"
     assert result.stdout == "to stdout\nlevel 3\n"
+
+
+def test_lora_example_help_shows_the_defaults(capsys):
+    spec = importlib.util.spec_from_file_location(
+        "dp_lora_keras_hub", ROOT / "examples" / "dp_lora_keras_hub.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with pytest.raises(SystemExit):
+        module.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    defaults = {"--records": 2048, "--epochs": 3, "--batch-size": 64, "--epsilon": 8.0,
+                "--rank": 4, "--pretrain-epochs": 4}  # fmt: skip
+    for option, default in defaults.items():
+        assert re.search(rf"{option} \S+ .*?\(default: {default}\)", text), option
