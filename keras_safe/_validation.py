@@ -14,10 +14,12 @@ import numbers
 __all__ = [
     "ArgumentError",
     "PrivacyError",
+    "STEP_REFUSED",
     "check_choice",
     "check_number",
     "check_probability",
     "fail",
+    "step_refusal",
 ]
 
 
@@ -37,6 +39,21 @@ class PrivacyError(RuntimeError):
     """
 
     __init__ = Exception.__init__  # re-raised as this type from a tf.function (see above)
+
+
+# Every check that runs inside a traced step (and so can only stop it with a TensorFlow error)
+# starts its message with this, so the entry points can raise it as a `PrivacyError`.
+STEP_REFUSED = "keras_safe refused this step: "
+
+
+def step_refusal(error):
+    """The `PrivacyError` for a TensorFlow error raised by a keras_safe check inside a step,
+    or None for any other error."""
+    message = getattr(error, "message", None) or str(error)
+    start = message.find(STEP_REFUSED)
+    if start < 0:
+        return None
+    return PrivacyError(message[start:].split("\n\t ")[0].strip())
 
 
 def fail(name, value, requirement, fix=None):

@@ -1,0 +1,101 @@
+"""Proving, from the traced step, that the examples of a batch do not interact.
+
+DP-SGD bounds what one example changes by clipping that example's gradient, which is only
+meaningful if example i's loss depends on example i alone (and the weights): in training mode,
+at the training batch size, at every step. A check that runs the model once on a few examples
+cannot show that (a layer may mix only in training, only at larger batches, or only after some
+steps); the graph TensorFlow traced for the step can, since it holds every path of every step
+it will run.
+
+`check_step` reads the ops of a step's forward pass (data stages, model, per-example loss) and
+propagates, op by op, what each tensor depends on (`values`: nothing of the data, the data row
+by row, or the data across rows) with one transfer rule per op family (`rules`, `layout`),
+through branches and loops (`analysis`). The step is refused when
+
+- the per-example losses are not row-wise in the inputs, targets and sample weights (a layer or
+  loss reduces, permutes, gathers or normalises across the batch axis, in any branch that the
+  step could take: the branch a counter or the batch size selects later is analysed too);
+- the forward pass writes a variable with a value computed from the data (running statistics:
+  they would be saved and released without clipping or noise), or hands the data to Python;
+- a data-dependent op has a custom gradient (keras_safe cannot read what its backward mixes).
+
+An op type the rules do not know that receives data counts as mixing (fail closed): the error
+names it, and the model can train once the op is replaced or a rule is added here. The cost is
+paid when the step is traced, never per step.
+"""
+
+import tensorflow as tf
+
+from keras_safe._validation import PrivacyError
+from keras_safe.privacy.independence.analysis import RULES, Analysis
+from keras_safe.privacy.independence.values import Mixed, Rows
+
+__all__ = ["RULES", "check_step", "layer_of"]
+
+_MAX_LISTED = 5
+
+
+def layer_of(op_name):
+    """The layer path in an op name: `"sequential/dense/MatMul"` gives `"sequential/dense"`."""
+    parts = op_name.split("/")
+    return "/".join(parts[:-1]) if len(parts) > 1 else op_name
+
+
+def _leaves(structure):
+    return [t for t in tf.nest.flatten(structure) if t is not None and hasattr(t, "graph")]
+
+
+def check_step(inputs, losses, ops, model_name="the model"):
+    """Raises `PrivacyError` unless the step's per-example losses are provably row-wise.
+
+    Args:
+        inputs: the step's data as it enters the step (`x`, `y`, `sample_weight`, nested
+            structures allowed): graph tensors whose first axis is the examples.
+        losses: the per-example losses `[B]` of the step.
+        ops: the graph ops of the step's forward pass, in creation order (everything from the
+            data to the losses; ops outside the list count as constants).
+        model_name: the model's name, for the message.
+
+    Raises:
+        keras_safe._validation.PrivacyError: naming each op that mixes examples, writes a
+            variable from the data or has a custom gradient, and its layer.
+    """
+    leaves = _leaves(inputs)
+    if not leaves:
+        return
+    batch = leaves[0].shape[0] if leaves[0].shape.rank else None
+    analysis = Analysis(batch)
+    for tensor in leaves:
+        if tensor.shape.rank:
+            analysis.set(tensor, Rows(0))
+    analysis.run(ops)
+    problems = []
+    value = analysis.value(losses)
+    if isinstance(value, Mixed):
+        problems.append(
+            f"the op {value.op!r} ({value.type}, in {layer_of(value.op)!r}) {value.reason}, "
+            "and the per-example losses depend on it"
+        )
+    elif value is not None and value != Rows(0):
+        problems.append(
+            f"the per-example losses have the examples laid out as {value}, not one loss per "
+            "example"
+        )
+    for op, reason in analysis.writes[:_MAX_LISTED]:
+        problems.append(f"the op {op.name!r} ({op.type}, in {layer_of(op.name)!r}) {reason}")
+    for op in analysis.custom_gradients[:_MAX_LISTED]:
+        problems.append(
+            f"the op {op.name!r} (in {layer_of(op.name)!r}) has a custom gradient, whose "
+            "backward pass keras_safe cannot check"
+        )
+    if problems:
+        raise PrivacyError(
+            f"keras_safe cannot show that the examples of a batch stay apart in the train step "
+            f"of {model_name}: " + "; ".join(problems) + ". DP-SGD clips each example's "
+            "gradient, which bounds nothing when one example's loss or the model's state also "
+            "depends on other examples (in training mode, at any batch size, at any step). "
+            "Fix: remove or replace what mixes examples (batch statistics, MixUp/CutMix, "
+            "losses normalised by the batch, hard-example mining, running statistics updated "
+            "in the forward pass, tf.py_function on the data), freeze such layers, or compute "
+            "their statistics with DP before training (keras_safe.preprocessing, dp_epsilon=)."
+        )

@@ -1,0 +1,477 @@
+"""Walking the ops of a traced step: values, shapes, branches and loops, writes.
+
+`Analysis` propagates the values of `values` through ops in creation order (a topological
+order within a graph) with the rules of `rules` and `layout`. Branches (`If`, `Case`) and loops
+(`While`) are analysed in their own function graphs (loops to a fixed point); a nested
+`tf.function` call is analysed in its graph. Alongside, it records the ops that write a
+variable (or leave the graph: Python calls, files, summaries) with a value computed from the
+data, and the data-dependent ops with a custom gradient.
+
+It reads three attributes TensorFlow sets on the ops it traces: `_true_graph` /
+`_false_graph` / `_branch_graph_<i>` on `If` and `Case` ops and `_cond_graph` / `_body_graph`
+on `While` ops (TensorFlow's control flow v2 keeps them for its own gradients), and a nested
+function's graph from the graph's function library. Where one is missing the op is treated as
+mixing examples (fail closed).
+"""
+
+from keras_safe.privacy.independence import layout, rules
+from keras_safe.privacy.independence.values import (
+    ListRows,
+    Mixed,
+    Rows,
+    Sym,
+    dims,
+    int_list,
+    is_data,
+    join,
+    mixed,
+    static_value,
+)
+
+__all__ = ["Analysis"]
+
+_WRITE_PREFIXES = ("ResourceScatter", "ResourceApply", "ResourceSparseApply")
+_WRITES = {
+    "AssignVariableOp",
+    "AssignAddVariableOp",
+    "AssignSubVariableOp",
+    "ResourceStridedSliceAssign",
+}
+# Ops through which data leaves the graph or reaches Python.
+_SINKS = {
+    "PyFunc",
+    "PyFuncStateless",
+    "EagerPyFunc",
+    "WriteFile",
+    "SaveV2",
+    "Save",
+    "SaveSlices",
+    "WriteSummary",
+    "WriteScalarSummary",
+    "WriteHistogramSummary",
+    "WriteImageSummary",
+    "WriteAudioSummary",
+    "WriteRawProtoSummary",
+    "QueueEnqueueV2",
+    "QueueEnqueueManyV2",
+    "StackPushV2",
+}
+_SYMBOLIC = {
+    "Shape",
+    "Pack",
+    "StridedSlice",
+    "ConcatV2",
+    "BroadcastGradientArgs",
+    "Cast",
+    "Identity",
+    "Mul",
+    "Add",
+    "AddV2",
+    "Sub",
+    "FloorDiv",
+    "Maximum",
+    "Minimum",
+    "Prod",
+    "GatherV2",
+}
+_MAX_LOOP_PASSES = 8
+
+
+def _is_write(op):
+    return op.type in _WRITES or op.type.startswith(_WRITE_PREFIXES)
+
+
+def _function_graph(op, name):
+    """The graph of function `name` called by `op`, looked up in the enclosing graphs."""
+    graph = op.graph
+    while graph is not None:
+        function = getattr(graph, "_get_function", lambda _: None)(name)
+        found = getattr(function, "graph", None) if function is not None else None
+        if found is not None:
+            return found
+        graph = getattr(graph, "outer_graph", None)
+    return None
+
+
+class Analysis:
+    """Values of the tensors of one graph (and the graphs it calls) for one batch layout.
+
+    Args:
+        batch_size: the static batch size, or None when it is known only at run time.
+    """
+
+    def __init__(self, batch_size=None, _parent=None):
+        self.batch_size = batch_size
+        self.values = {}
+        self.symbols = {}
+        self.writes = [] if _parent is None else _parent.writes
+        self.custom_gradients = [] if _parent is None else _parent.custom_gradients
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    def value(self, tensor):
+        return self.values.get(tensor.ref())
+
+    def set(self, tensor, value):
+        if value is not None:
+            self.values[tensor.ref()] = value
+        else:
+            self.values.pop(tensor.ref(), None)
+
+    def static(self, tensor):
+        """The tensor's value from constants and shapes (ints, lists), or None."""
+        return static_value(tensor, self.symbols)
+
+    def entries(self, tensor):
+        """A 1-D vector's entries as ints (None where unknown), or None when even its length is
+        unknown: a `Pack` of scalars is read entry by entry."""
+        found = int_list(self.static(tensor))
+        if found is not None:
+            return found
+        if tensor.op.type == "Pack" and tensor.op.get_attr("axis") == 0:
+            return [
+                (lambda v: v[0] if v is not None and len(v) == 1 else None)(
+                    int_list(self.static(t))
+                )
+                for t in tensor.op.inputs
+            ]
+        return None
+
+    # -- walking ---------------------------------------------------------------------------------
+
+    def run(self, ops):
+        for op in ops:
+            self.step(op)
+
+    def step(self, op):
+        ins = [self.values.get(t.ref()) for t in op.inputs]
+        data = any(v is not None for v in ins)
+        if op.type in _SYMBOLIC:
+            self._symbolic(op, ins)
+        if _is_write(op):
+            if any(is_data(v) for v in ins[1:]):
+                self.writes.append((op, "writes a variable with a value computed from the data"))
+            return
+        if op.type in _SINKS:
+            if data:
+                self.writes.append((op, "passes the data out of the graph"))
+            if op.type not in ("PyFunc", "PyFuncStateless", "EagerPyFunc"):
+                return
+        if not data or op.type in rules.SHAPE_FREE:
+            return
+        if "_gradient_op_type" in op.node_def.attr:
+            self.custom_gradients.append(op)
+        rule = RULES.get(op.type)
+        if rule is None:
+            reason = f"is a {op.type} op, which keras_safe does not know to keep examples apart"
+            outs = [mixed(op, reason)] * len(op.outputs)
+        else:
+            outs = rule(self, op, ins)
+        for tensor, value in zip(op.outputs, outs):
+            self.set(tensor, value)
+
+    def _child(self):
+        return Analysis(self.batch_size, _parent=self)
+
+    def call(self, graph, values):
+        """Runs `graph` with its inputs set to `values`; returns its outputs' values."""
+        child = self._child()
+        for tensor, value in zip(graph.inputs, values):
+            child.set(tensor, value)
+        child.run(graph.get_operations())
+        return [child.value(t) for t in graph.outputs]
+
+    # -- symbolic shapes -------------------------------------------------------------------------
+
+    def _symbolic(self, op, ins):
+        """Shape arithmetic TensorFlow cannot fold because the batch size is unknown."""
+        out = op.outputs[0]
+        if op.type == "Shape":
+            d = dims(op.inputs[0])
+            if d is None:
+                return
+            v = ins[0]
+            entries = list(d)
+            if isinstance(v, Rows) and entries[v.axis] is None:
+                entries[v.axis] = Sym(v.outer * v.inner)
+            self.symbols[out.ref()] = entries
+            return
+        if any(is_data(v) for v in ins):
+            return
+        if op.type in ("Cast", "Identity"):
+            found = self.symbols.get(op.inputs[0].ref())
+            if found is not None:
+                self.symbols[out.ref()] = found
+        elif op.type == "Pack" and op.get_attr("axis") == 0:
+            parts = [self._scalar(t) for t in op.inputs]
+            if all(p is not None for p in parts):
+                self.symbols[out.ref()] = parts
+        elif op.type == "ConcatV2":
+            parts = [self._vector(t) for t in op.inputs[:-1]]
+            if all(p is not None for p in parts):
+                self.symbols[out.ref()] = [e for p in parts for e in p]
+        elif op.type == "StridedSlice":
+            self._symbolic_slice(op)
+        elif op.type in _ARITHMETIC:
+            a, b = self._scalar(op.inputs[0]), self._scalar(op.inputs[1])
+            found = _arithmetic(op.type, a, b)
+            if found is not None:
+                self.symbols[out.ref()] = found
+        elif op.type == "Prod":
+            vector, axes = self._vector(op.inputs[0]), int_list(self.static(op.inputs[1]))
+            if vector is not None and axes == [0]:
+                found = _symbolic_product(vector)
+                if found is not None:
+                    self.symbols[out.ref()] = [found] if op.get_attr("keep_dims") else found
+        elif op.type == "GatherV2":
+            vector = self._vector(op.inputs[0])
+            indices = self.static(op.inputs[1])
+            axis = int_list(self.static(op.inputs[2]))
+            if vector is not None and axis == [0]:
+                if isinstance(indices, int) and -len(vector) <= indices < len(vector):
+                    self.symbols[out.ref()] = vector[indices]
+                elif isinstance(indices, list) and all(
+                    isinstance(i, int) and -len(vector) <= i < len(vector) for i in indices
+                ):
+                    self.symbols[out.ref()] = [vector[i] for i in indices]
+        elif op.type == "BroadcastGradientArgs":
+            found = _broadcast_reductions(self._vector(op.inputs[0]), self._vector(op.inputs[1]))
+            if found is not None:
+                for tensor, axes in zip(op.outputs, found):
+                    self.symbols[tensor.ref()] = axes
+
+    def _scalar(self, tensor):
+        value = self.static(tensor)
+        if isinstance(value, (int, Sym)) and not isinstance(value, bool):
+            return value
+        if isinstance(value, list) and len(value) == 1 and isinstance(value[0], (int, Sym)):
+            return value[0]
+        return None
+
+    def _vector(self, tensor):
+        value = self.static(tensor)
+        return value if isinstance(value, list) else None
+
+    def _symbolic_slice(self, op):
+        vector = self._vector(op.inputs[0])
+        begin, end, strides = (int_list(self.static(t)) for t in op.inputs[1:4])
+        if vector is None or begin is None or end is None or strides != [1]:
+            return
+        if any(op.get_attr(k) for k in ("ellipsis_mask", "new_axis_mask")):
+            return
+        b = 0 if op.get_attr("begin_mask") & 1 else begin[0]
+        if op.get_attr("shrink_axis_mask") & 1:
+            if -len(vector) <= b < len(vector):
+                self.symbols[op.outputs[0].ref()] = vector[b]
+            return
+        e = None if op.get_attr("end_mask") & 1 else end[0]
+        self.symbols[op.outputs[0].ref()] = vector[b:e]
+
+
+_ARITHMETIC = {
+    "Mul": lambda a, b: a * b,
+    "Add": lambda a, b: a + b,
+    "AddV2": lambda a, b: a + b,
+    "Sub": lambda a, b: a - b,
+    "FloorDiv": lambda a, b: a // b if b else None,
+    "Maximum": max,
+    "Minimum": min,
+}
+
+
+def _arithmetic(op_type, a, b):
+    """Scalar shape arithmetic on ints, and `Sym` times an int."""
+    if isinstance(a, int) and isinstance(b, int):
+        return _ARITHMETIC[op_type](a, b)
+    if op_type == "Mul":
+        if isinstance(a, Sym) and isinstance(b, int):
+            return Sym(a.factor * b)
+        if isinstance(b, Sym) and isinstance(a, int):
+            return Sym(b.factor * a)
+    return None
+
+
+def _symbolic_product(entries):
+    """The product of ints and at most one `Sym`, or None."""
+    factor, symbolic = 1, False
+    for e in entries:
+        if isinstance(e, Sym):
+            if symbolic:
+                return None
+            symbolic, factor = True, factor * e.factor
+        elif isinstance(e, int):
+            factor *= e
+        else:
+            return None
+    return Sym(factor) if symbolic else factor
+
+
+def _broadcast_reductions(s0, s1):
+    """The axes each operand's gradient is summed over (`BroadcastGradientArgs`), or None."""
+    if s0 is None or s1 is None:
+        return None
+    r = max(len(s0), len(s1))
+    a = [1] * (r - len(s0)) + list(s0)
+    b = [1] * (r - len(s1)) + list(s1)
+    r0, r1 = [], []
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x is None or y is None:
+            return None
+        if x == y:
+            continue
+        if x == 1:
+            r0.append(i)
+        elif y == 1:
+            r1.append(i)
+        else:
+            return None
+    lead0, lead1 = r - len(s0), r - len(s1)
+    r0 = sorted(set(r0) | set(range(lead0)))
+    r1 = sorted(set(r1) | set(range(lead1)))
+    return r0, r1
+
+
+# -- control flow -----------------------------------------------------------------------------
+
+
+def _branches(ctx, op, ins, graphs, selector):
+    if is_data(ins[0]):
+        return [mixed(op, "chooses a branch from the data")] * len(op.outputs)
+    if any(g is None for g in graphs):
+        return [mixed(op, "a branch keras_safe cannot read")] * len(op.outputs)
+    outs = None
+    for graph in graphs:
+        found = ctx.call(graph, ins[1:])
+        outs = found if outs is None else [join(a, b, op) for a, b in zip(outs, found)]
+    del selector
+    return outs
+
+
+def if_rule(ctx, op, ins):
+    graphs = [getattr(op, "_true_graph", None), getattr(op, "_false_graph", None)]
+    return _branches(ctx, op, ins, graphs, "If")
+
+
+def case_rule(ctx, op, ins):
+    count = len(op.get_attr("branches"))
+    graphs = [getattr(op, f"_branch_graph_{i}", None) for i in range(count)]
+    return _branches(ctx, op, ins, graphs, "Case")
+
+
+def while_rule(ctx, op, ins):
+    cond, body = getattr(op, "_cond_graph", None), getattr(op, "_body_graph", None)
+    if cond is None or body is None:
+        return [mixed(op, "a loop keras_safe cannot read")] * len(op.outputs)
+    values = list(ins)
+    for _ in range(_MAX_LOOP_PASSES):
+        (pred,) = ctx.call(cond, values)[:1]
+        if is_data(pred):
+            return [mixed(op, "repeats a number of times computed from the data")] * len(
+                op.outputs
+            )
+        after = ctx.call(body, values)
+        joined = [join(a, b, op) for a, b in zip(values, after)]
+        if joined == values:
+            return values
+        values = joined
+    return [mixed(op, "a loop whose layout does not settle")] * len(op.outputs)
+
+
+def call_rule(ctx, op, ins):
+    graph = _function_graph(op, op.get_attr("f").name)
+    if graph is None:
+        return [mixed(op, "calls a function keras_safe cannot read")] * len(op.outputs)
+    return ctx.call(graph, ins)
+
+
+def _broadcast_to(ctx, op, ins):
+    if is_data(ins[1]):
+        return [mixed(op, "a shape computed from the data")]
+    return rules.elementwise(ctx, op, [ins[0], None])
+
+
+def _fill(ctx, op, ins):
+    return [mixed(op, "fills a tensor with a value computed from the data")]
+
+
+def _check_list(ctx, op, ins):
+    v = ins[0]
+    return [v if isinstance(v, (ListRows, Mixed)) or v is None else mixed(op, "a list")]
+
+
+RULES = {}
+RULES.update({t: rules.unary for t in rules.UNARY})
+RULES.update({t: rules.elementwise for t in rules.ELEMENTWISE})
+RULES.update({t: rules.reduction for t in rules.REDUCTIONS})
+RULES.update({t: rules.leading_axis for t in rules.LEADING_AXIS})
+RULES.update(
+    {
+        "Select": rules.select,
+        "ArgMax": rules.arg_reduction,
+        "ArgMin": rules.arg_reduction,
+        "Softmax": lambda c, o, i: rules.along_axis(c, o, i, last=True),
+        "LogSoftmax": lambda c, o, i: rules.along_axis(c, o, i, last=True),
+        "TopKV2": lambda c, o, i: rules.along_axis(c, o, i, last=True),
+        "Cumsum": lambda c, o, i: rules.along_axis(c, o, i, axis_index=1),
+        "Cumprod": lambda c, o, i: rules.along_axis(c, o, i, axis_index=1),
+        "CumulativeLogsumexp": lambda c, o, i: rules.along_axis(c, o, i, axis_index=1),
+        "MatrixBandPart": rules.last_two,
+        "MatrixDiagPartV3": rules.last_two,
+        "MatrixSetDiagV3": rules.last_two,
+        "MatMul": rules.matmul,
+        "BatchMatMul": rules.batch_matmul,
+        "BatchMatMulV2": rules.batch_matmul,
+        "BatchMatMulV3": rules.batch_matmul,
+        "Einsum": rules.einsum,
+        "SparseSoftmaxCrossEntropyWithLogits": rules.per_row,
+        "SoftmaxCrossEntropyWithLogits": rules.per_row,
+        "InTopKV2": rules.per_row,
+        "Multinomial": rules.per_row,
+        "StatelessMultinomial": rules.per_row,
+        "FusedBatchNorm": rules.fused_batch_norm,
+        "FusedBatchNormV2": rules.fused_batch_norm,
+        "FusedBatchNormV3": rules.fused_batch_norm,
+        "IdentityN": rules.identity_n,
+        "Where": rules.always_mixed("lists the positions of entries across the batch"),
+        "Fill": _fill,
+        "BroadcastTo": _broadcast_to,
+        "Reshape": layout.reshape,
+        "Transpose": layout.transpose,
+        "ConjugateTranspose": layout.transpose,
+        "ExpandDims": layout.expand_dims,
+        "Squeeze": layout.squeeze,
+        "GatherV2": layout.gather,
+        "ResourceGather": layout.gather,
+        "StridedSlice": layout.strided_slice,
+        "Slice": layout.slice_,
+        "ConcatV2": layout.concat,
+        "Pack": layout.pack,
+        "Unpack": layout.unpack,
+        "Split": layout.split,
+        "SplitV": layout.split,
+        "Tile": layout.tile,
+        "Pad": layout.pad,
+        "PadV2": layout.pad,
+        "MirrorPad": layout.pad,
+        "ReverseV2": layout.reverse,
+        "Roll": layout.roll,
+        "OneHot": layout.one_hot,
+        "SpaceToBatchND": layout.space_to_batch,
+        "BatchToSpaceND": layout.space_to_batch,
+        "TensorListFromTensor": layout.list_from_tensor,
+        "TensorListGetItem": layout.list_get,
+        "TensorListSetItem": layout.list_set,
+        "TensorListPushBack": layout.list_set,
+        "TensorListStack": layout.list_stack,
+        "TensorListPopBack": lambda c, o, i: [i[0], layout.list_get(c, o, i)[0]],
+        "TensorListReserve": _check_list,
+        "If": if_rule,
+        "StatelessIf": if_rule,
+        "Case": case_rule,
+        "StatelessCase": case_rule,
+        "While": while_rule,
+        "StatelessWhile": while_rule,
+        "PartitionedCall": call_rule,
+        "StatefulPartitionedCall": call_rule,
+    }
+)
