@@ -8,10 +8,13 @@ Each notebook runs in a fresh kernel whose working directory is a temporary fold
 notebook writes, such as TensorBoard logs, never land in the repository), with this checkout on
 `PYTHONPATH` (so keras_safe need not be installed) and `KERAS_SAFE_HEADLESS=1` (no TensorBoard
 server is started). `--fast` sets `KERAS_SAFE_FAST=1`, the small settings the test suite uses.
-A notebook is written only when every cell ran without an error.
+A notebook is written only when every cell ran without an error. After a run in place, the
+README's figures are checked against the new outputs (`tools/readme_figures.py`): the figures
+that changed are listed, to be updated in the README.
 """
 
 import argparse
+import importlib.util
 import os
 import pathlib
 import sys
@@ -99,7 +102,24 @@ def main(argv=None):
         size = (output or path).stat().st_size
         print(f"{path.name}: {seconds:.0f} s, {size / 1024:.0f} KiB", flush=True)
     print(f"{len(chosen)} notebooks in {total:.0f} s")
+    if not args.output:
+        report_readme_figures()
     return 0
+
+
+def report_readme_figures():
+    """Lists the README figures that no longer agree with their sources (the new outputs)."""
+    spec = importlib.util.spec_from_file_location(
+        "readme_figures", ROOT / "tools" / "readme_figures.py"
+    )
+    figures = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(figures)
+    _, problems = figures.check(ROOT)
+    for problem in problems:
+        print(f"README figure to update: {problem}")
+    if not problems:
+        print("README figures agree with the stored outputs")
+    return problems
 
 
 if __name__ == "__main__":

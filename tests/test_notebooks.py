@@ -185,3 +185,22 @@ def test_notebook_runs_with_small_settings(path, tmp_path):
     assert "already installed: nothing to install" in printed
     assert all(cell.execution_count for cell in _code_cells(executed))
     assert seconds < FAST_LIMIT_S, f"{path.name} took {seconds:.0f} s with the small settings"
+
+
+def test_runner_lists_readme_figures_that_changed(tmp_path, monkeypatch, capsys):
+    """After a run in place, run_all.py reports README figures the new outputs no longer match."""
+    runner = _load_runner()
+    assert runner.report_readme_figures() == []
+    (tmp_path / "notebooks").mkdir()
+    (tmp_path / "tools").mkdir()
+    readme = (ROOT / "README.md").read_text()
+    (tmp_path / "README.md").write_text(readme.replace("0.921<!--", "0.851<!--", 1))
+    for source in set(re.findall(r"figure(?:-block)?: (\S+?)#", readme)):
+        (tmp_path / source).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / source).write_bytes((ROOT / source).read_bytes())
+    (tmp_path / "tools" / "readme_figures.py").write_bytes(
+        (ROOT / "tools" / "readme_figures.py").read_bytes()
+    )
+    monkeypatch.setattr(runner, "ROOT", tmp_path)
+    assert len(runner.report_readme_figures()) == 1
+    assert "README figure to update: " in capsys.readouterr().out
