@@ -1,6 +1,7 @@
 """GradientClip: time per training step over the bare optimizer, and a divergence demo.
 
-Run: `python benchmarks/clipping_overhead.py [--repeats 7] [--batch-size 128]`.
+Run: `python benchmarks/clipping_overhead.py [--repeats 7] [--batch-size 128]`; the figures are
+also written to `benchmarks/results/clipping_overhead.json` (the README quotes the demo's).
 
 1. Overhead. A small MLP (64-256-256-10) on scikit-learn's digits data (repeated 8 times, so
    the per-epoch cost of `fit` is small) is trained one epoch at a time with plain SGD and with
@@ -14,7 +15,9 @@ Run: `python benchmarks/clipping_overhead.py [--repeats 7] [--batch-size 128]`.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import pathlib
 import statistics
 import time
 
@@ -25,6 +28,8 @@ import numpy as np  # noqa: E402
 from sklearn.datasets import load_digits  # noqa: E402
 
 from keras_safe.optimizers import GradientClip  # noqa: E402
+
+RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "clipping_overhead.json"
 
 CONFIGS = {
     "bare SGD": None,
@@ -76,9 +81,12 @@ def overhead(repeats, batch_size):
     print(f"Overhead, MLP 64-256-256-10, digits, batch {batch_size}, {steps} steps per epoch,")
     print(f"median of {repeats} epochs per configuration:")
     print(f"{'configuration':<24}{'ms/step':>10}{'ratio':>8}")
+    rows = {}
     for name in CONFIGS:
         median = statistics.median(times[name])
         print(f"{name:<24}{1000 * median:>10.3f}{median / base:>8.2f}")
+        rows[name] = {"ms_per_step": 1000 * median, "ratio": median / base}
+    return {"batch_size": batch_size, "steps_per_epoch": steps, "repeats": repeats, "modes": rows}
 
 
 def demo(epochs=5):
@@ -98,6 +106,14 @@ def demo(epochs=5):
     for name, (losses, accuracy) in results.items():
         shown = ", ".join(f"{v:.3g}" for v in losses)
         print(f"{name:<28} loss per epoch: {shown}; train accuracy {accuracy:.3f}")
+    runs = {}
+    for key, (name, (losses, accuracy)) in zip(("plain", "clipped"), results.items()):
+        runs[key] = {
+            "optimizer": name,
+            "loss_per_epoch": [float(v) for v in losses],
+            "train_accuracy": accuracy,
+        }
+    return {"epochs": epochs, "runs": runs}
 
 
 def main():
@@ -105,8 +121,10 @@ def main():
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--batch-size", type=int, default=128)
     args = parser.parse_args()
-    overhead(args.repeats, args.batch_size)
-    demo()
+    results = {"overhead": overhead(args.repeats, args.batch_size), "demo": demo()}
+    RESULTS.parent.mkdir(exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\nwritten to {RESULTS}")
 
 
 if __name__ == "__main__":
