@@ -10,17 +10,20 @@ Models (synthetic data of the right shapes; speed does not depend on the values)
   where keras-hub is not installed.
 
 Usage: python benchmarks/dp_lora.py [--steps 30] [--repeats 5] [--models transformer,hub]
+       [--results benchmarks/results/dp_lora.json]
 
 Speed: plain and DP epochs timed alternately in one process (plain, DP, plain, DP, ...), so a
 change of machine load hits both; printed are the best examples/s of each and the median of
 the per-round ratios. Memory: each trainer runs in its own process (peak resident memory
 cannot be reset inside one); printed are the peak RSS and its growth during `fit` over the
-RSS after the model and data were set up, and their ratios DP / plain.
+RSS after the model and data were set up, and their ratios DP / plain. The figures are also
+written to `--results` (JSON), the file the README's figures can name as their source.
 """
 
 import argparse
 import json
 import os
+import pathlib
 import resource
 import subprocess
 import sys
@@ -185,12 +188,27 @@ def main(argv=None):
     parser.add_argument("--models", default="transformer,hub")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory runs")
     parser.add_argument("--worker", choices=("plain", "dp"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--results",
+        default=str(pathlib.Path(__file__).resolve().parent / "results" / "dp_lora.json"),
+        help="JSON file for the figures",
+    )
     args = parser.parse_args(argv)
     if args.worker:
         return memory_worker(args.models, args.worker, args.steps)
     hub = keras_hub.__version__ if keras_hub else "not installed"
+    load = os.getloadavg()[0]
     print(f"keras {keras.__version__}, keras_safe {keras_safe.__version__}, keras-hub {hub}")
-    print(f"load average: {os.getloadavg()[0]:.2f}")
+    print(f"load average: {load:.2f}")
+    results = {
+        "keras": keras.__version__,
+        "keras_safe": keras_safe.__version__,
+        "keras_hub": hub,
+        "steps": args.steps,
+        "repeats": args.repeats,
+        "load_average_start": load,
+        "rows": [],
+    }
     header = f"{'model':12} {'batch':>5} {'plain ex/s':>11} {'DP ex/s':>9} {'DP/plain':>9}"
     if not args.no_memory:
         header += f" {'peak DP/plain':>14} {'growth DP/plain':>16}"
@@ -201,12 +219,27 @@ def main(argv=None):
             continue
         plain, private, ratio, ratios = speed(name, args.steps, args.repeats)
         line = f"{name:12} {MODELS[name][1]:5d} {plain:11.0f} {private:9.0f} {ratio:9.2f}"
+        row = {
+            "model": name,
+            "batch": MODELS[name][1],
+            "plain_examples_per_s": plain,
+            "dp_examples_per_s": private,
+            "ratio": ratio,
+            "ratios": sorted(ratios),
+        }
         if not args.no_memory:
             mem = memory(name, args.steps)
             peak = mem["dp"]["peak"] / mem["plain"]["peak"]
             growth = mem["dp"]["growth"] / max(mem["plain"]["growth"], 1e-9)
             line += f" {peak:14.2f} {growth:16.2f}"
+            row.update(memory_mb=mem, peak_ratio=peak, growth_ratio=growth)
         print(line, f"(ratios {min(ratios):.2f}-{max(ratios):.2f})", flush=True)
+        results["rows"].append(row)
+    results["load_average_end"] = os.getloadavg()[0]
+    path = pathlib.Path(args.results)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"written to {path}")
 
 
 if __name__ == "__main__":

@@ -5,17 +5,20 @@ depend on the values): TF Privacy's tutorial CNN, an MLP, an Embedding text mode
 a small transformer text classifier, a ResNet-20 and a WideResNet-16-4 with GroupNorm.
 
 Usage: python benchmarks/dp_overhead.py [--steps 30] [--repeats 5] [--models cnn,mlp,...]
-       [--batch 256,1024] [--no-parts]
+       [--batch 256,1024] [--no-parts] [--results benchmarks/results/dp_overhead.json]
 
 For each model: the best examples/s of plain and DP `fit` and the median of the per-round
 ratios (DP / plain) of epochs timed alternately (plain, DP, plain, DP, ...), so a change of
 machine load hits both; then the parts of one step in milliseconds (`dp_parts.py`): the plain
 step, the per-example norm pass, the clipped-sum pass, the noise draw, the whole DP step and
 the limit a DP step can reach (plain step + noise draw). `--batch` overrides the models'
-default batch sizes (a comma-separated list runs each).
+default batch sizes (a comma-separated list runs each). The figures are also written to
+`--results` (JSON: the settings, the machine's load and one row per model and batch), the file
+the README's figures can name as their source.
 """
 
 import argparse
+import json
 import os
 import pathlib
 import sys
@@ -32,6 +35,7 @@ from dp_parts import time_parts  # noqa: E402
 import keras_safe  # noqa: E402
 
 DEFAULT_MODELS = "cnn,mlp,embedding,lstm,transformer,resnet,wrn"
+RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "dp_overhead.json"
 
 
 def _compiled(factory, dp):
@@ -71,17 +75,19 @@ def compare(factory, x, y, batch_size, repeats):
     return len(x) / min(plain_times), len(x) / min(private_times), ratios
 
 
-def _parts_line(factory, x, y, batch_size):
+def _parts(factory, x, y, batch_size):
+    """The parts of one step (best ms/step of each) and the line that prints them."""
     keras.utils.set_random_seed(0)
     times = time_parts(factory(), x, y, batch_size)
     best = {part: min(values) for part, values in times.items()}
     limit = best["plain"] + best["noise"]
-    return (
+    line = (
         f"    parts (ms/step): plain {best['plain']:.1f}, norms {best['norms']:.1f}, "
         f"clipped sums {best['clipping'] - best['norms']:.1f}, noise {best['noise']:.1f}, "
         f"DP step {best['dp']:.1f}; limit (plain + noise) {limit:.1f}, "
         f"DP step / limit {best['dp'] / limit:.2f}"
     )
+    return {**best, "limit": limit, "dp_over_limit": best["dp"] / limit}, line
 
 
 def main(argv=None):
@@ -91,10 +97,20 @@ def main(argv=None):
     parser.add_argument("--models", default=DEFAULT_MODELS)
     parser.add_argument("--batch", help="batch sizes to run instead of each model's default")
     parser.add_argument("--no-parts", action="store_true", help="skip timing the step's parts")
+    parser.add_argument("--results", default=str(RESULTS), help="JSON file for the figures")
     args = parser.parse_args(argv)
     rng = np.random.default_rng(0)
+    load = os.getloadavg()[0]
     print(f"keras {keras.__version__}, keras_safe {keras_safe.__version__}")
-    print(f"load average: {os.getloadavg()[0]:.2f}")
+    print(f"load average: {load:.2f}")
+    results = {
+        "keras": keras.__version__,
+        "keras_safe": keras_safe.__version__,
+        "steps": args.steps,
+        "repeats": args.repeats,
+        "load_average_start": load,
+        "rows": [],
+    }
     print(f"{'model':12} {'batch':>5} {'plain ex/s':>11} {'DP ex/s':>9} {'DP/plain':>9}  ratios")
     for name in args.models.split(","):
         factory, default_batch, make_x, classes = MODELS[name]
@@ -108,8 +124,23 @@ def main(argv=None):
                 f"{ratios[len(ratios) // 2]:9.2f}  {ratios[0]:.2f}-{ratios[-1]:.2f}",
                 flush=True,
             )
+            row = {
+                "model": name,
+                "batch": batch,
+                "plain_examples_per_s": plain,
+                "dp_examples_per_s": private,
+                "ratio": ratios[len(ratios) // 2],
+                "ratios": ratios,
+            }
             if not args.no_parts:
-                print(_parts_line(factory, x, y, batch), flush=True)
+                row["parts_ms"], line = _parts(factory, x, y, batch)
+                print(line, flush=True)
+            results["rows"].append(row)
+    results["load_average_end"] = os.getloadavg()[0]
+    path = pathlib.Path(args.results)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"written to {path}")
 
 
 if __name__ == "__main__":
