@@ -4,9 +4,12 @@ The bottom layer of keras_safe, beside `_validation`: it needs `dp_accounting` o
 TensorFlow, no Keras), so the command line computes epsilon without starting TensorFlow.
 
 - `accountants`: RDP and PLD (and any registered one) composing DP-SGD segments.
-- `compute`: `compute_epsilon`, `noise_multiplier_for_epsilon`, `default_delta`.
-- `schedule`: `DPSchedule`, the one place where microbatches, gradient accumulation and the
-  sampling rate enter the accountant.
+- `checks`: the argument checks (a delta of `1/n` or more is refused) and `default_delta`, the
+  one default-delta rule.
+- `compute`: `compute_epsilon`, `noise_multiplier_for_epsilon`.
+- `schedule`: `DPSchedule`, the one place for the steps of an epoch, the sampling rate (Poisson
+  or shuffled batches), the noise standard deviation, the divisor and how microbatches and
+  gradient accumulation enter the accountant.
 - `statement`: `privacy_statement`, the guarantee in plain language.
 
 What a model has spent is its privacy ledger (`keras_safe.privacy.ledger`), which composes its
@@ -19,16 +22,14 @@ from keras_safe.accounting.accountants import (
     epsilon_of,
     register_accountant,
 )
-from keras_safe.accounting.compute import (
-    compute_epsilon,
-    default_delta,
-    noise_multiplier_for_epsilon,
-)
-from keras_safe.accounting.schedule import DPSchedule
+from keras_safe.accounting.checks import default_delta
+from keras_safe.accounting.compute import compute_epsilon, noise_multiplier_for_epsilon
+from keras_safe.accounting.schedule import SAMPLINGS, DPSchedule
 from keras_safe.accounting.statement import privacy_statement
 
 __all__ = [
     "RDP_ORDERS",
+    "SAMPLINGS",
     "DPSchedule",
     "accountant_names",
     "compute_epsilon",

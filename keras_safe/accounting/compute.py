@@ -1,11 +1,13 @@
-"""Epsilon of DP-SGD settings, noise calibration for a target epsilon, and the default delta.
+"""Epsilon of DP-SGD settings, noise calibration for a target epsilon.
 
 DP-SGD (Abadi et al. 2016, "Deep Learning with Differential Privacy") clips every example's
 gradient to an L2 norm `C`, adds Gaussian noise of standard deviation `noise_multiplier * C` to
 the sum, and takes one such step per batch. Each step is a *Poisson-subsampled Gaussian
 mechanism*: every example joins a batch independently with probability
 `q = batch_size / num_examples`. The accountants (`accountants.py`: RDP or PLD, through Google's
-`dp_accounting`) turn the settings into an `(epsilon, delta)` guarantee.
+`dp_accounting`) turn the settings into an `(epsilon, delta)` guarantee; how settings become
+steps, rates and noise is `DPSchedule`'s (`schedule.py`), the only place of those rules (an
+epoch is `ceil(num_examples / batch_size)` steps, as `fit` and `poisson_batches` take).
 
 The RDP grid (`RDP_ORDERS`) is finer than tensorflow-privacy 0.9.0's, so it can only give an
 equal or smaller epsilon (2.5617 at order 8.2 instead of 2.5630 at order 8 for the MNIST tutorial:
@@ -16,14 +18,15 @@ The guarantee is example-level, for add-or-remove-one-example adjacency, and cov
 of every intermediate model, not only the final one.
 """
 
-import math
-
-from keras_safe._validation import check_number, check_probability, fail
-from keras_safe.accounting.accountants import (
-    calibrate_noise,
-    check_accountant,
-    epsilon_of,
+from keras_safe.accounting.accountants import check_accountant
+from keras_safe.accounting.checks import (
+    check_delta,
+    check_noise,
+    check_target,
+    default_delta,
+    resolve_delta,
 )
+from keras_safe.accounting.schedule import DPSchedule, calibrate
 
 __all__ = [
     "calibrate",
@@ -38,144 +41,22 @@ __all__ = [
 ]
 
 
-def check_delta(delta):
-    """Checks a delta in (0, 1) and returns it as a float."""
-    return check_probability(
-        "delta",
-        delta,
-        fix="pass a small probability well below 1/num_examples, for example "
-        "keras_safe.privacy.default_delta(num_examples).",
-    )
-
-
-def check_noise(noise_multiplier):
-    """Checks a noise multiplier (finite, >= 0) and returns it as a float."""
-    return check_number(
-        "noise_multiplier",
-        noise_multiplier,
-        low=0.0,
-        fix="pass the ratio of the noise standard deviation to the clipping norm, for example "
-        "1.1 (0 means no noise and an infinite epsilon), or calibrate it with "
-        "noise_multiplier_for_epsilon(...).",
-    )
-
-
-def check_target(target_epsilon):
-    """Checks a target epsilon (finite, > 0) and returns it as a float."""
-    return check_number(
-        "target_epsilon",
-        target_epsilon,
-        low=0.0,
-        low_inclusive=False,
-        fix="pass the privacy budget you want to meet, for example 3.0.",
-    )
-
-
-def _whole(name, value, fix):
-    return check_number(name, value, low=1, integer=True, fix=fix)
-
-
 def resolve_schedule(num_examples, batch_size, epochs, steps, sampling_rate):
     """Returns `(steps, sampling_rate, num_examples)` from either form of the arguments.
 
     The first form, `num_examples`, `batch_size`, `epochs`, means Poisson sampling at rate
-    `batch_size / num_examples` for `ceil(epochs * num_examples / batch_size)` steps (the
-    expected number of passes over the data). The second form gives `steps` and
-    `sampling_rate` directly.
-    """
-    if steps is not None or sampling_rate is not None:
-        if batch_size is not None or epochs is not None:
-            fail(
-                "steps",
-                steps,
-                "given without `batch_size` and `epochs`",
-                "pass either `num_examples`, `batch_size` and `epochs`, or `steps` and "
-                "`sampling_rate`, not both forms.",
-            )
-        steps = check_number(
-            "steps", steps, low=0, integer=True, fix="pass the number of noisy updates taken."
-        )
-        sampling_rate = check_probability(
-            "sampling_rate",
-            sampling_rate,
-            allow_one=True,
-            fix="pass expected batch size / number of training examples.",
-        )
-        if num_examples is not None:
-            num_examples = _whole("num_examples", num_examples, "pass the training set size.")
-        return steps, sampling_rate, num_examples
-
-    for name, value in (
-        ("num_examples", num_examples),
-        ("batch_size", batch_size),
-        ("epochs", epochs),
-    ):
-        if value is None:
-            fail(
-                name,
-                value,
-                "given",
-                "pass `num_examples`, `batch_size` and `epochs`, or `steps` and "
-                "`sampling_rate` instead.",
-            )
-    num_examples = _whole("num_examples", num_examples, "pass the number of training examples.")
-    batch_size = _whole("batch_size", batch_size, "pass the expected examples per batch.")
-    if batch_size > num_examples:
-        fail(
-            "batch_size",
-            batch_size,
-            f"at most num_examples ({num_examples})",
-            "use a batch size no larger than the training set.",
-        )
-    epochs = check_number(
-        "epochs",
-        epochs,
-        low=0.0,
-        low_inclusive=False,
-        fix="pass the number of passes over the data (it may be fractional).",
-    )
-    steps = math.ceil(epochs * num_examples / batch_size - 1e-9)
-    return steps, batch_size / num_examples, num_examples
-
-
-def resolve_delta(delta, num_examples):
-    """`delta` checked, or `default_delta(num_examples)` when it is None."""
-    if delta is None:
-        if num_examples is None:
-            fail(
-                "delta",
-                delta,
-                "given when `num_examples` is not",
-                "pass `delta`, or `num_examples` to use default_delta(num_examples).",
-            )
-        return default_delta(num_examples)
-    return check_delta(delta)
-
-
-def default_delta(num_examples):
-    """Returns the default delta for a training set of `num_examples` examples: `1 / n**1.1`.
-
-    Delta is the probability with which the epsilon guarantee may fail outright. A mechanism
-    that publishes one random example in full is `(0, 1/n)`-DP, so a meaningful delta must be
-    well below `1/n`. `n**-1.1` is polynomially smaller than `1/n` and stays usable for small
-    data sets (1.5e-4 for 3,000 examples, 5.5e-6 for 60,000, 2.5e-7 for a million).
-
-    Args:
-        num_examples: the number of training examples `n`, a positive integer.
-
-    Returns:
-        The float `1 / num_examples ** 1.1`.
-
-    Raises:
-        ArgumentError: if `num_examples` is not a positive integer.
+    `batch_size / num_examples` for `epochs * ceil(num_examples / batch_size)` steps (rounded
+    up: an epoch is as many steps as `fit` and `poisson_batches` take). The second form gives
+    `steps` and `sampling_rate` directly. The rule is `DPSchedule.from_arguments`'s.
 
     Example:
-        >>> from keras_safe.privacy import default_delta
-        >>> round(default_delta(60000), 8)
-        5.55e-06
+        >>> resolve_schedule(60000, 256, 15, None, None)
+        (3525, 0.004266666666666667, 60000)
     """
-    n = _whole("num_examples", num_examples, "pass the number of training examples.")
-    return 1.0 / n**1.1
+    schedule, steps = DPSchedule.from_arguments(
+        num_examples, batch_size, epochs, steps, sampling_rate
+    )
+    return steps, schedule.sampling_rate, schedule.num_examples
 
 
 def compute_epsilon(
@@ -187,14 +68,14 @@ def compute_epsilon(
     accountant="rdp",
     steps=None,
     sampling_rate=None,
+    sampling="poisson",
 ):
-    """Computes the epsilon of Poisson-sampled DP-SGD.
+    """Computes the epsilon of DP-SGD settings (Poisson sampling unless told otherwise).
 
     Give either `num_examples`, `batch_size` and `epochs` (then the sampling rate is
-    `batch_size / num_examples` and the number of steps `ceil(epochs * num_examples /
-    batch_size)`), or `steps` and `sampling_rate` directly. (A `fit` on arrays runs
-    `epochs * ceil(num_examples / batch_size)` steps; `keras_safe.privacy.DPSchedule` plans
-    those.)
+    `batch_size / num_examples` and the number of steps `ceil(epochs * ceil(num_examples /
+    batch_size))`: an epoch is as many steps as `fit` on arrays and `poisson_batches` take), or
+    `steps` and `sampling_rate` directly. `keras_safe.privacy.DPSchedule` holds these rules.
 
     Args:
         num_examples: number of training examples (also used for the default delta).
@@ -202,33 +83,37 @@ def compute_epsilon(
         epochs: number of passes over the data; may be fractional.
         noise_multiplier: ratio of the Gaussian noise standard deviation to the clipping norm.
             0 means no noise and gives an infinite epsilon.
-        delta: target delta in (0, 1). Defaults to `default_delta(num_examples)`.
+        delta: target delta in (0, 1/num_examples). Defaults to `default_delta(num_examples)`.
         accountant: `"rdp"` (Renyi DP, orders `RDP_ORDERS`), `"pld"` (privacy loss
             distributions, tighter) or another registered accountant.
         steps: number of noisy updates (use with `sampling_rate` instead of the first form).
         sampling_rate: probability that an example joins a given batch, in (0, 1].
+        sampling: `"poisson"` (default), or `"shuffle"` for shuffled fixed-size batches, which
+            are accounted without amplification: one Gaussian mechanism per epoch begun (first
+            form) or per step (second form), under zero-out adjacency.
 
     Returns:
         Epsilon as a float (0.0 for zero steps, `math.inf` for zero noise).
 
     Raises:
-        ArgumentError: if an argument is missing or out of range; the message names it.
+        ArgumentError: if an argument is missing or out of range (including a delta of
+            `1/num_examples` or more); the message names it.
 
     Example:
         >>> from keras_safe.privacy import compute_epsilon
         >>> round(compute_epsilon(steps=2250, sampling_rate=0.04, noise_multiplier=1.5,
         ...                       delta=1e-5), 3)
         7.329
-        >>> round(compute_epsilon(60000, 256, 15, noise_multiplier=1.1, delta=1e-5), 2)
-        1.28
+        >>> round(compute_epsilon(60000, 256, 15, noise_multiplier=1.1, delta=1e-5), 3)
+        1.283
     """
-    steps, sampling_rate, num_examples = resolve_schedule(
-        num_examples, batch_size, epochs, steps, sampling_rate
+    if noise_multiplier is None:
+        check_noise(noise_multiplier)
+    schedule, steps = DPSchedule.from_arguments(
+        num_examples, batch_size, epochs, steps, sampling_rate, noise_multiplier, sampling
     )
-    noise_multiplier = check_noise(noise_multiplier)
-    delta = resolve_delta(delta, num_examples)
-    accountant = check_accountant(accountant)
-    return epsilon_of([(noise_multiplier, sampling_rate, steps)], delta, accountant)
+    delta = resolve_delta(delta, schedule.num_examples)
+    return schedule.epsilon(steps, delta, check_accountant(accountant))
 
 
 def noise_multiplier_for_epsilon(
@@ -240,6 +125,7 @@ def noise_multiplier_for_epsilon(
     accountant="rdp",
     steps=None,
     sampling_rate=None,
+    sampling="poisson",
 ):
     """Finds the smallest noise multiplier whose DP-SGD epsilon does not exceed a target.
 
@@ -252,10 +138,11 @@ def noise_multiplier_for_epsilon(
         num_examples: number of training examples.
         batch_size: expected batch size.
         epochs: number of passes over the data; may be fractional.
-        delta: target delta in (0, 1). Defaults to `default_delta(num_examples)`.
+        delta: target delta in (0, 1/num_examples). Defaults to `default_delta(num_examples)`.
         accountant: `"rdp"`, `"pld"` or another registered accountant.
         steps: number of noisy updates (with `sampling_rate`, instead of batch size/epochs).
         sampling_rate: probability that an example joins a given batch, in (0, 1].
+        sampling: `"poisson"` (default) or `"shuffle"`, as in `compute_epsilon`.
 
     Returns:
         The noise multiplier as a float (0.0 when there are no steps to protect).
@@ -272,21 +159,8 @@ def noise_multiplier_for_epsilon(
         True
     """
     target_epsilon = check_target(target_epsilon)
-    steps, sampling_rate, num_examples = resolve_schedule(
-        num_examples, batch_size, epochs, steps, sampling_rate
+    schedule, steps = DPSchedule.from_arguments(
+        num_examples, batch_size, epochs, steps, sampling_rate, sampling=sampling
     )
-    delta = resolve_delta(delta, num_examples)
-    accountant = check_accountant(accountant)
-    return calibrate(target_epsilon, sampling_rate, steps, delta, accountant)
-
-
-def calibrate(target_epsilon, sampling_rate, steps, delta, accountant, prior=()):
-    """`calibrate_noise` with the RDP answer as the upper bracket of a PLD search."""
-    upper = None
-    if accountant == "pld":
-        # PLD is never above RDP, so the RDP noise meets the target under PLD too: it bounds
-        # the search from above and keeps the expensive PLD calls on moderate noise levels.
-        upper = calibrate_noise(target_epsilon, sampling_rate, steps, delta, "rdp", prior)
-        if upper == 0.0:
-            return 0.0
-    return calibrate_noise(target_epsilon, sampling_rate, steps, delta, accountant, prior, upper)
+    delta = resolve_delta(delta, schedule.num_examples)
+    return schedule.calibrate(target_epsilon, steps, delta, check_accountant(accountant))

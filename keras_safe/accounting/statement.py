@@ -1,16 +1,62 @@
-"""A plain-language statement of a DP-SGD guarantee: the figures, the unit and the assumptions."""
+"""A plain-language statement of a DP-SGD guarantee: the figures, the unit and the assumptions.
+
+From settings (`privacy_statement(num_examples, batch_size, epochs, noise_multiplier=...)`) or
+from what a model really spent (`privacy_statement(ledger=keras_safe.privacy.get_ledger(model))`,
+which quotes the ledger's steps and epsilon exactly). The figures come from `DPSchedule` and the
+registered accountants, as `compute_epsilon`'s do.
+"""
 
 import math
 import textwrap
 
+from keras_safe._validation import fail
 from keras_safe.accounting.accountants import check_accountant, epsilon_of
-from keras_safe.accounting.compute import check_noise, resolve_delta, resolve_schedule
+from keras_safe.accounting.checks import check_noise, resolve_delta
+from keras_safe.accounting.schedule import DPSchedule, check_sampling
 
 __all__ = ["privacy_statement"]
+
+_METHODS = {"rdp": "Renyi DP (RDP)", "pld": "privacy loss distribution (PLD)"}
 
 
 def _fill(text):
     return textwrap.fill(" ".join(text.split()), width=88)
+
+
+def _method(accountant):
+    return _METHODS.get(accountant, f"the registered {accountant!r}")
+
+
+_UNIT = (
+    "Unit of privacy: one training example (one row of a batch). The guarantee bounds how much "
+    "any single example can change the distribution of everything training releases, including "
+    "every intermediate model and checkpoint, not only the final one. It says nothing about a "
+    "person who contributes several examples unless each person has one example: a person with "
+    "k examples is protected only at roughly k times this epsilon (group privacy)."
+)
+_POISSON_NOTE = (
+    "(*) Poisson sampling: every example joins each step's batch independently with "
+    "probability equal to the sampling rate, so batch sizes vary. This is the setting the usual "
+    "DP-SGD figure assumes, and what keras_safe's fit on arrays and poisson_batches do."
+)
+_SHUFFLE_NOTE = (
+    "(**) Shuffled batches: most pipelines shuffle the data and cut it into fixed-size batches "
+    "instead. Then every example is used exactly once per epoch, and without extra assumptions "
+    "only the second figure is proven: with the number of examples public and zero-out "
+    "adjacency (one example replaced by one that contributes nothing; Kairouz et al. 2021), "
+    "each epoch begun is one Gaussian mechanism, with no amplification by sampling. The Poisson "
+    "figure is not a proof for shuffled batches (Chua et al. 2024, 'How Private are DP-SGD "
+    "Implementations?'): in keras_safe they are an explicit opt-in (sampling='shuffle' on the "
+    "DP optimizer), reported with the second figure."
+)
+_ASSUMPTIONS = (
+    "Assumptions: each example's gradient is clipped to the L2 norm bound before averaging "
+    "(microbatches of several examples double the sensitivity, which the figures above "
+    "account for when they were used); the Gaussian noise has standard deviation "
+    "noise_multiplier x clipping norm; no other step reads the training data (data-dependent "
+    "preprocessing, hyperparameter tuning on the same data or repeated runs are not counted); "
+    "and the random numbers are unpredictable to an attacker."
+)
 
 
 def privacy_statement(
@@ -19,27 +65,38 @@ def privacy_statement(
     epochs=None,
     noise_multiplier=None,
     delta=None,
-    accountant="rdp",
+    accountant=None,
     steps=None,
     sampling_rate=None,
+    sampling="poisson",
+    ledger=None,
 ):
-    """Writes a plain-language report of the privacy guarantee of DP-SGD settings.
+    """Writes a plain-language report of the privacy guarantee of DP-SGD settings or a ledger.
 
-    The report states the settings, epsilon under Poisson sampling (the figure usually
+    From settings, the report states them, epsilon under Poisson sampling (the figure usually
     quoted), epsilon under the conservative assumption that each example is used once per
-    epoch in an arbitrary order (no amplification by sampling), what changes when batches come
-    from a shuffled pass over the data instead of Poisson sampling, the unit of privacy (one
-    training example) and the assumptions the figures rest on.
+    epoch in an arbitrary order (no amplification by sampling), which of the two applies
+    (`sampling`), the unit of privacy (one training example) and the assumptions the figures
+    rest on.
+
+    From a model's privacy ledger (`ledger=keras_safe.privacy.get_ledger(model)`, and no
+    settings), it states what the model really spent: every segment of steps with its noise,
+    sampling and number of examples, the ledger's steps and its epsilon (the same figure as
+    `ledger.epsilon(delta, accountant)`), and the model's budget.
 
     Args:
         num_examples: number of training examples.
         batch_size: expected batch size.
-        epochs: number of passes over the data; may be fractional.
+        epochs: number of passes over the data; may be fractional. An epoch is
+            `ceil(num_examples / batch_size)` steps, as `fit` takes.
         noise_multiplier: ratio of the noise standard deviation to the clipping norm.
-        delta: target delta in (0, 1). Defaults to `default_delta(num_examples)` (stated).
-        accountant: `"rdp"` or `"pld"`.
+        delta: target delta in (0, 1/num_examples). Defaults to `default_delta(num_examples)`
+            (stated), or for a ledger to its budget's delta.
+        accountant: `"rdp"` (default) or `"pld"`; for a ledger, its budget's accountant.
         steps: number of noisy updates (with `sampling_rate`, instead of batch size/epochs).
         sampling_rate: probability that an example joins a given batch, in (0, 1].
+        sampling: `"poisson"` (default) or `"shuffle"`: which figure is this run's.
+        ledger: a `keras_safe.privacy.PrivacyLedger`, to state what a model spent.
 
     Returns:
         A multi-paragraph string ending with a newline.
@@ -50,34 +107,58 @@ def privacy_statement(
     Example:
         >>> from keras_safe.privacy import privacy_statement
         >>> text = privacy_statement(60000, 256, 15, noise_multiplier=1.1, delta=1e-5)
-        >>> "Poisson sampling" in text and "1.281" in text
+        >>> "Poisson sampling" in text and "1.283" in text and "3525 noisy steps" in text
         True
     """
-    given_delta = delta
-    steps, sampling_rate, num_examples = resolve_schedule(
-        num_examples, batch_size, epochs, steps, sampling_rate
-    )
-    noise_multiplier = check_noise(noise_multiplier)
-    delta = resolve_delta(delta, num_examples)
-    accountant = check_accountant(accountant)
+    if ledger is not None:
+        given = {
+            "num_examples": num_examples,
+            "batch_size": batch_size,
+            "epochs": epochs,
+            "noise_multiplier": noise_multiplier,
+            "steps": steps,
+            "sampling_rate": sampling_rate,
+        }
+        for name, value in given.items():
+            if value is not None:
+                fail(
+                    name,
+                    value,
+                    "left out with `ledger` (the ledger holds the settings it spent at)",
+                    "pass either the settings or a ledger.",
+                )
+        return _ledger_statement(ledger, delta, accountant)
 
-    passes = float(epochs) if epochs is not None else steps * sampling_rate
-    eps_poisson = epsilon_of([(noise_multiplier, sampling_rate, steps)], delta, accountant)
+    sampling = check_sampling(sampling)
+    noise_multiplier = check_noise(noise_multiplier)
+    schedule, steps = DPSchedule.from_arguments(
+        num_examples, batch_size, epochs, steps, sampling_rate, noise_multiplier, sampling
+    )
+    num_examples = schedule.num_examples
+    given_delta = delta
+    delta = resolve_delta(delta, num_examples)
+    accountant = check_accountant(accountant or "rdp")
+
+    rate = schedule.sampling_rate
+    passes = float(epochs) if epochs is not None else steps * rate
+    poisson = DPSchedule(noise_multiplier, num_examples, batch_size, rate=rate)
+    eps_poisson = poisson.epsilon(steps, delta, accountant)
     eps_once_per_epoch = epsilon_of(
         [(noise_multiplier, 1.0, math.ceil(passes - 1e-9))], delta, accountant
     )
-    method = "Renyi DP (RDP)" if accountant == "rdp" else "privacy loss distribution (PLD)"
+    eps_run = schedule.epsilon(steps, delta, accountant)
 
     if batch_size is not None:
         settings = (
             f"DP-SGD over {num_examples} examples with an expected {batch_size} examples per "
-            f"step (sampling rate {sampling_rate:.6g}), noise multiplier {noise_multiplier:g}, "
-            f"for {epochs:g} epochs ({steps} noisy steps)."
+            f"step (sampling rate {rate:.6g}), noise multiplier {noise_multiplier:g}, "
+            f"for {epochs:g} epochs ({steps} noisy steps; an epoch is "
+            f"{schedule.batches_per_epoch()} steps)."
         )
     else:
         over = f" over {num_examples} examples" if num_examples is not None else ""
         settings = (
-            f"DP-SGD{over} with {steps} noisy steps at sampling rate {sampling_rate:.6g} "
+            f"DP-SGD{over} with {steps} noisy steps at sampling rate {rate:.6g} "
             f"(about {passes:.4g} epochs), noise multiplier {noise_multiplier:g}."
         )
     delta_note = ""
@@ -86,44 +167,87 @@ def privacy_statement(
             f" delta was not given, so the default rule delta = 1/n^1.1 with n = "
             f"{num_examples} was used."
         )
+    this_run = f"    epsilon of this run ({schedule.label}): {eps_run:.3f}"
     paragraphs = [
         _fill(settings),
         _fill(
             f"Example-level differential privacy, add-or-remove-one-example adjacency, at "
-            f"delta = {delta:.3g}, computed with {method} accounting.{delta_note}"
+            f"delta = {delta:.3g}, computed with {_method(accountant)} accounting.{delta_note}"
         )
         + "\n"
         + f"    epsilon assuming Poisson sampling (*):                 {eps_poisson:12.3f}\n"
-        + f"    epsilon with each example used once per epoch (**):   {eps_once_per_epoch:12.3f}",
-        _fill(
-            "Unit of privacy: one training example (one row of a batch). The guarantee bounds "
-            "how much any single example can change the distribution of everything training "
-            "releases, including every intermediate model and checkpoint, not only the final "
-            "one. It says nothing about a person who contributes several examples unless "
-            "each person has one example: a person with k examples is protected only at "
-            "roughly k times this epsilon (group privacy)."
-        ),
-        _fill(
-            "(*) Poisson sampling: every example joins each step's batch independently with "
-            "probability equal to the sampling rate, so batch sizes vary. This is the setting "
-            "the usual DP-SGD figure assumes."
-        ),
-        _fill(
-            "(**) Shuffled batches: most pipelines shuffle the data and cut it into fixed-size "
-            "batches instead. Then every example is used exactly once per epoch, and without "
-            "extra assumptions only the second figure (the composition of one Gaussian "
-            "mechanism per epoch, with no amplification by sampling) is proven. With a random "
-            "shuffle kept secret, the true epsilon is believed to be close to the Poisson "
-            "figure, but that is not a proof: use Poisson sampling where the guarantee must "
-            "be exact."
-        ),
-        _fill(
-            "Assumptions: each example's gradient is clipped to the L2 norm bound before "
-            "averaging, with no microbatching of several examples together (which doubles "
-            "the sensitivity); the Gaussian noise has standard deviation noise_multiplier x "
-            "clipping norm; no other step reads the training data (data-dependent "
-            "preprocessing, hyperparameter tuning on the same data or repeated runs are not "
-            "counted); and the random numbers are unpredictable to an attacker."
-        ),
+        + f"    epsilon with each example used once per epoch (**):   {eps_once_per_epoch:12.3f}\n"
+        + this_run,
+        _fill(_UNIT),
+        _fill(_POISSON_NOTE),
+        _fill(_SHUFFLE_NOTE),
+        _fill(_ASSUMPTIONS),
     ]
+    return "\n\n".join(paragraphs) + "\n"
+
+
+def _ledger_statement(ledger, delta, accountant):
+    segments = ledger.segments()
+    if delta is None:
+        delta = ledger.delta()
+    accountant = check_accountant(accountant or ledger.accountant)
+    total = ledger.steps
+    if not segments:
+        return _fill("The privacy ledger holds no noisy step yet: epsilon is 0.") + "\n"
+    epsilon = ledger.epsilon(delta, accountant)
+    lines = []
+    for s in segments:
+        how = (
+            f"Poisson sampling at rate {s['sampling_rate']:.6g}"
+            if not s["shuffled"]
+            else f"shuffled batches ({s['events']} Gaussian mechanisms, no amplification)"
+        )
+        seeded = ", seeded noise (not private)" if s["seeded"] else ""
+        lines.append(
+            f"  - {s['steps']} steps over {s['num_examples']} examples, {how}, accounted noise "
+            f"multiplier {s['noise_multiplier']:.6g}{seeded}"
+        )
+    kinds = {"shuffled" if s["shuffled"] else "Poisson" for s in segments}
+    budget = ledger.budget()
+    budget_line = ""
+    if budget is not None:
+        budget_line = (
+            f"\n    budget (saved with the model): target_epsilon {budget[0]:g} at delta "
+            f"{budget[1]:.3g}, {ledger.accountant.upper()} accountant"
+        )
+    paragraphs = [
+        _fill(
+            f"DP-SGD as recorded in the model's privacy ledger: {total} noisy steps in "
+            f"{len(segments)} setting(s)."
+        )
+        + "\n"
+        + "\n".join(lines),
+        _fill(
+            "Example-level differential privacy, "
+            + (
+                "add-or-remove-one-example adjacency"
+                if kinds == {"Poisson"}
+                else "zero-out adjacency (one example replaced by one that contributes nothing, "
+                "the number of examples public)"
+            )
+            + f", at delta = {delta:.3g}, computed with {_method(accountant)} accounting over "
+            "every segment (heterogeneous composition)."
+        )
+        + "\n"
+        + f"    epsilon spent after {total} steps: {epsilon:.4f}"
+        + budget_line,
+        _fill(_UNIT),
+    ]
+    if "Poisson" in kinds:
+        paragraphs.append(_fill(_POISSON_NOTE))
+    if "shuffled" in kinds:
+        paragraphs.append(_fill(_SHUFFLE_NOTE))
+    if ledger.seeded:
+        paragraphs.append(
+            _fill(
+                "Some steps drew their noise from a seed given by the user: whoever knows it can "
+                "regenerate the noise, so the guarantee does not hold for this model."
+            )
+        )
+    paragraphs.append(_fill(_ASSUMPTIONS))
     return "\n\n".join(paragraphs) + "\n"

@@ -1,10 +1,10 @@
-"""`PrivacyBudget`: report the (epsilon, delta) a model has spent during `fit`, and set a budget."""
+"""`PrivacyBudget`: report the (epsilon, delta) a model has spent during `fit`, and its budget."""
 
 import keras
 
-from keras_safe._validation import check_choice, check_number
+from keras_safe._validation import check_choice, check_number, fail
 from keras_safe.accounting import accountant_names, default_delta
-from keras_safe.accounting.compute import check_delta, check_target
+from keras_safe.accounting.checks import check_delta, check_target
 from keras_safe.optimizers.dp import find_dp_optimizer
 from keras_safe.privacy.ledger import get_ledger
 from keras_safe.training import fit_plan, make_private, state
@@ -15,23 +15,31 @@ __all__ = ["PrivacyBudget"]
 
 @keras.saving.register_keras_serializable(package="keras_safe")
 class PrivacyBudget(keras.callbacks.Callback):
-    """Reports the privacy a model has spent every epoch, and stops training at a budget.
+    """Reports the privacy a model has spent every epoch, and stops training at its budget.
 
-    Adding the callback to `fit` is enough to train privately: it makes the model private
-    (`keras_safe.privacy.make_private`) if it is not yet. The figures come from the model's
-    privacy ledger (`keras_safe.privacy.get_ledger(model)`), which the train step charges at
-    every noisy step and which is saved with the model: a second `fit`, a recompile with another
-    DP optimizer, or a model saved and loaded again keeps counting, and steps taken with
-    different noise, batch size or training set compose (heterogeneous accounting).
+    Adding the callback to `fit` makes the model private (`keras_safe.privacy.make_private`)
+    if it is not yet; call `make_private(model)` before `fit` on arrays, so that `fit` samples
+    Poisson batches (a model made private inside a `fit` on arrays already running would train
+    on Keras's fixed-size batches, which needs the opt-in below). The figures come from the
+    model's privacy ledger (`keras_safe.privacy.get_ledger(model)`), which the train step
+    charges at every noisy step and which is saved with the model: a second `fit`, a recompile
+    with another DP optimizer, or a model saved and loaded again keeps counting, and steps taken
+    with different noise, batch size or training set compose (heterogeneous accounting).
 
-    Every epoch it writes `epsilon` and `delta` into `logs` (progress bar, `History`; list it
-    before `CSVLogger` or `TensorBoard` so those see the figures too). Epsilon assumes Poisson
-    sampling at rate `batch_size / num_examples` (see `keras_safe.privacy.privacy_statement` for
-    what changes with shuffled batches).
+    Every epoch it writes `epsilon`, `delta` and `poisson_sampled` into `logs` (progress bar,
+    `History`; list it before `CSVLogger` or `TensorBoard` so those see the figures too).
+    `poisson_sampled` is 1 when every step the ledger holds was Poisson-sampled (epsilon with
+    amplification by sampling at rate `batch_size / num_examples`), 0 when some were
+    fixed-size batches (the opt-in: `sampling="shuffle"` on the DP optimizer or
+    `fit(shuffle=False)`), accounted without amplification: one Gaussian mechanism per epoch
+    begun (see `keras_safe.privacy.privacy_statement`).
 
-    With `target_epsilon` it sets the model's budget (saved with the model): `fit` raises before
-    the first step if the budget is spent, and stops before the step that would exceed it;
-    `train_on_batch` refuses such a step too.
+    `target_epsilon` is the model's budget for its whole life, saved in its ledger with its
+    delta and accountant: one model has one budget, so a DP optimizer with another
+    `target_epsilon` is refused (change a budget on purpose with
+    `get_ledger(model).set_budget(...)`). `fit` raises before the first step if the budget is
+    spent, and stops (returning its `History`) before the step that would exceed it, whatever
+    `steps_per_execution` is; `train_on_batch` and custom loops refuse such a step too.
 
     What it needs, and from where:
 
@@ -39,25 +47,28 @@ class PrivacyBudget(keras.callbacks.Callback):
       `keras_safe.privacy.poisson_batches`). For other inputs, give `num_examples` here or on
       the DP optimizer, and the optimizer's `batch_size`. A `num_examples` that disagrees with
       the data is refused.
-    - `delta`: this argument, else the optimizer's `delta`, else
+    - `delta`: this argument, else the model's budget's, else the optimizer's `delta`, else
       `keras_safe.privacy.default_delta(num_examples)` = `1 / num_examples**1.1` (printed once).
+      A delta of `1 / num_examples` or more is refused.
+    - `accountant`: this argument, else the budget's (the one the user chose enforces it).
     - Microbatches and gradient accumulation are accounted by `keras_safe.privacy.DPSchedule`.
 
     Args:
         num_examples: number of training examples, when `fit` cannot count them.
-        delta: the delta of (epsilon, delta)-DP, in (0, 1).
-        target_epsilon: the privacy budget; None (default) only reports epsilon.
+        delta: the delta of (epsilon, delta)-DP, in (0, 1/num_examples).
+        target_epsilon: the model's privacy budget; None (default) only reports epsilon.
         accountant: `"rdp"` (Renyi DP), `"pld"` (privacy loss distributions, tighter and
-            slower) or another registered accountant.
+            slower) or another registered accountant; None (default): the budget's, else
+            `"rdp"`.
         verbose: 1 prints the delta rule, the stop message and the final epsilon; 0 is silent.
 
     Attributes:
         epsilon: the epsilon the model has spent (0.0 before training).
-        steps: the accounted steps the model has taken (one per batch that drew noise).
+        steps: the noisy steps the model has taken.
 
     Raises:
-        keras_safe._validation.ArgumentError: on invalid arguments, or a `num_examples` that
-            disagrees with the data.
+        keras_safe._validation.ArgumentError: on invalid arguments, a `num_examples` that
+            disagrees with the data, or a budget other than the model's.
         keras_safe._validation.PrivacyError: at the start of `fit` when the model has no DP
             optimizer, its sampling rate cannot be known, or the budget is already spent.
 
@@ -70,12 +81,15 @@ class PrivacyBudget(keras.callbacks.Callback):
         ...     optimizer=keras_safe.optimizers.DPSGD(
         ...         learning_rate=0.1, l2_norm_clip=1.0, noise_multiplier=1.1),
         ...     loss="sparse_categorical_crossentropy")
+        >>> model = keras_safe.privacy.make_private(model)
         >>> budget = keras_safe.callbacks.PrivacyBudget(delta=1e-3, verbose=0)
         >>> history = model.fit(x, y, batch_size=32, epochs=2, callbacks=[budget], verbose=0)
         >>> budget.steps
         16
         >>> round(history.history["epsilon"][-1], 2) == round(budget.epsilon, 2) > 0
         True
+        >>> history.history["poisson_sampled"][-1]
+        1.0
     """
 
     def __init__(
@@ -83,16 +97,18 @@ class PrivacyBudget(keras.callbacks.Callback):
         num_examples=None,
         delta=None,
         target_epsilon=None,
-        accountant="rdp",
+        accountant=None,
         verbose=1,
     ):
         super().__init__()
         self.num_examples = check_number(
             "num_examples", num_examples, low=1, integer=True, allow_none=True
         )
-        self.delta = None if delta is None else check_delta(delta)
+        self.delta = None if delta is None else check_delta(delta, self.num_examples)
         self.target_epsilon = None if target_epsilon is None else check_target(target_epsilon)
-        self.accountant = check_choice("accountant", accountant, accountant_names())
+        if accountant is not None:
+            accountant = check_choice("accountant", accountant, accountant_names())
+        self.accountant = accountant
         self.verbose = check_choice("verbose", verbose, (0, 1, True, False))
         self.verbose = int(self.verbose)
         self._guard = None
@@ -102,7 +118,7 @@ class PrivacyBudget(keras.callbacks.Callback):
     # -- Keras hooks ---------------------------------------------------------------------------
 
     def set_model(self, model):
-        """Keeps the model, makes it private, and sets its budget.
+        """Keeps the model, makes it private, and sets (or checks) its budget.
 
         When the model becomes private only here, inside a `fit` already running, the callback
         reads that `fit`'s data settings itself and guards the run as a private `fit` would.
@@ -119,12 +135,34 @@ class PrivacyBudget(keras.callbacks.Callback):
         if self.num_examples is not None:
             fit_plan.set_num_examples(model, self.num_examples)
         if self.target_epsilon is not None:
-            get_ledger(model, create=True).set_budget(self.target_epsilon, self._resolve_delta())
+            dp = find_dp_optimizer(getattr(model, "optimizer", None))
+            theirs = getattr(dp, "target_epsilon", None)
+            if theirs is not None and abs(theirs - self.target_epsilon) > 1e-12 * theirs:
+                fail(
+                    "target_epsilon",
+                    self.target_epsilon,
+                    f"the DP optimizer's target_epsilon ({theirs:g}) too: a model has one budget "
+                    "for its whole life",
+                    "give target_epsilon to one of them only (the DP optimizer's calibrates the "
+                    "noise for it, PrivacyBudget's stops training at it), or the same value to "
+                    "both; to change a model's budget on purpose, call "
+                    "keras_safe.privacy.get_ledger(model).set_budget(...).",
+                )
+            get_ledger(model, create=True).require_budget(
+                self.target_epsilon,
+                self._resolve_delta(),
+                self.accountant,
+                source="PrivacyBudget(target_epsilon=...)",
+            )
 
     def on_train_begin(self, logs=None):
         if self._guard is not None:
             self._guard.on_train_begin(logs)
         self._delta_used = self._resolve_delta()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self._guard is not None:
+            self._guard.on_epoch_begin(epoch, logs)
 
     def on_train_batch_end(self, batch, logs=None):
         if self._guard is not None:
@@ -136,13 +174,19 @@ class PrivacyBudget(keras.callbacks.Callback):
         if logs is not None:
             logs["epsilon"] = self.epsilon
             logs["delta"] = self._delta_used
+            logs["poisson_sampled"] = 0.0 if self._fixed_steps() else 1.0
 
     def on_train_end(self, logs=None):
+        if self._guard is not None:
+            self._guard.on_train_end(logs)
+        stop = state.budget_stop(self.model)
+        if self.verbose and stop is not None and not stop[1]:
+            print(stop[0])
         if self.verbose and self._delta_used is not None:
             print(
                 f"PrivacyBudget: epsilon={self.epsilon:.4f} at delta={self._delta_used:.3g} "
-                f"after {self.steps} noisy steps ({self.accountant.upper()} accountant, "
-                "Poisson sampling)."
+                f"after {self.steps} noisy steps ({self._accountant().upper()} accountant, "
+                f"{self._sampling_label()})."
             )
 
     # -- figures ---------------------------------------------------------------------------
@@ -159,7 +203,29 @@ class PrivacyBudget(keras.callbacks.Callback):
         ledger = self._ledger()
         if ledger is None or ledger.steps == 0:
             return 0.0
-        return ledger.epsilon(self._resolve_delta(), self.accountant)
+        return ledger.epsilon(self._resolve_delta(), self._accountant())
+
+    def _accountant(self):
+        if self.accountant is not None:
+            return self.accountant
+        ledger = self._ledger()
+        return ledger.accountant if ledger is not None else "rdp"
+
+    def _fixed_steps(self):
+        ledger = self._ledger()
+        segments = ledger.segments() if ledger is not None else []
+        return sum(s["steps"] for s in segments if s["shuffled"])
+
+    def _sampling_label(self):
+        fixed = self._fixed_steps()
+        if not fixed:
+            return "Poisson sampling"
+        if fixed == self.steps:
+            return "fixed-size batches, no amplification: one Gaussian mechanism per epoch"
+        return (
+            f"{fixed} of the steps in fixed-size batches, accounted without amplification; "
+            "the others Poisson-sampled"
+        )
 
     def get_config(self):
         return {
@@ -181,17 +247,17 @@ class PrivacyBudget(keras.callbacks.Callback):
         return None if model is None else get_ledger(model)
 
     def _resolve_delta(self):
+        ledger = self._ledger()
+        n = self._num_examples()
         if self.delta is not None:
-            return self.delta
+            return check_delta(self.delta, n)
+        budget = ledger.budget() if ledger is not None else None
+        if budget is not None:
+            return budget[1]
         dp = find_dp_optimizer(getattr(self.model, "optimizer", None))
         if dp is not None and dp.delta is not None:
-            return dp.delta
-        settings = state.data_settings(self.model)
-        n = self.num_examples or (settings.num_examples if settings else None)
-        if n is None and dp is not None:
-            n = dp.num_examples
+            return check_delta(dp.delta, n)
         if n is None:
-            ledger = self._ledger()
             fallback = ledger.default_delta() if ledger is not None else None
             if fallback is not None:
                 return fallback
@@ -204,3 +270,11 @@ class PrivacyBudget(keras.callbacks.Callback):
                 f"n = {n} training examples."
             )
         return delta
+
+    def _num_examples(self):
+        settings = state.data_settings(self.model)
+        n = self.num_examples or (settings.num_examples if settings else None)
+        if n is None:
+            dp = find_dp_optimizer(getattr(self.model, "optimizer", None))
+            n = getattr(dp, "num_examples", None)
+        return n

@@ -16,8 +16,10 @@ import dataclasses
 import keras
 import tensorflow as tf
 
-from keras_safe._validation import PrivacyError, check_choice, check_number, check_probability, fail
-from keras_safe.accounting import DPSchedule, accountant_names, default_delta
+from keras_safe._validation import PrivacyError, check_choice, check_number, fail
+from keras_safe.accounting import DPSchedule, accountant_names, default_delta, epsilon_of
+from keras_safe.accounting.checks import check_delta
+from keras_safe.accounting.schedule import check_sampling
 from keras_safe.optimizers import provenance, replicas
 from keras_safe.optimizers.noise import fresh_seed
 from keras_safe.optimizers.wrapper import OptimizerWrapper, innermost, optimizer_chain
@@ -45,6 +47,8 @@ DP_ARGUMENTS = (
     "delta",
     "accountant",
     "seed",
+    "sampling",
+    "noise_calibrated",
 )
 
 
@@ -93,20 +97,37 @@ class DPOptimizer(OptimizerWrapper):
             consecutive examples whose mean gradients are clipped (TF Privacy's semantics);
             every batch size must be divisible by it. Use per-example clipping (None, the
             default) with `poisson_batches`.
-        target_epsilon: calibrate `noise_multiplier` so that the planned run spends this
-            epsilon. The plan is `epochs` epochs (the `epochs` given to `fit`, or declared here)
-            over the training data at its batch size, `epochs * ceil(n / batch_size)` batches;
-            calibrated at the start of `fit` unless `num_examples`, `batch_size` and `epochs`
-            are all declared.
+        target_epsilon: the model's privacy budget, for its whole life: the total epsilon
+            every run together may spend (it is saved in the model's privacy ledger, with
+            `delta` and `accountant`; see `keras_safe.privacy.PrivacyLedger.set_budget` to
+            change it on purpose). At the start of each `fit` the noise is calibrated so that
+            what the model spent before plus the planned run, `epochs` epochs of
+            `ceil(n / batch_size)` steps, stays within it; a run that cannot is refused before
+            its first step, and no step ever takes the model past it (`train_on_batch` and
+            custom loops included). Calibrated before `fit` when `num_examples`, `batch_size`
+            and `epochs` are all declared.
         num_examples: number of training examples, for inputs keras_safe cannot count.
         batch_size: expected batch size (the divisor of the noisy sum), for inputs keras_safe
             cannot read it from.
         epochs: planned number of epochs (for calibration before `fit`).
-        delta: the delta of (epsilon, delta)-DP used for calibration; defaults to
-            `keras_safe.privacy.default_delta(num_examples)`.
-        accountant: `"rdp"` or `"pld"` (or another registered accountant), for calibration.
+        delta: the delta of (epsilon, delta)-DP, below `1 / num_examples`; defaults to the
+            model's budget's, else `keras_safe.privacy.default_delta(num_examples)`.
+        accountant: `"rdp"` or `"pld"` (or another registered accountant): calibrates the
+            noise and enforces `target_epsilon`; None (default) is the model's budget's, else
+            `"rdp"`.
         seed: None (the default: OS entropy, the only setting valid for a release), or an
             integer for reproducible, non-private noise.
+        sampling: how `fit` on arrays draws its batches. None or `"poisson"` (the default):
+            Poisson sampling, the batches the usual epsilon assumes. `"shuffle"`: Keras's
+            shuffled fixed-size batches, an explicit opt-in accounted without amplification
+            by sampling (each epoch begun is one Gaussian mechanism; see
+            `keras_safe.privacy.DPSchedule`) and labelled so in the logs, `PrivacyBudget`'s
+            summary and the privacy statement. `fit(..., shuffle=False)` on a private model is
+            the same opt-in, for batches in the data's order. For other inputs it states what
+            the batches are (keras_safe cannot see it).
+        noise_calibrated: set in saved configs: True when `noise_multiplier` was calibrated
+            from `target_epsilon` (it is calibrated again, for what is left, at the next
+            `fit`).
         name: optimizer name.
 
     Raises:
@@ -138,8 +159,10 @@ class DPOptimizer(OptimizerWrapper):
         batch_size=None,
         epochs=None,
         delta=None,
-        accountant="rdp",
+        accountant=None,
         seed=None,
+        sampling=None,
+        noise_calibrated=False,
         name=None,
         **kwargs,
     ):
@@ -169,8 +192,17 @@ class DPOptimizer(OptimizerWrapper):
         self.target_epsilon = check_number(
             "target_epsilon", target_epsilon, low=0, low_inclusive=False, allow_none=True
         )
-        self.delta = check_probability("delta", delta, allow_none=True)
-        self.accountant = check_choice("accountant", accountant, accountant_names())
+        self.delta = None if delta is None else check_delta(delta, self.num_examples)
+        self.accountant = (
+            None
+            if accountant is None
+            else check_choice(
+                "accountant",
+                accountant.lower() if isinstance(accountant, str) else accountant,
+                accountant_names(),
+            )
+        )
+        self.sampling = None if sampling is None else check_sampling(sampling)
         if self.num_examples and self.batch_size and self.batch_size > self.num_examples:
             fail("batch_size", self.batch_size, f"at most num_examples ({self.num_examples})")
         if seed is not None:
@@ -189,13 +221,17 @@ class DPOptimizer(OptimizerWrapper):
                 "be set.",
             )
         self.noise_multiplier = noise_multiplier
+        self.noise_calibrated = bool(noise_calibrated) and noise_multiplier is not None
         if (
             self.target_epsilon is not None
             and self.num_examples
             and self.batch_size
             and self.epochs
         ):
+            # A declared plan: the noise is set once for it (the model's whole budget), and
+            # each run is checked against it, not calibrated again.
             self.calibrate(self.schedule(), self.epochs)
+            self.noise_calibrated = False
 
     # -- settings and calibration ----------------------------------------------------------------
 
@@ -214,40 +250,88 @@ class DPOptimizer(OptimizerWrapper):
         """True while `target_epsilon` is given but the noise is not yet calibrated."""
         return self.noise_multiplier is None
 
-    def schedule(self, num_examples=None, batch_size=None, steps_per_epoch=None):
+    def schedule(
+        self,
+        num_examples=None,
+        batch_size=None,
+        steps_per_epoch=None,
+        sampling=None,
+        one_pass_epochs=False,
+    ):
         """The `DPSchedule` of this optimizer on data of the given size (declared values are
-        checked against it)."""
-        return DPSchedule.from_optimizer(self, num_examples, batch_size, steps_per_epoch)
+        checked against it); `sampling`: what the data is known to be, else this optimizer's."""
+        return DPSchedule.from_optimizer(
+            self, num_examples, batch_size, steps_per_epoch, sampling, one_pass_epochs
+        )
 
-    def calibrate(self, schedule, epochs):
-        """Sets (or checks) `noise_multiplier` so `epochs` epochs of `schedule` spend at most
-        `target_epsilon`.
+    def calibrate(self, schedule, epochs, prior=(), delta=None, accountant=None):
+        """Sets (or checks) `noise_multiplier` so that `prior` segments (what the model spent
+        before) plus `epochs` epochs of `schedule` spend at most `target_epsilon`.
 
-        With a noise multiplier already given (or calibrated) it checks that the plan stays
-        within the target instead.
+        A noise multiplier that was calibrated before is calibrated again, for what is left; a
+        given one is checked against the plan instead.
+
+        Args:
+            schedule: the `DPSchedule` of the run.
+            epochs: the epochs planned.
+            prior: `(accounted noise, accounted rate, mechanisms)` segments already spent (the
+                model's privacy ledger).
+            delta: the budget's delta; defaults to this optimizer's, else
+                `default_delta(num_examples)`.
+            accountant: the budget's accountant; defaults to this optimizer's, else `"rdp"`.
 
         Raises:
-            keras_safe._validation.ArgumentError: when a given noise misses the target.
+            keras_safe._validation.ArgumentError: naming `target_epsilon` when nothing of the
+                budget is left or the plan cannot fit in it, or `noise_multiplier` when a given
+                noise misses the target.
         """
         if self.target_epsilon is None:
             return self.noise_multiplier
-        batches = schedule.batches_for_epochs(epochs)
-        delta = self.delta if self.delta is not None else default_delta(schedule.num_examples)
-        if self.noise_multiplier is None:
-            self.noise_multiplier = float(
-                schedule.calibrate(self.target_epsilon, batches, delta, self.accountant)
+        steps = schedule.batches_for_epochs(epochs)
+        if delta is None:
+            delta = self.delta if self.delta is not None else default_delta(schedule.num_examples)
+        accountant = accountant or self.accountant or "rdp"
+        prior = [tuple(p) for p in prior if p[2] > 0]
+        spent = epsilon_of(prior, delta, accountant) if prior else 0.0
+        target = self.target_epsilon
+        if spent >= target * (1 - 1e-9) and steps > 0:
+            fail(
+                "target_epsilon",
+                target,
+                f"more than the model has spent already (epsilon {spent:.4f} at delta "
+                f"{delta:.3g} in its privacy ledger, {accountant.upper()} accountant): every "
+                "target_epsilon is the model's budget for its whole life, so no step of this "
+                f"fit ({steps} steps planned) fits in it",
+                "stop training here, or raise the budget explicitly with "
+                "keras_safe.privacy.get_ledger(model).set_budget(new_target) and give that "
+                "target_epsilon (state the larger epsilon).",
             )
+        if self.noise_multiplier is None or self.noise_calibrated:
+            try:
+                noise = schedule.calibrate(target, steps, delta, accountant, prior)
+            except ValueError as error:
+                fail(
+                    "target_epsilon",
+                    target,
+                    f"reachable by this fit: the model spent epsilon {spent:.4f} before, and "
+                    f"{steps} more steps ({schedule.label}) cannot fit in what is left ({error})",
+                    "train fewer epochs, use a smaller batch, or raise the budget explicitly "
+                    "with keras_safe.privacy.get_ledger(model).set_budget(...).",
+                )
+            self.noise_multiplier = float(noise)
+            self.noise_calibrated = True
             return self.noise_multiplier
         planned = dataclasses.replace(schedule, noise_multiplier=self.noise_multiplier)
-        spent = planned.epsilon(batches, delta, self.accountant)
-        if spent > self.target_epsilon * (1 + 1e-6):
+        total = planned.epsilon(steps, delta, accountant, prior)
+        if total > target * (1 + 1e-6):
             fail(
                 "noise_multiplier",
                 self.noise_multiplier,
-                f"large enough for target_epsilon={self.target_epsilon} over {batches} batches "
-                f"(it gives epsilon={spent:.4f})",
+                f"large enough for target_epsilon={target} over {steps} steps "
+                f"({schedule.label}; the model spent epsilon {spent:.4f} before, and the plan "
+                f"would bring it to {total:.4f})",
                 "give only `target_epsilon` and let keras_safe calibrate the noise for the "
-                "steps that will run.",
+                "steps that will run, or train fewer steps.",
             )
         return self.noise_multiplier
 
@@ -304,13 +388,12 @@ class DPOptimizer(OptimizerWrapper):
             )
         if not self.built:
             self.build(variables)
-        stddev = self.l2_norm_clip * self.noise_multiplier / self.accumulation_steps**0.5
+        stddev = self.schedule().noise_stddev(self.l2_norm_clip)
         denominator = tf.cast(denominator, tf.float32)
         sums = [tf.cast(total, tf.float32) for total in clipped_sums]
         if stddev > 0:
             sizes = [int(v.shape.num_elements()) for v in variables]
-            share = replicas.noise_share(self._base_seed, self._noise_draws, sum(sizes), stddev)
-            noise = tf.split(share, sizes)
+            noise = replicas.noise_shares(self._base_seed, self._noise_draws, sizes, stddev)
             sums = [total + tf.reshape(n, tf.shape(total)) for total, n in zip(sums, noise)]
         # Under a strategy, every replica gets the whole release (keras_safe.optimizers.replicas).
         sums = replicas.sum_over_replicas(sums)
@@ -324,8 +407,14 @@ class DPOptimizer(OptimizerWrapper):
             raise PrivacyError(NON_PRIVATE_GRADIENTS.format(name=type(self).__name__))
         if not self.built:
             self.build(trainable_variables)
-        # Keras's optimizer sums the replicas' gradients: each hands on its 1/R share.
-        self.inner_optimizer.apply(replicas.share_for_inner_optimizer(grads), trainable_variables)
+        # Everything the wrapped optimizer does (its step counter included) waits for the
+        # release, which waits for the step's checks and the ledger's charge: a step refused
+        # there (the budget, for example) changes nothing.
+        with tf.control_dependencies([g for g in grads if g is not None]):
+            # Keras's optimizer sums the replicas' gradients: each hands on its 1/R share.
+            self.inner_optimizer.apply(
+                replicas.share_for_inner_optimizer(grads), trainable_variables
+            )
 
     def stateless_apply(self, optimizer_variables, grads, trainable_variables):
         raise NotImplementedError("DP optimizers run on the TensorFlow backend only.")
@@ -333,7 +422,10 @@ class DPOptimizer(OptimizerWrapper):
     # -- serialization ---------------------------------------------------------------------------
 
     def _dp_config(self):
-        return {key: getattr(self, key) for key in DP_ARGUMENTS}
+        config = {key: getattr(self, key) for key in DP_ARGUMENTS}
+        if not self.noise_calibrated:
+            config.pop("noise_calibrated")
+        return config
 
     def get_config(self):
         return {

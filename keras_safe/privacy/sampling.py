@@ -10,7 +10,13 @@ import tensorflow as tf
 
 from keras_safe._validation import check_number, fail
 
-__all__ = ["PoissonInfo", "default_max_batch_size", "poisson_batches", "poisson_info"]
+__all__ = [
+    "PoissonInfo",
+    "default_max_batch_size",
+    "epoch_batches",
+    "poisson_batches",
+    "poisson_info",
+]
 
 # The most a padded batch may be exceeded with, per step, for `max_batch_size` to be accepted.
 MAX_OVERFLOW_PROBABILITY = 1e-6
@@ -22,6 +28,10 @@ class PoissonInfo:
     """What a `poisson_batches` dataset was built with (read by `fit` on a private model).
 
     `max_batch_size` is the padded rows of one shard's sample; a batch holds `shards` of them.
+    `steps` is the batches of one pass over the dataset; `fresh_each_iteration`: each pass
+    draws new samples (the batches `fit` on arrays makes, one pass per epoch).
+    `pad_to_multiple_of`: None when every batch is padded to `max_batch_size`, else the
+    multiple a batch's rows are padded to.
     """
 
     num_examples: int
@@ -30,6 +40,8 @@ class PoissonInfo:
     steps: int
     steps_per_epoch: int
     shards: int = 1
+    pad_to_multiple_of: int = None
+    fresh_each_iteration: bool = False
 
 
 def poisson_info(dataset):
@@ -81,6 +93,7 @@ def poisson_batches(
     seed=None,
     max_batch_size=None,
     strategy=None,
+    pad_to_multiple_of=None,
 ):
     """Batches in which every example is included independently with probability q.
 
@@ -88,13 +101,15 @@ def poisson_batches(
     each step every example joins the batch with probability `q = batch_size / n`, so batch
     sizes vary around `batch_size`. The sampling must be secret for the amplification the
     accountant counts on: the seed comes from the operating system's entropy unless given.
-    Shuffled fixed-size batches (what `fit` does by default)
-    are not covered by that analysis; the epsilon computed for Poisson sampling is then an
-    estimate, commonly reported but not a proven guarantee (see Chua et al. 2024, "How
-    Private are DP-SGD Implementations?").
+    Shuffled fixed-size batches are not covered by that analysis (see Chua et al. 2024, "How
+    Private are DP-SGD Implementations?"). A private model's `fit` on arrays samples this way
+    by itself; build the batches here for more control (or to see them).
 
-    To keep shapes fixed (one traced step, XLA friendly), each batch is padded to
-    `max_batch_size` rows; padding rows have sample weight 0, so their loss and gradient are
+    Padding: by default each batch is padded to `max_batch_size` rows (one shape: one traced
+    step, XLA friendly); with `pad_to_multiple_of=k`, only to the next multiple of `k` rows (at
+    least `k`; `k=1` leaves batches unpadded and a sample may be empty: a dynamic batch
+    dimension, as fast as Keras's own batches without XLA). Padding rows have sample weight 0,
+    so their loss and gradient are
     zero and they do not count. A sample is never truncated: `max_batch_size` must make an
     overflow less likely than 1e-6 per step (the default, `batch_size + 6.5 std + 4`, makes it
     less likely than 1e-9), and a batch that would overflow anyway stops the input pipeline
@@ -104,8 +119,8 @@ def poisson_batches(
 
     Under a `tf.distribute` strategy, pass it as `strategy`: the data is split into one
     contiguous shard per replica, each shard is Poisson-sampled at the same global rate `q` and
-    padded on its own, and a batch is the concatenation of the shards' samples, which Keras's
-    `fit` splits so that each replica gets its own shard's sample. Under
+    padded on its own to `max_batch_size`, and a batch is the concatenation of the shards'
+    samples, which Keras's `fit` splits so that each replica gets its own shard's sample. Under
     `MultiWorkerMirroredStrategy` each worker keeps only its replicas' shards, sampled with the
     worker's own seed; the union of the shards' samples is still one Poisson sample of the whole
     data at rate `q` (every example is in exactly one shard, included independently), so the
@@ -118,14 +133,16 @@ def poisson_batches(
             the padding mask.
         batch_size: the expected batch size `q * n`.
         epochs: the dataset yields `ceil(epochs * ceil(n / batch_size))` batches, as many as
-            `fit` on arrays runs for `epochs` epochs.
+            `fit` on arrays runs for `epochs` epochs (`keras_safe.privacy.DPSchedule`'s epoch).
         seed: seed of the sampling; None (the default) draws one from the operating system's
             entropy. A fixed seed makes the batches predictable, which voids the amplification
             by sampling in a release.
-        max_batch_size: rows per padded batch (per shard with `strategy`); default
+        max_batch_size: the most rows of a sample (per shard with `strategy`); default
             `batch_size + 6.5 std + 4` of the (shard's) expected sample.
         strategy: the `tf.distribute` strategy `fit` will run under, or None; with several
             replicas in sync, one shard per replica as described above.
+        pad_to_multiple_of: None (pad to `max_batch_size`) or a positive integer `k`: pad each
+            batch to the next multiple of `k` rows (not with several replicas).
 
     Returns:
         A `tf.data.Dataset` of `(x, y, sample_weight)` batches for `model.fit` (pass
@@ -146,6 +163,54 @@ def poisson_batches(
     >>> int(xb.shape[0]) >= 100
     True
     """
+    epochs = check_number("epochs", epochs, low=0, low_inclusive=False)
+    return _build(
+        x, y, sample_weight, batch_size, epochs, None, seed, max_batch_size, strategy,
+        pad_to_multiple_of, fresh_each_iteration=False,
+    )  # fmt: skip
+
+
+def epoch_batches(
+    x,
+    y=None,
+    sample_weight=None,
+    batch_size=32,
+    steps_per_epoch=None,
+    max_batch_size=None,
+    strategy=None,
+    pad_to_multiple_of=None,
+):
+    """One epoch of Poisson batches that draws new samples every time it is iterated.
+
+    What a private model's `fit` on arrays trains on: `fit` iterates the dataset once per epoch,
+    and every epoch's batches are fresh Poisson samples (secret seed from the operating
+    system). An epoch is `steps_per_epoch` batches, by default `ceil(n / batch_size)`.
+
+    With `pad_to_multiple_of=1` the batches are not padded at all (a sample may be empty) and,
+    without `sample_weight`, they are `(x, y)` pairs, as Keras's own batches are; otherwise
+    `(x, y, sample_weight)` with weight 0 on the padding rows.
+    """
+    return _build(
+        x, y, sample_weight, batch_size, 1, steps_per_epoch, None, max_batch_size, strategy,
+        pad_to_multiple_of, fresh_each_iteration=True,
+        with_weights=sample_weight is not None or pad_to_multiple_of != 1,
+    )  # fmt: skip
+
+
+def _build(
+    x,
+    y,
+    sample_weight,
+    batch_size,
+    epochs,
+    steps_per_epoch,
+    seed,
+    max_batch_size,
+    strategy,
+    pad_to_multiple_of,
+    fresh_each_iteration,
+    with_weights=True,
+):
     arrays = keras.tree.flatten(x)
     if not arrays or int(np.shape(arrays[0])[0]) == 0:
         fail("x", type(x).__name__, "non-empty data", "pass at least one example.")
@@ -155,10 +220,19 @@ def poisson_batches(
             if int(np.shape(array)[0]) != n:
                 fail(name, f"{np.shape(array)[0]} rows", f"{n} rows, as many as `x`")
     batch_size = check_number("batch_size", batch_size, low=1, high=n, integer=True)
-    epochs = check_number("epochs", epochs, low=0, low_inclusive=False)
     q = batch_size / n
     bounds = _shard_bounds(n, _shard_count(strategy, n))
     sizes = [high - low for low, high in zip(bounds[:-1], bounds[1:])]
+    multiple = check_number(
+        "pad_to_multiple_of", pad_to_multiple_of, low=1, integer=True, allow_none=True
+    )
+    if multiple is not None and len(sizes) > 1:
+        fail(
+            "pad_to_multiple_of",
+            multiple,
+            "None with several replicas (each replica's part of a batch must have one size)",
+            "leave pad_to_multiple_of out under a tf.distribute strategy.",
+        )
     default_rows = max(default_max_batch_size(batch_size * size / n, size) for size in sizes)
     rows = check_number(
         "max_batch_size", max_batch_size if max_batch_size else default_rows, low=1, integer=True
@@ -172,8 +246,10 @@ def poisson_batches(
             f"overflow with probability up to {overflow:.2g} per step)",
             f"leave it out (default {default_rows}) or pass at least {default_rows}.",
         )
-    steps_per_epoch = math.ceil(n / batch_size)
-    steps = math.ceil(epochs * steps_per_epoch - 1e-9)
+    per_epoch = math.ceil(n / batch_size)
+    if steps_per_epoch is not None:
+        per_epoch = check_number("steps_per_epoch", steps_per_epoch, low=1, integer=True)
+    steps = math.ceil(epochs * per_epoch - 1e-9)
     if seed is None:
         seed = secrets.randbits(62)
     weights = (
@@ -182,12 +258,11 @@ def poisson_batches(
     tensors = tf.nest.map_structure(
         tf.convert_to_tensor, (x, weights) if y is None else (x, y, weights)
     )
+    key = tf.constant([seed & (2**31 - 1), seed >> 31], tf.int64)
 
-    def shard_sample(step, shard, low, size):
-        # One counter per (step, shard): shards draw independently; one shard is [seed, step].
-        counter = step * len(sizes) + shard
+    def shard_sample(draw_key, shard, low, size):
         draw = tf.random.stateless_uniform(
-            [size], seed=tf.stack([tf.cast(seed, tf.int64), counter])
+            [size], seed=tf.random.experimental.stateless_fold_in(draw_key, shard)
         )
         chosen = tf.where(draw < q)[:, 0] + low
         count = tf.shape(chosen)[0]
@@ -198,11 +273,21 @@ def poisson_batches(
             "never truncates a Poisson sample. Fix: pass a larger max_batch_size.",
         )
         with tf.control_dependencies([check]):
-            padded = tf.pad(chosen, [[0, rows - count]])
-        return padded, tf.cast(tf.range(rows) < count, tf.float32)
+            if multiple is None:
+                padded_rows = rows
+            elif multiple == 1:
+                padded_rows = count  # no padding: an empty sample is an empty batch
+            else:
+                padded_rows = tf.maximum(1, (count + multiple - 1) // multiple) * multiple
+            padded = tf.pad(chosen, [[0, padded_rows - count]])
+        return padded, tf.cast(tf.range(padded_rows) < count, tf.float32)
 
-    def sample(step):
-        parts = [shard_sample(step, i, bounds[i], size) for i, size in enumerate(sizes)]
+    def sample(iteration, step):
+        # One key per (iteration, step, shard): every draw is independent.
+        draw_key = tf.random.experimental.stateless_fold_in(
+            tf.random.experimental.stateless_fold_in(key, iteration), step
+        )
+        parts = [shard_sample(draw_key, i, bounds[i], size) for i, size in enumerate(sizes)]
         padded = tf.concat([p for p, _ in parts], axis=0)
         mask = tf.concat([m for _, m in parts], axis=0)
         batch = tf.nest.map_structure(lambda t: tf.gather(t, padded), tensors)
@@ -210,11 +295,24 @@ def poisson_batches(
         def unpadded(weights):  # per-example or per-token weights, 0 on the padding rows
             return weights * tf.reshape(mask, [-1] + [1] * (len(weights.shape) - 1))
 
+        if not with_weights:
+            return batch[0] if y is None else (batch[0], batch[1])
         if y is None:
             return batch[0], None, unpadded(batch[1])
         return batch[0], batch[1], unpadded(batch[2])
 
-    dataset = tf.data.Dataset.range(steps).map(sample, num_parallel_calls=tf.data.AUTOTUNE)
+    if fresh_each_iteration:
+        # A new random key every time the dataset is iterated (every epoch of fit), drawn from
+        # the secret seed: the batches of two epochs are independent samples.
+        iterations = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).take(1)
+    else:
+        iterations = tf.data.Dataset.from_tensors(tf.constant(0, tf.int64))
+    dataset = iterations.flat_map(
+        lambda iteration: tf.data.Dataset.range(steps).map(lambda step: (iteration, step))
+    )
+    dataset = dataset.map(sample, num_parallel_calls=tf.data.AUTOTUNE)
+    # flat_map hides the number of batches; fit needs it to end each epoch without a warning.
+    dataset = dataset.apply(tf.data.experimental.assert_cardinality(steps))
     dataset = dataset.prefetch(2)
     if len(sizes) > 1:
         # Each worker keeps its replicas' slices of every batch (never a shard split in two).
@@ -223,6 +321,8 @@ def poisson_batches(
             tf.data.experimental.AutoShardPolicy.DATA
         )
         dataset = dataset.with_options(options)
-    info = PoissonInfo(n, batch_size, rows, steps, steps_per_epoch, len(sizes))
+    info = PoissonInfo(
+        n, batch_size, rows, steps, per_epoch, len(sizes), multiple, fresh_each_iteration
+    )
     object.__setattr__(dataset, _INFO, info)
     return dataset

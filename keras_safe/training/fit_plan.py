@@ -1,6 +1,6 @@
 """Before a private `fit`: read the data settings, check them against what was declared,
-calibrate the noise for the steps that will run, and guard the run (budget, batch sizes,
-non-finite examples)."""
+draw the batches (Poisson by default), calibrate the noise for the steps that will run, and
+guard the run (budget, batch sizes, non-finite examples)."""
 
 import dataclasses
 import math
@@ -11,10 +11,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_safe._validation import PrivacyError, fail
+from keras_safe._validation import PrivacyError, fail, step_refusal
 from keras_safe.optimizers.dp import find_dp_optimizer
-from keras_safe.privacy.ledger import get_ledger
-from keras_safe.privacy.sampling import poisson_info
+from keras_safe.privacy.ledger import BUDGET_SPENT
+from keras_safe.privacy.sampling import default_max_batch_size, epoch_batches, poisson_info
 from keras_safe.training import distribution, state, verification
 
 __all__ = [
@@ -22,8 +22,10 @@ __all__ = [
     "describe_data",
     "find_fit_arguments",
     "plan_fit",
+    "poisson_fit_arguments",
     "require_known_examples",
     "set_num_examples",
+    "wants_fixed_batches",
 ]
 
 # Keras's default batch size for arrays.
@@ -37,12 +39,43 @@ def _is_array_data(x):
     )
 
 
-def describe_data(x, batch_size=None, validation_split=0.0, steps_per_epoch=None):
+def is_array_data(x):
+    """Whether `x` is arrays (what `fit` batches itself), not a dataset or generator."""
+    return x is not None and not isinstance(x, tf.data.Dataset) and _is_array_data(x)
+
+
+def _rows(x):
+    return int(np.shape(keras.tree.flatten(x)[0])[0])
+
+
+def _split_at(rows, validation_split):
+    # Keras's rule (keras.utils.split_dataset's for arrays in fit): the last fraction.
+    return int(math.floor(rows * (1.0 - validation_split)))
+
+
+def _require_examples(rows, validation_split):
+    if rows == 0:
+        fail(
+            "x",
+            "0 examples",
+            "non-empty training data"
+            + (f" (after validation_split={validation_split:g})" if validation_split else ""),
+            "pass at least one training example"
+            + (", or a smaller validation_split." if validation_split else "."),
+        )
+
+
+def describe_data(x, batch_size=None, validation_split=0.0, steps_per_epoch=None, fixed=False):
     """The `DataSettings` `fit` will train with, as far as they can be known from `x`.
 
     Arrays: `num_examples` is the number of rows after `validation_split`, `batch_size` the one
-    given to `fit` (Keras's default 32). `poisson_batches`: what the dataset was built with.
-    Anything else: unknown (None), unless the optimizer declares them.
+    given to `fit` (Keras's default 32); `fixed`: Keras cuts them into fixed-size batches (the
+    fixed-batch opt-in; a private `fit` otherwise samples Poisson batches from them).
+    `poisson_batches`: what the dataset was built with. Anything else: unknown (None), unless
+    the optimizer declares them.
+
+    Raises:
+        keras_safe._validation.ArgumentError: on arrays without a training example.
     """
     info = poisson_info(x)
     if info is not None:
@@ -54,13 +87,119 @@ def describe_data(x, batch_size=None, validation_split=0.0, steps_per_epoch=None
         known = steps_per_epoch or (cardinality if cardinality > 0 else None)
         return state.DataSettings(steps_per_epoch=known)
     if x is not None and _is_array_data(x):
-        rows = int(np.shape(keras.tree.flatten(x)[0])[0])
+        rows = _rows(x)
         if validation_split:
-            rows = int(math.floor(rows * (1.0 - validation_split)))
+            rows = _split_at(rows, validation_split)
+        _require_examples(rows, validation_split)
         batch = int(batch_size or _KERAS_BATCH_SIZE)
         batch = min(batch, rows)
-        return state.DataSettings(rows, batch, steps_per_epoch or math.ceil(rows / batch))
+        return state.DataSettings(
+            rows,
+            batch,
+            steps_per_epoch or math.ceil(rows / batch),
+            fixed=fixed,
+            one_pass=fixed and steps_per_epoch is None,
+        )
     return state.DataSettings(steps_per_epoch=steps_per_epoch)
+
+
+def wants_fixed_batches(dp, shuffle):
+    """Whether a private `fit` on arrays keeps Keras's fixed-size batches: the explicit opt-in
+    (`sampling="shuffle"` on the DP optimizer, or `shuffle=False` / `"batch"` given to `fit`)."""
+    return getattr(dp, "sampling", None) == "shuffle" or shuffle is False or shuffle == "batch"
+
+
+def _class_weights(y, class_weight):
+    """Per-example weights from `class_weight`, by Keras's rule (class = argmax of one-hot
+    targets, else the rounded target)."""
+    y = np.asarray(y)
+    if y.ndim >= 2 and y.shape[-1] > 1:
+        classes = np.argmax(y, axis=-1)
+    else:
+        classes = np.round(y.reshape(len(y), -1)[:, 0]).astype("int64")
+    table = {int(k): float(v) for k, v in class_weight.items()}
+    return np.asarray([table.get(int(c), 1.0) for c in classes.reshape(len(y))], "float32")
+
+
+def poisson_fit_arguments(model, dp, params):
+    """The arguments of a private `fit` on arrays with the arrays replaced by Poisson batches.
+
+    Every epoch of `fit` iterates `keras_safe.privacy.sampling.epoch_batches` once: `ceil(n /
+    batch_size)` fresh Poisson samples (or `steps_per_epoch`) at rate `batch_size / n`, the
+    batches the reported epsilon assumes. `validation_split` is taken from the arrays as Keras
+    takes it (the last fraction), `class_weight` becomes per-example weights, and `shuffle` is
+    set to False (the dataset shuffles by sampling, so Keras has nothing to shuffle).
+
+    Batches are not padded to one shape (a dynamic batch dimension, as fast as Keras's own
+    batches) except under XLA (`model.jit_compile`) or a strategy with several replicas, where
+    they are padded to the size a sample exceeds with probability below 1e-9; with
+    `num_microbatches` a batch is padded to a multiple of it.
+
+    Raises:
+        keras_safe._validation.ArgumentError: empty arrays, or `class_weight` with
+            `sample_weight`.
+    """
+    params = dict(params)
+    x, y, weights = params["x"], params["y"], params["sample_weight"]
+    split = params["validation_split"] or 0.0
+    rows = _rows(x)
+    if split:
+        at = _split_at(rows, split)
+        _require_examples(at, split)
+        if params["validation_data"] is None:
+
+            def tail(part):
+                return None if part is None else keras.tree.map_structure(lambda a: a[at:], part)
+
+            params["validation_data"] = (tail(x), tail(y), tail(weights))
+
+        def head(part):
+            return None if part is None else keras.tree.map_structure(lambda a: a[:at], part)
+
+        x, y, weights = head(x), head(y), head(weights)
+        rows = at
+    _require_examples(rows, split)
+    if params["class_weight"] is not None:
+        if weights is not None:
+            fail(
+                "class_weight",
+                "given with sample_weight",
+                "given alone",
+                "fold the class weights into sample_weight, or pass only one of them.",
+            )
+        if y is None or len(keras.tree.flatten(y)) != 1:
+            fail("class_weight", params["class_weight"], "used with a single target array")
+        weights = _class_weights(keras.tree.flatten(y)[0], params["class_weight"])
+    batch = min(int(params["batch_size"] or _KERAS_BATCH_SIZE), rows)
+    strategy = getattr(model, "distribute_strategy", None)
+    replicas = int(getattr(strategy, "num_replicas_in_sync", 1) or 1)
+    groups = dp.num_microbatches
+    fixed_shape = replicas > 1 or bool(getattr(model, "jit_compile", False))
+    multiple = None if fixed_shape else (groups or 1)
+    max_rows = None
+    if fixed_shape and groups and replicas == 1:
+        max_rows = -(-default_max_batch_size(batch, rows) // groups) * groups
+    params.update(
+        x=epoch_batches(
+            x,
+            y,
+            weights,
+            batch_size=batch,
+            steps_per_epoch=params["steps_per_epoch"],
+            max_batch_size=max_rows,
+            strategy=strategy if replicas > 1 else None,
+            pad_to_multiple_of=multiple,
+        ),
+        y=None,
+        sample_weight=None,
+        class_weight=None,
+        batch_size=None,
+        validation_split=0.0,
+        validation_batch_size=params["validation_batch_size"] or params["batch_size"],
+        steps_per_epoch=None,
+        shuffle=False,
+    )
+    return params
 
 
 def plan_fit(
@@ -74,18 +213,23 @@ def plan_fit(
     steps_per_epoch=None,
     validation_split=0.0,
     verbose=1,
+    shuffle=True,
 ):
     """Reads and checks the data settings of a private `fit`; returns its `PrivacyGuard`.
 
     The guard finishes the checks when training begins (after every callback's `set_model`,
     so `PrivacyBudget(num_examples=...)` can still fill in what the data does not tell):
-    unknown sampling rate, microbatches that do not divide the batches, calibration of
-    `target_epsilon` for the epochs that will run, a spent budget.
+    unknown sampling rate, microbatches that do not divide the batches, the model's budget,
+    calibration of `target_epsilon` for the epochs that will run, a spent budget.
+
+    Arrays reach it only in Keras's own fixed-size batches (the opt-in of
+    `wants_fixed_batches`, or a model made private inside a `fit` already running, by the
+    `PrivacyBudget` callback); otherwise `private_fit` has replaced them by Poisson batches.
 
     Raises:
-        keras_safe._validation.PrivacyError: no DP optimizer; under a `tf.distribute`
-            strategy, data the distributed accounting cannot cover
-            (`keras_safe.training.distribution.check_fit_data`).
+        keras_safe._validation.PrivacyError: no DP optimizer; Keras's shuffled batches without
+            the opt-in; under a `tf.distribute` strategy, data the distributed accounting
+            cannot cover (`keras_safe.training.distribution.check_fit_data`).
         keras_safe._validation.ArgumentError: declared settings that differ from the data.
     """
     dp = find_dp_optimizer(getattr(model, "optimizer", None))
@@ -96,10 +240,20 @@ def plan_fit(
             "optimizer: fit would train without clipping and noise. Fix: compile with "
             "keras_safe.optimizers.DPSGD(...), DPAdam(...) or DPOptimizer(your_optimizer, ...)."
         )
-    settings = describe_data(x, batch_size, validation_split, steps_per_epoch)
+    fixed = is_array_data(x)  # arrays reach here only in Keras's own batches
+    if fixed and not wants_fixed_batches(dp, shuffle):
+        raise PrivacyError(
+            f"{model.name} became private inside a fit on arrays that had already started, so "
+            "this fit would train on Keras's shuffled fixed-size batches, for which the usual "
+            "(Poisson) epsilon is not a proof. Nothing was trained. Fix: call "
+            "keras_safe.privacy.make_private(model) before fit (a private fit on arrays samples "
+            "Poisson batches), or opt in to fixed-size batches, accounted without "
+            "amplification, with sampling='shuffle' on the DP optimizer."
+        )
+    settings = describe_data(x, batch_size, validation_split, steps_per_epoch, fixed=fixed)
     schedule = dp.schedule(settings.num_examples, settings.batch_size, settings.steps_per_epoch)
-    settings = state.DataSettings(
-        schedule.num_examples, schedule.batch_size, settings.steps_per_epoch, settings.poisson
+    settings = dataclasses.replace(
+        settings, num_examples=schedule.num_examples, batch_size=schedule.batch_size
     )
     distribution.check_fit_data(model, x, settings)
     state.set_data_settings(model, settings)
@@ -134,15 +288,10 @@ def set_num_examples(model, num_examples):
 
 
 def _check_microbatches(groups, settings):
-    if not groups:
+    # Poisson batches are padded to a multiple of the microbatches (the step checks the
+    # shape); microbatches of consecutive padded rows are accounted under zero-out adjacency.
+    if not groups or settings.poisson:
         return
-    if settings.poisson:
-        raise PrivacyError(
-            "num_microbatches with poisson_batches is not covered by the accounting: the "
-            "microbatch analysis assumes an example's microbatch does not depend on the other "
-            "examples, which Poisson batches do not give. Fix: leave num_microbatches out "
-            "(per-example clipping) with poisson_batches."
-        )
     n, b = settings.num_examples, settings.batch_size
     sizes = {b} if n is None or n % b == 0 else {b, n % b}
     bad = sorted(s for s in sizes if s % groups)
@@ -172,6 +321,7 @@ def find_fit_arguments(model):
                 "epochs",
                 "initial_epoch",
                 "steps_per_epoch",
+                "shuffle",
             )
             found = {name: frame.f_locals.get(name) for name in names}
             found["validation_split"] = 0.0  # x is the training part already when it is split
@@ -185,9 +335,14 @@ def find_fit_arguments(model):
 class PrivacyGuard(keras.callbacks.Callback):
     """Guards a private `fit` from the model's ledger: the budget, batch sizes, bad examples.
 
-    - Budget: with a budget on the ledger (`PrivacyBudget(target_epsilon=...)` sets one), a
-      `fit` whose first step would exceed it raises before any step, and a running `fit` stops
-      before the step that would exceed it.
+    - Budget: the DP optimizer's `target_epsilon` and `PrivacyBudget(target_epsilon=...)` are
+      the model's one lifetime budget, in its ledger. A `fit` that cannot take a step within it
+      raises before any step; the noise of a `target_epsilon` is calibrated for what is left.
+      Inside the step the ledger's gate refuses the step that would exceed the budget (whatever
+      `steps_per_execution` is); the guard turns that refusal into a clean stop: `fit` returns
+      its `History` with a message.
+    - Fixed-size batches (the opt-in): each epoch is one pass over the data, granted one
+      mechanism in the ledger at its start.
     - Batch sizes: the examples each step actually holds are counted in the graph; when the
       average is above the batch size the accounting used (beyond Poisson variation), the run
       stops with an error and the steps taken are charged again at the observed rate.
@@ -199,31 +354,88 @@ class PrivacyGuard(keras.callbacks.Callback):
         super().__init__()
         self.epochs = epochs
         self.verbose = verbose
+        self._wrapped = None
 
     def on_train_begin(self, logs=None):
         model = self.model
         dp = find_dp_optimizer(model.optimizer)
+        settings = state.data_settings(model)
+        _check_microbatches(dp.num_microbatches, settings)
+        schedule = state.current_schedule(model, dp)
+        ledger = state.require_optimizer_budget(model, dp, schedule.num_examples)
+        budget = ledger.budget()
+        delta = budget[1] if budget else None
+        accountant = ledger.accountant if budget else None
+        dp.calibrate(schedule, self.epochs, _prior(ledger), delta, accountant)
         self._schedule = state.current_schedule(model, dp)
-        _check_microbatches(dp.num_microbatches, state.data_settings(model))
-        dp.calibrate(self._schedule, self.epochs)
-        self._schedule = state.current_schedule(model, dp)
+        self._ledger, self._slot = state.ledger_slot(model, dp, self._schedule)
         self._seeded = dp.seeded
-        self._ledger = get_ledger(model, create=True)
         self._start_nonfinite = self._ledger.nonfinite_examples
+        self._start_refused = self._ledger.refused_steps
         self._start_rows = self._rows_and_steps()
         self._checked_first = False
-        self._taken = 0
-        segment = self._schedule.segment(1)[:2]
-        self._allowed = self._ledger.steps_within_budget(segment)
-        if self._allowed == 0:
+        self._stopped = False
+        state.budget_stop(model)  # forget an earlier fit's stop
+        self._last_logs = None
+        self._xla = bool(getattr(model, "jit_compile", False))
+        if self._ledger.steps_left(self._slot) < 1:
             target, delta = self._ledger.budget()
             raise PrivacyError(
-                f"The privacy budget target_epsilon={target:g} (delta={delta:.3g}) of "
-                f"{model.name} is already spent: it stands at epsilon="
-                f"{self._ledger.epsilon(delta):.4f} after {self._ledger.steps} steps, and one "
-                "more step would exceed it. No step was taken. Fix: stop training here, or "
-                "raise the budget and state the larger epsilon."
+                f"The privacy budget target_epsilon={target:g} (delta={delta:.3g}, "
+                f"{self._ledger.accountant.upper()} accountant) of {model.name} is already "
+                f"spent: it stands at epsilon={self._ledger.epsilon():.4f} after "
+                f"{self._ledger.steps} steps, and one more step ({self._schedule.label}) would "
+                "exceed it. No step was taken. Fix: stop training here, or raise the budget "
+                "with keras_safe.privacy.get_ledger(model).set_budget(...) and state the larger "
+                "epsilon."
             )
+        # Keras's fit calls `model.train_function(iterator)` once per execution, after
+        # `make_train_function()` and `on_train_begin` (keras/src/backend/tensorflow/trainer.py,
+        # `fit`): wrapping it here turns the ledger's in-step refusal into a clean stop.
+        self._wrapped = model.train_function
+        model.train_function = self._guarded
+
+    def _guarded(self, iterator):
+        try:
+            logs = self._wrapped(iterator)
+        except tf.errors.InvalidArgumentError as error:
+            if BUDGET_SPENT not in (getattr(error, "message", None) or str(error)):
+                raise
+            return self._stop_at_budget()
+        if self._xla and self._ledger.refused_steps > self._start_refused:
+            # Under XLA the assertion does not run: the ledger withheld the release instead.
+            return self._stop_at_budget(logs)
+        self._last_logs = logs
+        return logs
+
+    def _stop_at_budget(self, logs=None):
+        model = self.model
+        model.stop_training = True
+        if not self._stopped:
+            target, delta = self._ledger.budget()
+            message = (
+                f"keras_safe: stopping training after {self._ledger.steps} noisy steps at "
+                f"epsilon={self._ledger.epsilon():.4f} (delta={delta:.3g}): the next step would "
+                f"exceed the budget target_epsilon={target:g}."
+            )
+            if self.verbose:
+                print("\n" + message)
+            state.budget_stop(model, message, printed=bool(self.verbose))
+        self._stopped = True
+        if logs is None:
+            logs = self._last_logs
+        return logs if logs is not None else model.get_metrics_result()
+
+    def restore(self):
+        """Puts back the train function `on_train_begin` wrapped."""
+        if self._wrapped is not None and getattr(self.model, "train_function", None) == (
+            self._guarded
+        ):
+            self.model.train_function = self._wrapped
+        self._wrapped = None
+
+    def on_train_end(self, logs=None):
+        self.restore()
 
     def _rows_and_steps(self):
         for segment in self._ledger.segments():
@@ -232,33 +444,28 @@ class PrivacyGuard(keras.callbacks.Callback):
         return 0, 0
 
     def _matches(self, segment):
-        noise, rate, _ = self._schedule.segment(1)
+        noise, rate, _ = self._schedule.accounted_segment(1)
         return (
             abs(segment["noise_multiplier"] - noise) <= 1e-12 * max(1.0, noise)
             and abs(segment["sampling_rate"] - rate) <= 1e-12
             and segment["num_examples"] == self._schedule.num_examples
             and segment["seeded"] == self._seeded
+            and segment["shuffled"] == (not self._schedule.poisson)
         )
 
+    def on_epoch_begin(self, epoch, logs=None):
+        grant = self._schedule.epoch_grant
+        if grant > 1:
+            self._ledger.open_epoch(self._slot, grant)
+
     def on_train_batch_end(self, batch, logs=None):
-        per_execution = int(getattr(self.model, "steps_per_execution", 1) or 1)
-        self._taken += per_execution  # one accounted step per batch
         if not self._checked_first:
             self._checked_first = True
             self._check_batch_sizes(first=True)
-        if self._allowed == math.inf or self.model.stop_training:
-            return
-        if self._taken + per_execution > self._allowed:
-            self.model.stop_training = True
-            target, delta = self._ledger.budget()
-            if self.verbose:
-                print(
-                    f"\nkeras_safe: stopping training after {self._ledger.steps} noisy steps at "
-                    f"epsilon={self._ledger.epsilon(delta):.4f} (delta={delta:.3g}): the next "
-                    f"steps would exceed the budget target_epsilon={target:g}."
-                )
 
     def on_epoch_end(self, epoch, logs=None):
+        if self._schedule.epoch_grant > 1:
+            self._ledger.close_epoch(self._slot)
         self._check_batch_sizes(first=False)
         dropped = self._ledger.nonfinite_examples - self._start_nonfinite
         if logs is not None:
@@ -285,15 +492,29 @@ class PrivacyGuard(keras.callbacks.Callback):
         if mean <= expected + slack:
             return
         observed = min(1.0, mean / self._schedule.num_examples)
-        noise, rate, _ = self._schedule.segment(1)
+        noise = self._schedule.accounted_noise
         slot = self._ledger.slot(noise, observed, self._schedule.num_examples, self._seeded)
         for _ in range(steps):
             self._ledger.charge(slot)
         self.model.stop_training = True
         raise PrivacyError(
             f"The batches of this fit hold {mean:.1f} examples on average, but the accounting "
-            f"assumed batch_size={expected} (sampling rate {rate:.4g}); epsilon would be "
-            f"understated. Training stopped, and the {steps} steps taken were charged again at "
-            f"the observed rate {observed:.4g}. Fix: declare the batch size the data really has "
-            "on the DP optimizer, or train with fit on arrays or poisson_batches."
+            f"assumed batch_size={expected} (sampling rate {self._schedule.sampling_rate:.4g}); "
+            f"epsilon would be understated. Training stopped, and the {steps} steps taken were "
+            f"charged again at the observed rate {observed:.4g}. Fix: declare the batch size "
+            "the data really has on the DP optimizer, or train with fit on arrays or "
+            "poisson_batches."
         )
+
+
+def _prior(ledger):
+    """The ledger's segments as the accountant composes them."""
+    return [(s["noise_multiplier"], s["sampling_rate"], s["events"]) for s in ledger.segments()]
+
+
+def refusal_of(error):
+    """The `PrivacyError` for a TensorFlow error that a keras_safe check raised inside a step
+    (`keras_safe._validation.step_refusal`), or None."""
+    if isinstance(error, tf.errors.OpError):
+        return step_refusal(error)
+    return None

@@ -1,9 +1,15 @@
 """What keras_safe keeps on a model: whether it is private, the data settings read from `fit`, and
-how variables without a per-example rule get their per-example gradients."""
+how variables without a per-example rule get their per-example gradients; and the one place
+where a step finds its schedule, the model's budget and its ledger segment."""
 
 import dataclasses
+import warnings
+
+import tensorflow as tf
 
 from keras_safe._validation import PrivacyError
+from keras_safe.accounting.checks import check_delta, default_delta
+from keras_safe.privacy.ledger import get_ledger
 
 __all__ = [
     "DataSettings",
@@ -11,6 +17,9 @@ __all__ = [
     "data_settings",
     "fallback_mode",
     "is_private",
+    "budget_stop",
+    "ledger_slot",
+    "require_optimizer_budget",
     "set_data_settings",
     "set_fallback_mode",
     "set_private",
@@ -19,17 +28,22 @@ __all__ = [
 _PRIVATE = "_keras_safe_private"
 _DATA = "_keras_safe_data"
 _FALLBACK = "_keras_safe_fallback"
+_BUDGET_STOP = "_keras_safe_budget_stop"
 
 
 @dataclasses.dataclass(frozen=True)
 class DataSettings:
     """The training data as `fit` sees it: examples, batch size, batches per epoch (None:
-    unknown), and whether the batches are Poisson samples."""
+    unknown), and what is known of its batches: Poisson samples (`poisson`), or fixed-size
+    batches (`fixed`: arrays in Keras's own batches), each epoch of which is one pass over the
+    data (`one_pass`)."""
 
     num_examples: int = None
     batch_size: int = None
     steps_per_epoch: int = None
     poisson: bool = False
+    fixed: bool = False
+    one_pass: bool = False
 
 
 def _set(model, name, value):
@@ -69,6 +83,7 @@ def set_fallback_mode(model, mode):
         model.train_function = None
 
 
+@tf.autograph.experimental.do_not_convert
 def current_schedule(model, dp):
     """The `DPSchedule` of `dp` on the model's data, which must give a known sampling rate.
 
@@ -77,7 +92,14 @@ def current_schedule(model, dp):
             number of examples and the batch size.
     """
     settings = data_settings(model) or DataSettings()
-    schedule = dp.schedule(settings.num_examples, settings.batch_size, settings.steps_per_epoch)
+    sampling = "poisson" if settings.poisson else "shuffle" if settings.fixed else None
+    schedule = dp.schedule(
+        settings.num_examples,
+        settings.batch_size,
+        settings.steps_per_epoch,
+        sampling=sampling,
+        one_pass_epochs=settings.one_pass,
+    )
     if not schedule.known:
         raise PrivacyError(
             "keras_safe cannot tell the sampling rate of this step (it needs the number of "
@@ -87,3 +109,67 @@ def current_schedule(model, dp):
             "optimizer."
         )
     return schedule
+
+
+@tf.autograph.experimental.do_not_convert
+def require_optimizer_budget(model, dp, num_examples):
+    """Makes the DP optimizer's `target_epsilon` the model's budget (or checks that it is).
+
+    Every `target_epsilon` is the model's lifetime budget, held by its ledger: the first one
+    given sets it, a different one later is refused (`PrivacyLedger.require_budget`).
+
+    Raises:
+        keras_safe._validation.ArgumentError: a delta of `1/num_examples` or more, or a budget
+            other than the model's.
+    """
+    ledger = get_ledger(model, create=True)
+    if getattr(dp, "delta", None) is not None and num_examples is not None:
+        check_delta(dp.delta, num_examples)
+    if dp.target_epsilon is None:
+        return ledger
+    delta = dp.delta
+    if delta is None and ledger.budget() is None and num_examples is not None:
+        delta = default_delta(num_examples)
+    ledger.require_budget(
+        dp.target_epsilon,
+        delta,
+        getattr(dp, "accountant", None),
+        source="the DP optimizer's target_epsilon",
+    )
+    return ledger
+
+
+@tf.autograph.experimental.do_not_convert
+def ledger_slot(model, dp, schedule):
+    """`(ledger, slot)`: the model's ledger, with the optimizer's budget, and the segment of
+    `schedule`, given the budget's gate (see `PrivacyLedger.activate`).
+
+    Warns when the noise is zero: such a model is not private (epsilon is infinite).
+    """
+    ledger = require_optimizer_budget(model, dp, schedule.num_examples)
+    if schedule.noise_multiplier == 0:
+        warnings.warn(
+            f"{model.name} trains with noise_multiplier=0: its steps add no noise, so it is not "
+            "differentially private (epsilon is infinite). Fix: give a noise_multiplier above 0 "
+            "or a target_epsilon.",
+            stacklevel=3,
+        )
+    slot = ledger.slot(
+        schedule.accounted_noise,
+        schedule.accounted_rate,
+        schedule.num_examples,
+        dp.seeded,
+        shuffled=not schedule.poisson,
+    )
+    return ledger, slot
+
+
+def budget_stop(model, message=None, printed=False):
+    """Records (with `message`) or returns and clears the message of a `fit` stopped at the
+    budget: `(message, printed)`, or None."""
+    if message is not None:
+        _set(model, _BUDGET_STOP, (message, printed))
+        return None
+    found = getattr(model, _BUDGET_STOP, None)
+    _set(model, _BUDGET_STOP, None)
+    return found

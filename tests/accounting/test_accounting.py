@@ -11,12 +11,14 @@ from scipy.optimize import brentq
 from scipy.special import gammaln, logsumexp
 from scipy.stats import norm
 
-from keras_safe.privacy import (
+from keras_safe.accounting import (
+    DPSchedule,
     compute_epsilon,
     default_delta,
     noise_multiplier_for_epsilon,
     privacy_statement,
 )
+from tests import dp_reference
 from tests.testing import REPO_ROOT
 
 # --- independent references ------------------------------------------------------------------
@@ -80,7 +82,7 @@ def test_matches_tensorflow_privacy_rdp_computation():
     # 512]. keras_safe uses a finer grid of orders (1.1..11.0 by 0.1, 12..63, 128..1024), which
     # can only lower epsilon; here the optimum moves from order 8 to 8.2.
     tf_privacy_eps = 2.562959698937955
-    eps = compute_epsilon(60000, 250, 60, noise_multiplier=1.1, delta=1e-5)
+    eps = compute_epsilon(60000, 250, 60, noise_multiplier=1.1, delta=1e-5)  # 240 steps/epoch
     assert eps <= tf_privacy_eps + 1e-9
     assert tf_privacy_eps - eps < 5e-3, eps
     # The same settings through an independent implementation of the RDP formula agree with
@@ -98,11 +100,13 @@ def test_tensorflow_privacy_tutorial_table(noise, epochs, published):
     # delta=1e-5: noise 1.1 / 60 epochs -> eps 3.01, 1.3 / 15 -> 1.19, 0.7 / 45 -> 7.10.
     # Those figures used the original RDP-to-DP conversion; keras_safe's accountant uses the
     # tighter conversion of Canonne et al. 2020, so its epsilon is lower.
+    # TF Privacy counts ceil(epochs * n / batch) steps; keras_safe's epoch is ceil(n / batch)
+    # steps (as fit takes), so the table is checked in the steps form.
     q = 256 / 60000
     steps = math.ceil(epochs * 60000 / 256)
     classic = _eps_classic_conversion(q, noise, steps, 1e-5)
     assert abs(classic - published) < 0.03, classic  # the reference reproduces the table
-    eps = compute_epsilon(60000, 256, epochs, noise_multiplier=noise, delta=1e-5)
+    eps = compute_epsilon(steps=steps, sampling_rate=q, noise_multiplier=noise, delta=1e-5)
     assert eps <= published
     assert eps > 0.75 * published
     # Against an independent implementation of the tighter conversion on integer orders:
@@ -144,10 +148,11 @@ def test_epsilon_grows_with_steps_and_shrinks_with_noise():
 
 
 def test_both_forms_agree_and_edge_values():
-    # 60,000 / 256 * 15 = 3515.6 -> 3,516 steps at q = 256/60000.
+    # An epoch is ceil(60,000 / 256) = 235 steps (what fit and poisson_batches take): 15 epochs
+    # are 3,525 steps at q = 256/60000, not ceil(15 * 60000 / 256) = 3,516.
     a = compute_epsilon(60000, 256, 15, noise_multiplier=1.1, delta=1e-5)
-    b = compute_epsilon(steps=3516, sampling_rate=256 / 60000, noise_multiplier=1.1, delta=1e-5)
-    assert a == b
+    b = compute_epsilon(steps=3525, sampling_rate=256 / 60000, noise_multiplier=1.1, delta=1e-5)
+    assert a == b == pytest.approx(dp_reference.epsilon(1.1, 256 / 60000, 3525, 1e-5), rel=1e-12)
     assert compute_epsilon(steps=0, sampling_rate=0.1, noise_multiplier=1.0, delta=1e-5) == 0.0
     assert math.isinf(compute_epsilon(1000, 10, 1, noise_multiplier=0.0, delta=1e-5))
     # delta defaults to default_delta(num_examples)
@@ -265,10 +270,16 @@ def test_calibration_bad_settings_name_argument():
 
 
 def test_privacy_statement_content():
-    text = privacy_statement(60000, 256, 15, noise_multiplier=1.1, delta=1e-5)
     # Poisson figure: tensorflow-privacy 0.9.0's compute_dp_sgd_privacy(60000, 256, 1.1, 15,
-    # 1e-5) gives 1.2813000161257042 (order 12, in both order grids).
-    assert "1.281" in text
+    # 1e-5) gives 1.2813000161257042 (order 12, in both order grids) for its 3,516 steps.
+    tf_privacy = privacy_statement(
+        steps=3516, sampling_rate=256 / 60000, noise_multiplier=1.1, delta=1e-5
+    )
+    assert "1.281" in tf_privacy
+    text = privacy_statement(60000, 256, 15, noise_multiplier=1.1, delta=1e-5)
+    # keras_safe's 15 epochs are 15 * 235 = 3,525 steps.
+    assert "3525 noisy steps" in text
+    assert f"{dp_reference.epsilon(1.1, 256 / 60000, 3525, 1e-5):12.3f}" in text
     # Once-per-epoch figure: 15 Gaussian mechanisms with no amplification. Its RDP bound lies
     # above the exact value (here 22.85 against 20.56); the PLD figure matches it.
     exact = _eps_exact_gaussian(1.1, 15, 1e-5)
@@ -305,7 +316,7 @@ def _run_cli(*args):
 
 def test_cli_prints_epsilon_and_statement():
     result = _run_cli(
-        "--num-examples", "60000", "--batch-size", "256", "--epochs", "15",
+        "--steps", "3516", "--sampling-rate", str(256 / 60000),
         "--noise-multiplier", "1.1", "--delta", "1e-5",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
@@ -313,6 +324,16 @@ def test_cli_prints_epsilon_and_statement():
     # 1.2813 is tensorflow-privacy 0.9.0's figure for these settings (see above).
     assert first.startswith("epsilon = 1.281 "), first
     assert "Poisson sampling" in result.stdout and "Unit of privacy" in result.stdout
+    # The epochs form: 15 epochs of ceil(60000 / 256) = 235 steps, the steps fit takes.
+    result = _run_cli(
+        "--num-examples", "60000", "--batch-size", "256", "--epochs", "15",
+        "--noise-multiplier", "1.1", "--delta", "1e-5",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    first = result.stdout.splitlines()[0]
+    expected = dp_reference.epsilon(1.1, 256 / 60000, 3525, 1e-5)
+    assert first.startswith(f"epsilon = {expected:.3f} "), first
+    assert "3525 steps" in first and "3525 noisy steps" in result.stdout
 
 
 def test_cli_target_epsilon_prints_noise():
@@ -344,3 +365,84 @@ def test_cli_bad_input_names_argument(capsys):
                               "-1", "--delta", "1e-5"])  # fmt: skip
     assert cli.run_epsilon(args) == 2
     assert "noise_multiplier" in capsys.readouterr().err
+
+
+# --- one epoch, one delta rule, shuffled batches ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "n, batch, epochs", [(1797, 64, 30), (60000, 256, 15), (1000, 100, 2.5), (10, 3, 1)]
+)
+def test_an_epoch_is_the_steps_fit_takes(n, batch, epochs):
+    # fit and poisson_batches take ceil(n / batch) steps per epoch; compute_epsilon, the
+    # schedule and the statement count the same: ceil(epochs * ceil(n / batch)) steps.
+    steps = math.ceil(epochs * -(-n // batch) - 1e-9)
+    schedule, planned = DPSchedule.from_arguments(n, batch, epochs, noise_multiplier=1.0)
+    assert planned == steps and schedule.batches_per_epoch() == -(-n // batch)
+    delta = 0.1 / n
+    eps = compute_epsilon(n, batch, epochs, noise_multiplier=1.0, delta=delta)
+    assert eps == pytest.approx(dp_reference.epsilon(1.0, batch / n, steps, delta), rel=1e-12)
+    text = " ".join(privacy_statement(n, batch, epochs, noise_multiplier=1.0, delta=delta).split())
+    assert f"({steps} noisy steps;" in text
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda d: compute_epsilon(1000, 10, 1, noise_multiplier=1.0, delta=d),
+        lambda d: noise_multiplier_for_epsilon(1.0, 1000, 10, 1, delta=d),
+        lambda d: privacy_statement(1000, 10, 1, noise_multiplier=1.0, delta=d),
+        lambda d: compute_epsilon(
+            steps=10, sampling_rate=0.01, num_examples=1000, noise_multiplier=1.0, delta=d
+        ),
+        lambda d: DPSchedule(1.0, 1000, 10).epsilon(100, d),
+    ],
+)
+@pytest.mark.parametrize("delta", [1e-3, 0.01, 0.5])
+def test_a_delta_of_one_over_n_or_more_is_refused_with_the_fix(call, delta):
+    # delta = 1/n allows publishing one example in full; the issue's compute_epsilon(...,
+    # delta=0.5) returned "epsilon 0.97".
+    with pytest.raises(ValueError, match=r"`delta` must be below 1/num_examples = 0\.001") as err:
+        call(delta)
+    assert f"default_delta(1000) = {1000**-1.1:.3g}" in str(err.value)
+    call(0.999e-3)  # just below 1/n is accepted
+
+
+def test_the_default_delta_is_the_one_rule_everywhere():
+    n = 1797
+    assert compute_epsilon(n, 64, 3, noise_multiplier=1.0) == pytest.approx(
+        dp_reference.epsilon(1.0, 64 / n, 3 * 29, n**-1.1), rel=1e-12
+    )
+    text = " ".join(privacy_statement(n, 64, 3, noise_multiplier=1.0).split())
+    assert f"delta = {n**-1.1:.3g}" in text and "1/n^1.1" in text
+
+
+@pytest.mark.parametrize("n, batch, epochs, mechanisms", [(1000, 100, 3, 3), (1000, 64, 2.5, 3)])
+def test_shuffled_batches_are_accounted_without_amplification(n, batch, epochs, mechanisms):
+    # Fixed-size batches: each epoch begun is one Gaussian mechanism at rate 1 (zero-out
+    # adjacency: an example is in one batch of an epoch), whatever the batch size.
+    expected = dp_reference.dp_sgd_epsilon([(1.2, 1.0, mechanisms)], 1e-5)
+    eps = compute_epsilon(n, batch, epochs, noise_multiplier=1.2, delta=1e-5, sampling="shuffle")
+    assert eps == pytest.approx(expected, rel=1e-12)
+    assert eps > compute_epsilon(n, batch, epochs, noise_multiplier=1.2, delta=1e-5)
+    # In the steps form nothing tells the epochs apart: every step is one mechanism.
+    eps_steps = compute_epsilon(
+        steps=7, sampling_rate=0.1, noise_multiplier=1.2, delta=1e-5, sampling="shuffle"
+    )
+    assert eps_steps == pytest.approx(dp_reference.dp_sgd_epsilon([(1.2, 1.0, 7)], 1e-5))
+    text = privacy_statement(n, batch, epochs, noise_multiplier=1.2, delta=1e-5, sampling="shuffle")
+    line = next(row for row in text.splitlines() if "epsilon of this run" in row)
+    assert "shuffled batches" in line and line.endswith(f"{expected:.3f}")
+    noise = noise_multiplier_for_epsilon(4.0, n, batch, epochs, delta=1e-5, sampling="shuffle")
+    assert 3.99 < dp_reference.dp_sgd_epsilon([(noise, 1.0, mechanisms)], 1e-5) <= 4.0
+
+
+def test_schedule_rules_for_microbatches_and_accumulation():
+    # Microbatches of several examples: sensitivity 2C, so half the noise is accounted; with
+    # gradient accumulation over k batches each batch draws 1/sqrt(k) of the noise.
+    s = DPSchedule(2.0, 1000, 50, num_microbatches=10, accumulation_steps=4)
+    assert s.sensitivity_factor == 2.0 and s.accounted_noise == pytest.approx(0.5)
+    assert s.noise_stddev(1.5) == pytest.approx(1.5 * 2.0 / 2.0) and s.divisor == 10
+    assert DPSchedule(2.0, 1000, 50).divisor == 50
+    assert DPSchedule(2.0, 1000, 50, num_microbatches=50).sensitivity_factor == 1.0
+    assert s.epsilon(60, 1e-5) == pytest.approx(dp_reference.epsilon(0.5, 0.05, 60, 1e-5))

@@ -16,7 +16,8 @@ import tensorflow as tf
 from keras_safe._validation import PrivacyError
 from keras_safe.callbacks import PrivacyBudget
 from keras_safe.optimizers import DPSGD
-from keras_safe.privacy import compute_epsilon
+from keras_safe.privacy import compute_epsilon, get_ledger, make_private
+from tests import dp_reference
 from tests.testing import REPO_ROOT, assert_config_round_trip
 
 N, BATCH, DELTA, NOISE = 96, 16, 1e-3, 1.1
@@ -30,12 +31,17 @@ def _data(n=N):
     return x, y
 
 
-def _model(**dp_kwargs):
+def _model(private=True, steps_per_execution=1, **dp_kwargs):
     settings = dict(learning_rate=0.1, l2_norm_clip=1.0, noise_multiplier=NOISE, batch_size=BATCH)
     settings.update(dp_kwargs)
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
-    model.compile(optimizer=DPSGD(**settings), loss="sparse_categorical_crossentropy")
-    return model
+    model.compile(
+        optimizer=DPSGD(**settings),
+        loss="sparse_categorical_crossentropy",
+        steps_per_execution=steps_per_execution,
+    )
+    # make_private before fit: fit on arrays then samples Poisson batches.
+    return make_private(model) if private else model
 
 
 def _reference_epsilon(steps, sampling_rate=BATCH / N, noise=NOISE, delta=DELTA):
@@ -46,7 +52,7 @@ def _reference_epsilon(steps, sampling_rate=BATCH / N, noise=NOISE, delta=DELTA)
 
 def test_writes_epsilon_into_history_and_csv():
     x, y = _data()
-    model = _model()  # no make_private: the callback installs the DP train step
+    model = _model()
     budget = PrivacyBudget(num_examples=N, delta=DELTA, verbose=0)
     csv_path = os.path.join(tempfile.mkdtemp(), "log.csv")
     history = model.fit(
@@ -60,6 +66,7 @@ def test_writes_epsilon_into_history_and_csv():
     expected = [_reference_epsilon(STEPS_PER_EPOCH * (e + 1)) for e in range(3)]
     np.testing.assert_allclose(history.history["epsilon"], expected, rtol=1e-12)
     assert history.history["delta"] == [DELTA] * 3
+    assert history.history["poisson_sampled"] == [1.0] * 3
     assert budget.steps == 3 * STEPS_PER_EPOCH
     assert budget.epsilon == pytest.approx(expected[-1], rel=1e-12)
     with open(csv_path) as f:
@@ -162,7 +169,8 @@ def test_resumes_counting_after_save_and_load_in_fresh_process():
 def test_reads_num_examples_from_fit_and_defaults_delta(capsys):
     n = 90
     x, y = _data(n)
-    # Nothing declared: fit on arrays tells the number of examples and the batch size.
+    # Nothing declared: fit on arrays tells the number of examples and the batch size
+    # (90 examples in batches of 16: an epoch is ceil(90 / 16) = 6 Poisson steps).
     model = _model(batch_size=None)
     history = model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0, callbacks=[PrivacyBudget()])
     delta = 1.0 / n**1.1
@@ -218,6 +226,8 @@ def test_gradient_accumulation_and_microbatches():
 
     # Microbatches of 4 examples: one example can move a clipped microbatch mean by twice
     # the clipping norm, so the noise counts half (TF Privacy's rule).
+    # Poisson batches are padded to a multiple of the microbatches; an example's microbatch
+    # is its row's, so the analysis holds under zero-out adjacency.
     model = _model(num_microbatches=4)
     history = model.fit(
         x, y, batch_size=BATCH, epochs=1, verbose=0,
@@ -252,11 +262,79 @@ def test_needs_a_dp_optimizer():
         np.testing.assert_array_equal(b, np.array(v))
 
 
+def test_a_model_made_private_inside_a_fit_on_arrays_is_refused_without_the_opt_in():
+    # The callback alone comes too late for Poisson sampling: Keras has already cut the arrays
+    # into shuffled fixed-size batches, for which the Poisson figure is not a proof.
+    x, y = _data()
+    model = _model(private=False)
+    with pytest.raises(PrivacyError, match=r"make_private\(model\) before fit"):
+        model.fit(x, y, batch_size=BATCH, verbose=0, callbacks=[PrivacyBudget(verbose=0)])
+    assert int(model.optimizer.iterations) == 0 and get_ledger(model).steps == 0
+
+
+@pytest.mark.parametrize("opt_in", ["optimizer", "fit"])
+def test_fixed_size_batches_are_an_opt_in_accounted_without_amplification(opt_in, capsys):
+    # sampling="shuffle" on the optimizer (the callback alone may then make the model private
+    # inside fit), or shuffle=False given to fit: Keras's fixed-size batches. Each epoch is one
+    # pass over the data: one Gaussian mechanism at rate 1 per epoch, labelled in the logs and
+    # the summary.
+    x, y = _data()
+    if opt_in == "optimizer":
+        model, options = _model(private=False, sampling="shuffle"), {}
+    else:
+        model, options = _model(), {"shuffle": False}
+    budget = PrivacyBudget(num_examples=N, delta=DELTA)
+    history = model.fit(x, y, batch_size=BATCH, epochs=3, verbose=0, callbacks=[budget], **options)
+    expected = [dp_reference.dp_sgd_epsilon([(NOISE, 1.0, e + 1)], DELTA) for e in range(3)]
+    np.testing.assert_allclose(history.history["epsilon"], expected, rtol=1e-12)
+    assert history.history["poisson_sampled"] == [0.0] * 3
+    assert budget.steps == 3 * STEPS_PER_EPOCH
+    assert "fixed-size batches, no amplification" in capsys.readouterr().out
+    # The Poisson figure for the same steps would be far smaller: a silent mislabel matters.
+    assert expected[-1] > 1.5 * _reference_epsilon(3 * STEPS_PER_EPOCH)
+
+
+def test_two_different_budgets_for_one_model_are_refused_before_any_step():
+    x, y = _data()
+    model = _model(noise_multiplier=None, target_epsilon=3.0, delta=DELTA)
+    with pytest.raises(ValueError, match=r"target_epsilon.*one budget.*set_budget"):
+        model.fit(
+            x, y, batch_size=BATCH, verbose=0,
+            callbacks=[PrivacyBudget(target_epsilon=2.0, verbose=0)],
+        )  # fmt: skip
+    assert int(model.optimizer.iterations) == 0 and get_ledger(model).steps == 0
+    # The same budget twice is one budget.
+    model.fit(
+        x, y, batch_size=BATCH, verbose=0, callbacks=[PrivacyBudget(target_epsilon=3.0, verbose=0)]
+    )
+    assert get_ledger(model).budget() == (3.0, DELTA)
+    assert get_ledger(model).epsilon() <= 3.0
+
+
+def test_the_budget_holds_whatever_steps_per_execution():
+    # The case: target 2.2 with steps_per_execution=10 ended at 3.44 (the guard stopped
+    # only between executions). The gate is in the step now: fit stops at the exact step.
+    target = 2.2
+    allowed = 0
+    while _reference_epsilon(allowed + 1) <= target:
+        allowed += 1
+    assert allowed % 10 != 0  # the stop falls inside an execution
+    x, y = _data()
+    model = _model(steps_per_execution=10)
+    budget = PrivacyBudget(num_examples=N, delta=DELTA, target_epsilon=target, verbose=0)
+    history = model.fit(x, y, batch_size=BATCH, epochs=50, verbose=0, callbacks=[budget])
+    assert isinstance(history, keras.callbacks.History)
+    assert get_ledger(model).steps == int(model.optimizer.iterations) == allowed
+    assert history.history["epsilon"][-1] == pytest.approx(_reference_epsilon(allowed))
+    assert history.history["epsilon"][-1] <= target
+
+
 @pytest.mark.parametrize(
     "kwargs, name",
     [
         ({"num_examples": 0}, "num_examples"),
         ({"delta": 1.0}, "delta"),
+        ({"num_examples": 100, "delta": 0.01}, "delta"),
         ({"delta": 0.0}, "delta"),
         ({"target_epsilon": -1.0}, "target_epsilon"),
         ({"accountant": "moments"}, "accountant"),
