@@ -10,7 +10,11 @@ import pytest  # noqa: E402
 
 @pytest.fixture(autouse=True)
 def _fresh_keras_session():
-    """Each test starts from a clean Keras session and a fixed seed."""
-    keras.backend.clear_session()
+    """Each test starts from a clean Keras session and a fixed seed.
+
+    Without a forced garbage collection (`free_memory=False`): Python collects as usual, and
+    the forced collection cost about 0.4 s per test.
+    """
+    keras.backend.clear_session(free_memory=False)
     keras.utils.set_random_seed(1234)
     yield

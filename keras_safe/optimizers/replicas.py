@@ -33,6 +33,7 @@ from keras_safe.optimizers.noise import gaussian_noise
 __all__ = [
     "apply_if",
     "noise_share",
+    "noise_shares",
     "num_replicas",
     "replica_index",
     "replica_noise_counter",
@@ -95,7 +96,7 @@ def noise_share(seed, draws, size, stddev):
     `size` Gaussian draws of standard deviation `stddev / sqrt(R)` from the counter-based
     generator keyed by `seed` at this replica's counter (`replica_noise_counter`): the replicas'
     shares are independent and their sum has standard deviation `stddev`. With one replica it
-    is the whole noise, `stddev` times `gaussian_noise(size, [seed, draws])`.
+    is the whole noise, `gaussian_noise(size, [seed, draws], stddev)`.
 
     Example:
 
@@ -105,7 +106,35 @@ def noise_share(seed, draws, size, stddev):
     """
     counter = replica_noise_counter(draws)
     key = tf.stack([tf.constant(seed, tf.int64), counter])
-    return gaussian_noise(size, key) * (stddev / num_replicas() ** 0.5)
+    return gaussian_noise(size, key, stddev / num_replicas() ** 0.5)
+
+
+# Keys of the variables' noise streams: the seed moved by an odd multiple of the variable's index
+# (a bijection of the 62-bit seeds), so every variable draws from its own Philox key.
+_KEY_STEP = 0x1E3779B97F4A7C15
+_KEY_MASK = (1 << 62) - 1
+
+
+def noise_shares(seed, draws, sizes, stddev):
+    """`noise_share` for several variables at once: one draw of `sizes[i]` values per variable,
+    each from its own key, with no concatenation or split of a common draw.
+
+    Example:
+
+    >>> a, b = noise_shares(7, 0, [6000, 4000], 2.0)  # one device
+    >>> a.shape, b.shape
+    (TensorShape([6000]), TensorShape([4000]))
+    """
+    counter = replica_noise_counter(draws)
+    stddev = stddev / num_replicas() ** 0.5
+    return [
+        gaussian_noise(
+            size,
+            tf.stack([tf.constant((seed + i * _KEY_STEP) & _KEY_MASK, tf.int64), counter]),
+            stddev,
+        )
+        for i, size in enumerate(sizes)
+    ]
 
 
 def sum_over_replicas(tensors):
