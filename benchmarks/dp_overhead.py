@@ -6,6 +6,7 @@ a small transformer text classifier, a ResNet-20 and a WideResNet-16-4 with Grou
 
 Usage: python benchmarks/dp_overhead.py [--steps 30] [--repeats 5] [--models cnn,mlp,...]
        [--batch 256,1024] [--no-parts] [--results benchmarks/results/dp_overhead.json]
+       [--sampling]
 
 For each model: the best examples/s of plain and DP `fit` and the median of the per-round
 ratios (DP / plain) of epochs timed alternately (plain, DP, plain, DP, ...), so a change of
@@ -14,7 +15,17 @@ step, the per-example norm pass, the clipped-sum pass, the noise draw, the whole
 the limit a DP step can reach (plain step + noise draw). `--batch` overrides the models'
 default batch sizes (a comma-separated list runs each). The figures are also written to
 `--results` (JSON: the settings, the machine's load and one row per model and batch), the file
-the README's figures can name as their source.
+the README's figures can name as their source. The DP `fit` of this comparison is given
+`shuffle=False` (fixed batches in the data's order, as before Poisson batches became the default
+of a private `fit` on arrays).
+
+`--sampling` compares instead the two batch constructions of a private `fit` on arrays: the
+default Poisson batches (a fresh Poisson sample per step, not padded) and the opt-in shuffled
+fixed-size batches (`DPSGD(sampling="shuffle")`, Keras's own batches), with a plain epoch in each
+round: CPU seconds per epoch (`time.process_time`, all threads: CPU time varies far less with
+the machine's load than wall time), plain, Poisson and shuffled epochs alternating, and the
+median of the per-round speed ratios Poisson / shuffled (1.00: as fast); written to
+`benchmarks/results/dp_sampling.json` unless `--results` says otherwise.
 """
 
 import argparse
@@ -36,21 +47,103 @@ import keras_safe  # noqa: E402
 
 DEFAULT_MODELS = "cnn,mlp,embedding,lstm,transformer,resnet,wrn"
 RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "dp_overhead.json"
+SAMPLING_RESULTS = RESULTS.parent / "dp_sampling.json"
 
 
-def _compiled(factory, dp):
+def _compiled(factory, dp, **dp_options):
     keras.utils.set_random_seed(0)
     model = factory()
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     if dp:
         optimizer = keras_safe.optimizers.DPSGD(
-            learning_rate=0.05, l2_norm_clip=1.0, noise_multiplier=1.1
+            learning_rate=0.05, l2_norm_clip=1.0, noise_multiplier=1.1, **dp_options
         )
         model.compile(optimizer=optimizer, loss=loss)
         keras_safe.privacy.make_private(model)
     else:
         model.compile(optimizer=keras.optimizers.SGD(0.05), loss=loss)
     return model
+
+
+def _epoch_cpu_seconds(model, x, y, batch_size):
+    start = time.process_time()
+    model.fit(x, y, batch_size=batch_size, epochs=1, verbose=0)
+    return time.process_time() - start
+
+
+def compare_sampling(factory, x, y, batch_size, repeats):
+    """CPU seconds per epoch of plain, DP-Poisson (the default) and DP-shuffled (the opt-in)
+    epochs, alternating; returns `{name: [seconds per round]}`."""
+    models = {
+        "plain": _compiled(factory, False),
+        "poisson": _compiled(factory, True),
+        "shuffled": _compiled(factory, True, sampling="shuffle"),
+    }
+    for model in models.values():  # warm-up: tracing, compilation and verification
+        _epoch_cpu_seconds(model, x, y, batch_size)
+    times = {name: [] for name in models}
+    for _ in range(repeats):
+        for name, model in models.items():
+            times[name].append(_epoch_cpu_seconds(model, x, y, batch_size))
+    return times
+
+
+def _sampling_row(name, batch, times):
+    plain, poisson, shuffled = (np.array(times[k]) for k in ("plain", "poisson", "shuffled"))
+    ratios = np.sort(shuffled / poisson)  # per round: Poisson's speed over the shuffled one's
+    row = {
+        "model": name,
+        "batch": batch,
+        "cpu_seconds": {k: [float(t) for t in v] for k, v in times.items()},
+        "poisson_over_plain_speed": float(np.median(plain / poisson)),
+        "shuffled_over_plain_speed": float(np.median(plain / shuffled)),
+        "poisson_over_shuffled_speed": float(np.median(ratios)),
+        "ratios": [float(r) for r in ratios],
+    }
+    line = (
+        f"{name:12} {batch:5d} {np.median(plain):9.2f} {np.median(poisson):9.2f} "
+        f"{np.median(shuffled):10.2f} {row['poisson_over_plain_speed']:8.2f} "
+        f"{row['shuffled_over_plain_speed']:8.2f} {row['poisson_over_shuffled_speed']:9.2f}  "
+        f"{ratios[0]:.2f}-{ratios[-1]:.2f}"
+    )
+    return row, line
+
+
+def main_sampling(args):
+    """The `--sampling` comparison (see the module's description)."""
+    rng = np.random.default_rng(0)
+    load = os.getloadavg()[0]
+    print(f"keras {keras.__version__}, keras_safe {keras_safe.__version__}")
+    print(f"load average: {load:.2f}")
+    results = {
+        "keras": keras.__version__,
+        "keras_safe": keras_safe.__version__,
+        "steps": args.steps,
+        "repeats": args.repeats,
+        "clock": "process CPU time",
+        "load_average_start": load,
+        "rows": [],
+    }
+    print(
+        f"{'model':12} {'batch':>5} {'plain s':>9} {'Poisson s':>9} {'shuffled s':>10} "
+        f"{'P/plain':>8} {'S/plain':>8} {'P/S speed':>9}  per round"
+    )
+    for name in args.models.split(","):
+        factory, default_batch, make_x, classes = MODELS[name]
+        batches = [int(b) for b in args.batch.split(",")] if args.batch else [default_batch]
+        for batch in batches:
+            n = batch * args.steps
+            x, y = make_x(n, rng), rng.integers(0, classes, n)
+            row, line = _sampling_row(
+                name, batch, compare_sampling(factory, x, y, batch, args.repeats)
+            )
+            print(line, flush=True)
+            results["rows"].append(row)
+    results["load_average_end"] = os.getloadavg()[0]
+    path = pathlib.Path(args.results or SAMPLING_RESULTS)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"written to {path}")
 
 
 def _epoch_seconds(model, x, y, batch_size):
@@ -97,8 +190,15 @@ def main(argv=None):
     parser.add_argument("--models", default=DEFAULT_MODELS)
     parser.add_argument("--batch", help="batch sizes to run instead of each model's default")
     parser.add_argument("--no-parts", action="store_true", help="skip timing the step's parts")
-    parser.add_argument("--results", default=str(RESULTS), help="JSON file for the figures")
+    parser.add_argument("--results", help=f"JSON file for the figures (default {RESULTS.name})")
+    parser.add_argument(
+        "--sampling",
+        action="store_true",
+        help="compare the default Poisson batches with the shuffled opt-in (CPU time)",
+    )
     args = parser.parse_args(argv)
+    if args.sampling:
+        return main_sampling(args)
     rng = np.random.default_rng(0)
     load = os.getloadavg()[0]
     print(f"keras {keras.__version__}, keras_safe {keras_safe.__version__}")
@@ -137,7 +237,7 @@ def main(argv=None):
                 print(line, flush=True)
             results["rows"].append(row)
     results["load_average_end"] = os.getloadavg()[0]
-    path = pathlib.Path(args.results)
+    path = pathlib.Path(args.results or RESULTS)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=2) + "\n")
     print(f"written to {path}")

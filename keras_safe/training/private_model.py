@@ -234,6 +234,10 @@ class _PrivateSubclass(_SafeMethods):
 
     _keras_safe_base = None  # the user's class
 
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        return PrivateModel.from_config(config, custom_objects=custom_objects)
+
     def get_config(self):
         base = type(self)._keras_safe_base
         inner = base.get_config(self)
