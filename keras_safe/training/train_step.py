@@ -13,14 +13,15 @@ figures of optimizers in the chain that define `step_logs()`.
 import keras
 import tensorflow as tf
 
-from keras_safe._validation import PrivacyError
+from keras_safe._validation import STEP_REFUSED, PrivacyError, step_refusal
 from keras_safe.optimizers import provenance
 from keras_safe.optimizers.dp import find_dp_optimizer
 from keras_safe.optimizers.wrapper import optimizer_chain
-from keras_safe.privacy.ledger import get_ledger
+from keras_safe.privacy import independence
 from keras_safe.privacy.losses import PerExampleLoss
 from keras_safe.privacy.model_checks import check_supported
 from keras_safe.privacy.per_example import clipped_gradient_sum
+from keras_safe.privacy.sampling import default_max_batch_size
 from keras_safe.training import distribution, state, verification
 from keras_safe.training.stages import get_stages
 
@@ -67,8 +68,7 @@ def dp_gradients(model, x, y=None, sample_weight=None, return_outputs=False):
     """
     if tf.executing_eagerly():
         verification.ensure_verified(model, x, y, sample_weight)
-    x, y, sample_weight = _run_data_stages(model, x, y, sample_weight)
-    grads, losses, y_pred = _private_gradients(model, x, y, sample_weight)
+    _, _, _, grads, losses, y_pred = _private_step(model, x, y, sample_weight)
     if return_outputs:
         return grads, (losses, y_pred)
     return grads
@@ -77,11 +77,10 @@ def dp_gradients(model, x, y=None, sample_weight=None, return_outputs=False):
 def train_step(model, data):
     """One training step of `model` on `data` (Keras's `train_step` contract)."""
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-    x, y, sample_weight = _run_data_stages(model, x, y, sample_weight)
     variables = model.trainable_variables
     loss_stage = _loss_stage(model)
     if state.is_private(model):
-        grads, losses, y_pred = _private_gradients(model, x, y, sample_weight)
+        x, y, sample_weight, grads, losses, y_pred = _private_step(model, x, y, sample_weight)
         if loss_stage is None:
             loss = model.compute_loss(
                 x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
@@ -90,6 +89,7 @@ def train_step(model, data):
         else:
             loss = _stage_loss(model, losses)
     else:
+        x, y, sample_weight = _run_data_stages(model, x, y, sample_weight)
         with tf.GradientTape() as tape:
             if loss_stage is None:
                 y_pred = model(x, training=True)
@@ -117,6 +117,79 @@ def train_step(model, data):
         if hasattr(optimizer, "step_logs"):
             logs.update(optimizer.step_logs())
     return distribution.logs_for_fit(logs)
+
+
+def _private_step(model, x, y, sample_weight):
+    """The data stages and the DP release of one batch: `(x, y, sample_weight, grads, losses,
+    y_pred)`, with the batch as the stages left it.
+
+    Always a traced step, whose graph `keras_safe.privacy.independence` proves row-wise before
+    it runs: an eager call (`run_eagerly`, an eager `dp_gradients`) runs a compiled copy of the
+    step, traced again when what it was traced with changes.
+    """
+    if not tf.executing_eagerly():
+        return _traced_private_step(model, x, y, sample_weight)
+    try:
+        outputs = _eager_step(model)(x, y, sample_weight)
+    except tf.errors.InvalidArgumentError as error:
+        refusal = step_refusal(error)
+        if refusal is None:
+            raise
+        raise refusal from None
+    x, y, sample_weight, grads, losses, y_pred = outputs
+    return x, y, sample_weight, provenance.mark_released(list(grads)), losses, y_pred
+
+
+_EAGER_STEP = "_keras_safe_eager_step"
+
+
+def _eager_step(model):
+    """The compiled private step of `model` for eager calls, rebuilt when what it was traced
+    with changes (optimizer, data settings, fallback, stages, loss, variables)."""
+    dp = find_dp_optimizer(getattr(model, "optimizer", None))
+    key = (
+        id(model.optimizer),
+        None if dp is None else (dp.noise_multiplier, dp.l2_norm_clip, dp.num_microbatches),
+        state.data_settings(model),
+        state.fallback_mode(model),
+        tuple(id(s) for s in get_stages(model)),
+        id(getattr(model, "loss", None)),
+        tuple(id(v) for v in model.trainable_variables),
+    )
+    cached = getattr(model, _EAGER_STEP, None)
+    if cached is None or cached[0] != key:
+        function = tf.function(
+            lambda x, y, sample_weight: _traced_private_step(model, x, y, sample_weight),
+            reduce_retracing=True,
+        )
+        cached = (key, function)
+        object.__setattr__(model, _EAGER_STEP, cached)
+    return cached[1]
+
+
+def _traced_private_step(model, x, y, sample_weight):
+    watch = _Watch((x, y, sample_weight))
+    x, y, sample_weight = _run_data_stages(model, x, y, sample_weight)
+    grads, losses, y_pred = _private_gradients(model, x, y, sample_weight, watch)
+    return x, y, sample_weight, grads, losses, y_pred
+
+
+class _Watch:
+    """The ops a traced step creates from its data up to its per-example losses."""
+
+    def __init__(self, data):
+        self.data = data
+        self.graph = tf.compat.v1.get_default_graph()
+        self.start = len(self.graph.get_operations())
+        self.stop = None
+
+    def forward_done(self):
+        self.stop = len(self.graph.get_operations())
+
+    def check(self, model, losses):
+        """Refuses (when the step is traced) a step whose examples are not provably apart."""
+        ops = self.graph.get_operations()[self.start : self.stop]
+        independence.check_step(self.data, losses, ops, model.name)
 
 
 # -- the parts ----------------------------------------------------------------------------------
@@ -171,8 +244,12 @@ def _stage_loss(model, losses):
     return loss
 
 
-def _private_gradients(model, x, y, sample_weight):
-    """The DP release of one batch, with the ledger charged; `(grads, losses, y_pred)`."""
+def _private_gradients(model, x, y, sample_weight, watch):
+    """The DP release of one batch, with the ledger charged; `(grads, losses, y_pred)`.
+
+    Refused when the step is traced if `watch` cannot prove its examples apart; at run time,
+    the release waits for the in-step checks of the batch (`_batch_checks`) and the charge.
+    """
     dp = find_dp_optimizer(getattr(model, "optimizer", None))
     if dp is None:
         raise PrivacyError(
@@ -191,9 +268,12 @@ def _private_gradients(model, x, y, sample_weight):
 
     def forward():
         if loss_stage is not None:
-            return loss_stage.losses(model, x, y, sample_weight, loss_fn)
-        y_pred = model(x, training=True)
-        return loss_fn(y, y_pred, sample_weight), y_pred
+            losses, y_pred = loss_stage.losses(model, x, y, sample_weight, loss_fn)
+        else:
+            y_pred = model(x, training=True)
+            losses = loss_fn(y, y_pred, sample_weight)
+        watch.forward_done()
+        return losses, y_pred
 
     groups = dp.num_microbatches
     options = {}
@@ -205,13 +285,21 @@ def _private_gradients(model, x, y, sample_weight):
     clipped, losses, y_pred, norms = clipped_gradient_sum(
         model, variables, forward, dp.l2_norm_clip, num_microbatches=groups, **options
     )
-    grads = dp.privatize(clipped, groups or schedule.batch_size, variables)
-    ledger = get_ledger(model, create=True)
-    slot = ledger.slot(
-        schedule.accounted_noise, schedule.sampling_rate, schedule.num_examples, dp.seeded
-    )
-    charged = ledger.charge(slot, rows=_rows(x, sample_weight))
-    ledger.record_nonfinite(tf.reduce_sum(tf.cast(~tf.math.is_finite(norms), tf.int64)))
+    watch.check(model, losses)
+    grads = dp.privatize(clipped, schedule.divisor, variables)
+    # The model's budget and the segment of this schedule, gated in the charge below.
+    ledger, slot = state.ledger_slot(model, dp, schedule)
+    with tf.control_dependencies(_batch_checks(model, x, sample_weight, schedule, dp)):
+        charged = ledger.charge(slot, rows=_rows(x, sample_weight))
+    # Where assertions do not run (XLA), a step the budget refuses releases zeros.
+    grads = [tf.where(charged.allowed, g, tf.zeros_like(g)) for g in grads]
+    # Only real examples count: padding rows (weight 0) repeat an example's data.
+    bad = ~tf.math.is_finite(norms)
+    if sample_weight is not None and not groups:
+        weights = tf.cast(keras.tree.flatten(sample_weight)[0], tf.float32)
+        weights = tf.reshape(weights, [tf.shape(bad)[0], -1])
+        bad = tf.logical_and(bad, tf.reduce_max(weights, axis=1) > 0)
+    ledger.record_nonfinite(tf.reduce_sum(tf.cast(bad, tf.int64)))
     # The release waits for the charge: a step the ledger refuses releases nothing.
     with tf.control_dependencies([c for c in charged if c is not None]):
         grads = provenance.mark_released([tf.identity(g) for g in grads])
@@ -231,6 +319,66 @@ def _rows(x, sample_weight):
         return tf.shape(first)[0]
     weights = tf.reshape(tf.cast(weights, tf.float32), [tf.shape(first)[0], -1])
     return tf.reduce_sum(tf.cast(tf.reduce_max(weights, axis=1) > 0, tf.int32))
+
+
+def _batch_checks(model, x, sample_weight, schedule, dp):
+    """In-step assertions that this step's batch is the batch the accountant charges.
+
+    - The examples (rows of positive weight, summed over replicas) are at most what the
+      sampling allows: the accounted batch size for fixed batches, the padded size a Poisson
+      sample of the accounted rate exceeds with probability below 1e-9 for Poisson batches.
+    - Microbatches accounted at sensitivity C (one example each) hold one example each.
+
+    They run inside the step, so `fit`, `train_on_batch`, `dp_gradients` and custom loops are
+    all covered; the release and the charge wait for them.
+    """
+    first = next(t for t in keras.tree.flatten(x) if t is not None)
+    physical = tf.shape(first, out_type=tf.int64)[0]
+    rows = _sum_over_replicas(_rows(x, sample_weight))
+    poisson = getattr(state.data_settings(model), "poisson", False)
+    if poisson:
+        limit = default_max_batch_size(schedule.batch_size, schedule.num_examples)
+        how = (
+            f"a Poisson sample at rate {schedule.sampling_rate:.4g} holds more than {limit} "
+            "examples with probability below 1e-9"
+        )
+    else:
+        limit = schedule.batch_size
+        how = f"the accountant charges batches of batch_size={limit}"
+    checks = [
+        tf.debugging.assert_less_equal(
+            tf.cast(rows, tf.int64),
+            tf.constant(limit, tf.int64),
+            message=f"{STEP_REFUSED}its batch holds more examples than the accounting allows "
+            f"({how}; num_examples={schedule.num_examples}), so epsilon would be understated. "
+            "Nothing was applied or charged. Fix: train on batches of the declared size "
+            "(declare the batch size your data really has on the DP optimizer), or use "
+            "keras_safe.privacy.poisson_batches. Examples in this batch:",
+        )
+    ]
+    groups = dp.num_microbatches
+    if groups and schedule.sensitivity_factor == 1.0:
+        checks.append(
+            tf.debugging.assert_less_equal(
+                physical,
+                tf.constant(groups, tf.int64),
+                message=f"{STEP_REFUSED}num_microbatches={groups} is accounted at "
+                "sensitivity C (one example per microbatch), but this batch puts several "
+                "examples in a microbatch, whose sensitivity is 2C. Nothing was applied or "
+                "charged. Fix: declare batch_size on the DP optimizer (then microbatches of "
+                "several examples are accounted at 2C), or feed batches of num_microbatches "
+                "examples. Rows in this batch:",
+            )
+        )
+    return checks
+
+
+def _sum_over_replicas(count):
+    context = tf.distribute.get_replica_context()
+    count = tf.cast(count, tf.int64)
+    if context is None or context.num_replicas_in_sync == 1:
+        return count
+    return context.all_reduce(tf.distribute.ReduceOp.SUM, count)
 
 
 def _check_microbatches(x, groups):
