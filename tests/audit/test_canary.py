@@ -1,10 +1,17 @@
-"""Canary audit: a memorising model is caught, a DP model stays below its accountant epsilon."""
+"""Canary audit: a memorising model is caught, a DP model stays below its accountant epsilon.
+
+The accountant epsilon of a trained model is compared with dp-accounting called directly
+(`tests.dp_reference`) on the steps that training took.
+"""
+
+import math
 
 import keras
 import numpy as np
 import pytest
 
 from keras_safe.audit import accountant_epsilon, canary_audit
+from tests import dp_reference
 from tests.audit.conftest import digits, make_mlp
 
 TARGET_EPSILON = 1.0
@@ -16,7 +23,7 @@ def _data():
     return x[:400], y[:400]
 
 
-def _dp_model():
+def _dp_model(built=None):
     from keras_safe.optimizers import DPSGD
     from keras_safe.privacy import make_private
 
@@ -38,6 +45,8 @@ def _dp_model():
         ),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
     )
+    if built is not None:
+        built.append(model)
     return make_private(model)
 
 
@@ -57,8 +66,9 @@ def test_memorising_model_exceeds_the_dp_claim():
 
 def test_dp_model_stays_below_the_accountant():
     x, y = _data()
+    built = []
     result = canary_audit(
-        _dp_model,
+        lambda: _dp_model(built),
         x,
         y,
         num_canaries=100,
@@ -67,16 +77,23 @@ def test_dp_model_stays_below_the_accountant():
         seed=0,
     )
     assert result.delta == 1e-4  # taken from the DP optimizer
-    assert result.accountant_epsilon == pytest.approx(TARGET_EPSILON, rel=0.1)
+    # The audited model trained on the data and the included canaries: 10 epochs of
+    # ceil(n / 50) steps at rate 50 / n, with the noise calibrated for the target.
+    n = len(x) + int(result.included.sum())
+    noise = built[0].optimizer.noise_multiplier
+    expected = dp_reference.epsilon(noise, 50 / n, 10 * math.ceil(n / 50), 1e-4)
+    assert expected <= TARGET_EPSILON
+    assert result.accountant_epsilon <= expected * (1 + 1e-6)
+    assert result.accountant_epsilon >= expected * (1 - 1e-6)
     assert result.epsilon_lower_bound <= result.accountant_epsilon, str(result)
     assert result.within_accountant_bound
     assert "accountant epsilon" in str(result)
     assert set(result.to_dict()) >= {"epsilon_lower_bound", "accountant_epsilon", "auc"}
 
 
-def test_accountant_epsilon_matches_compute_epsilon():
+def test_accountant_epsilon_is_the_dp_accounting_epsilon_of_the_steps_taken():
     from keras_safe.optimizers import DPSGD
-    from keras_safe.privacy import compute_epsilon, make_private
+    from keras_safe.privacy import make_private
 
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
     optimizer = DPSGD(learning_rate=0.1, noise_multiplier=1.3, num_examples=64, batch_size=16)
@@ -84,15 +101,18 @@ def test_accountant_epsilon_matches_compute_epsilon():
     make_private(model)
     rng = np.random.default_rng(0)
     model.fit(rng.normal(size=(64, 3)), rng.integers(0, 2, 64), batch_size=16, epochs=2, verbose=0)
-    expected = compute_epsilon(steps=8, sampling_rate=0.25, noise_multiplier=1.3, delta=1e-5)
-    assert accountant_epsilon(model, 1e-5) == pytest.approx(expected)
-    # Recompiled with another noise, the ledger composes both runs (not only the last one).
+    # 2 epochs of 4 steps at rate 16 / 64.
+    expected = dp_reference.epsilon(1.3, 0.25, 8, 1e-5)
+    assert accountant_epsilon(model, 1e-5) == pytest.approx(expected, rel=1e-6)
+    # Recompiled with another noise, the ledger composes both runs (not only the last one):
+    # 2 more steps at rate 32 / 64.
     model.compile(
         DPSGD(learning_rate=0.1, noise_multiplier=2.0),
         keras.losses.SparseCategoricalCrossentropy(from_logits=True),
     )
     model.fit(rng.normal(size=(64, 3)), rng.integers(0, 2, 64), batch_size=32, epochs=1, verbose=0)
-    assert accountant_epsilon(model, 1e-5) > expected
+    both = dp_reference.dp_sgd_epsilon([(1.3, 0.25, 8), (2.0, 0.5, 2)], 1e-5)
+    assert accountant_epsilon(model, 1e-5) == pytest.approx(both, rel=1e-6)
     plain = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
     assert accountant_epsilon(plain, 1e-5) is None
 

@@ -102,16 +102,21 @@ def _error(run):
     return None
 
 
+# The zero-gradient update's size: 65,536 noise values, enough for a chi-square check that a
+# noise scale 5% off fails (tests.statistical).
+NOISE_INPUTS, NOISE_UNITS = 64, 1024
+
+
 def _zero_gradient_update(strategy, seed=None, batch=16):
     """One DP step on all-zero data: the update is the noise alone, lr * (sum of noise) / B."""
     keras.utils.set_random_seed(1)
     multi_worker = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
-    layer = keras.layers.Dense(100, use_bias=False)
+    layer = keras.layers.Dense(NOISE_UNITS, use_bias=False)
     model = keras.Sequential([layer]) if multi_worker else None
     with strategy.scope() if strategy is not None else contextlib.nullcontext():
         if model is None:
-            model = keras.Sequential([keras.Input((40,)), layer])
-        model.build((None, 40))
+            model = keras.Sequential([keras.Input((NOISE_INPUTS,)), layer])
+        model.build((None, NOISE_INPUTS))
         model.compile(
             optimizer=DPSGD(0.1, l2_norm_clip=2.0, noise_multiplier=1.3, seed=seed), loss="mse"
         )
@@ -119,13 +124,19 @@ def _zero_gradient_update(strategy, seed=None, batch=16):
         keras_safe.privacy.make_private(model)
         before = np.array(model.trainable_variables[0], dtype="float64")
         if multi_worker:
-            zeros = np.zeros((batch * 4, 40), "float32"), np.zeros((batch * 4, 100), "float32")
+            zeros = (
+                np.zeros((batch * 4, NOISE_INPUTS), "float32"),
+                np.zeros((batch * 4, NOISE_UNITS), "float32"),
+            )
             data = keras_safe.privacy.poisson_batches(
                 *zeros, batch_size=batch, epochs=0.25, strategy=strategy
             )
             model.fit(data, verbose=0)
         else:
-            zeros = np.zeros((batch, 40), "float32"), np.zeros((batch, 100), "float32")
+            zeros = (
+                np.zeros((batch, NOISE_INPUTS), "float32"),
+                np.zeros((batch, NOISE_UNITS), "float32"),
+            )
             model.fit(*zeros, batch_size=batch, verbose=0)
     update = before - np.array(model.trainable_variables[0], dtype="float64")
     return update.ravel().tolist()
@@ -136,7 +147,7 @@ def _replica_draws(strategy):
 
     @tf.function
     def draws():
-        return strategy.run(lambda: keras_safe.optimizers.replicas.noise_share(5, 0, 2000, 1.0))
+        return strategy.run(lambda: keras_safe.optimizers.replicas.noise_share(5, 0, 65536, 1.0))
 
     return [np.asarray(d).tolist() for d in strategy.experimental_local_results(draws())]
 

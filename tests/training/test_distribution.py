@@ -4,9 +4,11 @@ MultiWorkerMirroredStrategy with two worker processes on 127.0.0.1.
 TensorFlow fixes its devices and its cluster when it starts, so the distributed runs happen in
 processes this module starts and stops (with timeouts): `distributed_runs.py` trains there and
 writes what it saw; the tests here compare it with independent references: the Gaussian
-mechanism's standard deviation lr * sigma * C / B for the global batch (a chi-square
-interval), a one-device run on the same batches (noise 0), and dp_accounting's epsilon for the
-global sampling rate. Each run happens once per test session, also under pytest-xdist.
+mechanism's standard deviation lr * sigma * C / B for the global batch (a chi-square interval
+that a scale 5% off fails, so the same draw on both replicas or one replica's share alone
+fails by far), a one-device run on the same batches (noise 0), and dp-accounting's epsilon for
+the global sampling rate (`tests.dp_reference`). Each run happens once per test session, also
+under pytest-xdist.
 """
 
 import fcntl
@@ -19,7 +21,6 @@ import sys
 import time
 import types
 
-import dp_accounting
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -27,8 +28,9 @@ from scipy import stats
 
 import keras_safe
 from keras_safe._validation import PrivacyError
-from keras_safe.accounting import RDP_ORDERS
 from keras_safe.training import distribution
+from tests import dp_reference
+from tests.statistical import assert_gaussian_scale
 
 RUNS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "distributed_runs.py")
 TIMEOUT = 400  # seconds, per run; a run takes 20-60 s on two cores
@@ -123,25 +125,12 @@ def workers(tmp_path_factory):
 
 
 def _assert_noise_std(update, expected):
-    """The update's standard deviation is `expected` (chi-square interval at the 1e-6 level)."""
-    samples = np.asarray(update)
-    n = samples.size
-    low = expected * math.sqrt(stats.chi2.ppf(1e-6, n - 1) / (n - 1))
-    high = expected * math.sqrt(stats.chi2.ppf(1 - 1e-6, n - 1) / (n - 1))
-    std = samples.std(ddof=1)
-    assert low < std < high, (std, expected)
-    # The interval excludes sqrt(2) times the deviation (the same draw on both replicas) and
-    # 1/sqrt(2) times it (one replica's share only), so either mistake fails here.
-    assert not low < std / math.sqrt(2) < high and not low < std * math.sqrt(2) < high
-    assert abs(samples.mean()) < 5 * expected / math.sqrt(n)
-    assert stats.kstest(samples / expected, "norm").pvalue > 1e-4
-
-
-def _dp_accounting_epsilon(noise, rate, steps, delta):
-    accountant = dp_accounting.rdp.RdpAccountant(list(RDP_ORDERS))
-    event = dp_accounting.PoissonSampledDpEvent(rate, dp_accounting.GaussianDpEvent(noise))
-    accountant.compose(dp_accounting.SelfComposedDpEvent(event, steps))
-    return accountant.get_epsilon(delta)
+    """The update is N(0, expected^2): a chi-square interval at the 1e-7 level that a scale
+    5% off falls outside of (so sqrt(2) times the deviation, the same draw on both replicas,
+    and 1/sqrt(2) times it, one replica's share only, fail by far), its mean and its law."""
+    samples = np.asarray(update, "float64")
+    assert samples.size >= 65536
+    assert_gaussian_scale(samples, expected)
 
 
 # -- MirroredStrategy: two logical CPU devices -----------------------------------------------------
@@ -193,7 +182,7 @@ def test_mirrored_epsilon_equals_dp_accounting_for_the_global_steps(mirrored):
     assert result["steps"] == 20
     (segment,) = result["segments"]
     assert segment["sampling_rate"] == pytest.approx(0.1) and segment["rows"] == 400
-    expected = _dp_accounting_epsilon(1.1, 0.1, 20, 1e-5)
+    expected = dp_reference.epsilon(1.1, 0.1, 20, 1e-5)
     assert result["epsilon"] == pytest.approx(expected, rel=1e-9)
     assert result["history"][-1] == pytest.approx(expected, rel=1e-9)
 
@@ -256,7 +245,7 @@ def test_multi_worker_noise_has_the_single_device_deviation_with_one_seed_everyw
 
 @pytest.mark.slow
 def test_multi_worker_epsilon_equals_dp_accounting_for_the_global_steps(workers):
-    expected = _dp_accounting_epsilon(1.1, 0.1, 20, 1e-5)
+    expected = dp_reference.epsilon(1.1, 0.1, 20, 1e-5)
     for result in workers:
         run = result["epsilon"]
         assert run["steps"] == 20

@@ -1,4 +1,8 @@
-"""keras_safe's train step in `fit`: model checks, inputs, metrics, sampling and accuracy."""
+"""keras_safe's train step in `fit`: model checks, inputs, metrics, the eager, graph and XLA
+steps against the one-example-at-a-time reference, and accuracy.
+
+The law of `poisson_batches` is measured in `tests/privacy/test_sampling_statistics.py`.
+"""
 
 import keras
 import numpy as np
@@ -9,6 +13,7 @@ from sklearn.datasets import load_digits
 import keras_safe
 from keras_safe._validation import PrivacyError
 from keras_safe.optimizers import DPSGD
+from tests.privacy.per_example.common import per_example_norms, reference_update
 
 RNG = np.random.default_rng(1)
 
@@ -136,29 +141,6 @@ def test_a_private_model_refuses_a_plain_optimizer():
         np.testing.assert_array_equal(b, np.array(v))
 
 
-def test_poisson_batches_include_each_example_with_probability_q():
-    n, batch, epochs = 400, 40, 5
-    x = np.arange(n, dtype="float32")[:, None]
-    y = np.zeros(n)
-    ds = keras_safe.privacy.poisson_batches(x, y, batch_size=batch, epochs=epochs, seed=1)
-    counts, sizes, shapes = np.zeros(n), [], set()
-    for bx, _, bw in ds:
-        w = bw.numpy()
-        shapes.add(tuple(bx.shape))
-        chosen = bx.numpy()[w > 0, 0].astype(int)
-        assert len(set(chosen)) == len(chosen)  # no repeats within a batch
-        counts[chosen] += 1
-        sizes.append(int((w > 0).sum()))
-        assert np.all(w[len(chosen) :] == 0)
-    steps = epochs * n // batch
-    assert len(sizes) == steps and len(shapes) == 1
-    # Each count is Binomial(steps, q): the mean over examples must be steps * q.
-    q = batch / n
-    assert counts.mean() == pytest.approx(steps * q, abs=4 * np.sqrt(steps * q / n))
-    # Batch sizes vary as Binomial(n, q), not fixed.
-    assert np.std(sizes) == pytest.approx(np.sqrt(n * q * (1 - q)), rel=0.5)
-
-
 def test_poisson_batches_bad_input():
     x = np.zeros((10, 2))
     with pytest.raises(ValueError, match="batch_size"):
@@ -198,25 +180,59 @@ def test_digits_with_dp_reaches_a_sensible_accuracy():
     assert accuracy >= 0.85
 
 
-def test_dp_step_compiles_with_xla():
-    # On GPUs Keras compiles the train step with XLA by default ("auto").
+def _conv_norm_model(recurrent):
     inputs = keras.Input((6, 6, 2))
     h = keras.layers.Conv2D(4, 3, activation="relu")(inputs)
     h = keras.layers.GroupNormalization(groups=2)(h)
     h = keras.layers.Reshape((4, 16))(h)
     h = keras.layers.LayerNormalization()(h)
-    h = keras.layers.LSTM(3)(h)
-    model = keras.Model(inputs, keras.layers.Dense(2)(h))
+    h = keras.layers.LSTM(3)(h) if recurrent else keras.layers.Flatten()(h)
+    return keras.Model(inputs, keras.layers.Dense(2)(h))
+
+
+def _flat(arrays):
+    return np.concatenate([np.asarray(a, "float64").ravel() for a in arrays])
+
+
+# The XLA case has the recurrent layer (unrolled, its rule compiled by XLA); the eager and
+# graph cases leave it out, as it costs most of the tracing.
+@pytest.mark.parametrize("mode, recurrent", [("eager", False), ("graph", False), ("xla", True)])
+def test_dp_step_matches_the_one_example_at_a_time_reference(mode, recurrent):
+    # On GPUs Keras compiles the train step with XLA by default ("auto"); eagerly (run_eagerly)
+    # keras_safe still runs a traced copy of the step. Each must clip like the reference: with
+    # noise 0 and SGD at rate 1, one step moves the weights by the mean of the examples'
+    # gradients clipped in float64 numpy, each computed on a batch holding it alone, and
+    # removing one example (sample weight 0) moves the update by at most C / B.
+    batch = 8
+    keras.utils.set_random_seed(3)
+    model = _conv_norm_model(recurrent)
     model.compile(
-        optimizer=_dp(),
+        optimizer=DPSGD(1.0, l2_norm_clip=1.0, noise_multiplier=0.0),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        jit_compile=True,
+        jit_compile=mode == "xla",
+        run_eagerly=mode == "eager",
     )
+    x = RNG.normal(size=(batch, 6, 6, 2)).astype("float32")
+    y = RNG.integers(0, 2, batch)
+    # A clip bound between the examples' norms: half of them are clipped.
+    clip = float(np.median(per_example_norms(model, x, y)))
+    model.optimizer.l2_norm_clip = clip
     keras_safe.privacy.make_private(model)
-    assert model.jit_compile
-    x = RNG.normal(size=(16, 6, 6, 2)).astype("float32")
-    history = model.fit(x, RNG.integers(0, 2, 16), batch_size=8, epochs=2, verbose=0)
-    assert np.all(np.isfinite(history.history["loss"]))
+    assert model.jit_compile is (mode == "xla")
+    start = [np.array(v) for v in model.trainable_variables]
+    expected = _flat(reference_update(model, x, y, clip))
+
+    def update(weights):
+        for variable, value in zip(model.trainable_variables, start):
+            variable.assign(value)
+        model.fit(x, y, sample_weight=weights, batch_size=batch, shuffle=False, verbose=0)
+        return _flat(start) - _flat(model.trainable_variables)
+
+    full = update(np.ones(batch, "float32"))
+    assert np.linalg.norm(full - expected) <= 1e-5 * np.linalg.norm(expected)
+    for j in range(batch):
+        without = update(np.where(np.arange(batch) == j, 0.0, 1.0).astype("float32"))
+        assert np.linalg.norm(full - without) <= clip / batch * (1 + 1e-5), j
 
 
 def test_metrics_of_poisson_batches_skip_the_padding_rows():

@@ -1,0 +1,177 @@
+"""The Gaussian noise of the DP release, measured: sized to catch a 5% error in its scale.
+
+Every case looks at the public output of a DP step whose clipped sums are zero (zero inputs and
+targets), so the release is the noise alone, divided by the expected batch size (or the number
+of microbatches): `lr * sigma * C / B` per coordinate of the update. One step of a 262,656-weight
+model gives that many independent draws, and `tests.statistical` checks their scale against a
+chi-square interval at the 1e-7 level that a scale 5% off falls outside of (with probability
+above 1 - 1e-7). Each case has its own seed, so no two cases look at the same draw.
+"""
+
+import math
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_safe
+from keras_safe.optimizers import DPSGD, DPOptimizer
+from tests.statistical import Z, assert_gaussian_scale
+
+FEATURES, UNITS = 512, 512  # 262,144 kernel and 512 bias coordinates
+
+XLA_SEED_BUG = (
+    "Under XLA (jit_compile=True), tf.random.stateless_uniform keeps only the low 32 bits of "
+    "each seed element, so gaussian_noise's radius and angle uniforms (seeds s and "
+    "s + [0, 2^40]) are one stream: the noise is biased (mean +0.27 sigma, deviation 0.97 sigma)"
+    " and the 62-bit noise seed has 32 effective bits"
+)
+
+
+def _model(optimizer, jit_compile=False):
+    model = keras.Sequential([keras.Input((FEATURES,)), keras.layers.Dense(UNITS)])
+    model.compile(optimizer=optimizer, loss="mse", jit_compile=jit_compile)
+    return keras_safe.privacy.make_private(model)
+
+
+def _zeros(rows):
+    return np.zeros((rows, FEATURES), "float32"), np.zeros((rows, UNITS), "float32")
+
+
+def _weights(model):
+    return [np.array(v, "float64") for v in model.trainable_variables]
+
+
+def _update(model, fit):
+    before = _weights(model)
+    fit()
+    return [b - a for b, a in zip(before, _weights(model))]
+
+
+def _assert_noise(update, expected):
+    kernel, bias = update
+    assert_gaussian_scale(kernel, expected)
+    # The bias gets its own share of the draw (512 values: a loose check that it is there).
+    assert_gaussian_scale(bias, expected, catch=0.6, shape=False)
+
+
+@pytest.mark.parametrize(
+    "sigma, clip, divisor, seed", [(0.6, 2.0, 16, 101), (1.3, 0.5, 250, 102), (3.0, 1.0, 7, 103)]
+)
+def test_privatize_adds_sigma_c_noise_to_the_clipped_sums_then_divides(sigma, clip, divisor, seed):
+    optimizer = DPSGD(1.0, l2_norm_clip=clip, noise_multiplier=sigma, seed=seed)
+    variables = [keras.Variable(np.zeros((FEATURES, UNITS), "float32")), keras.Variable([0.0] * 9)]
+    rng = np.random.default_rng(seed)
+    sums = [rng.normal(size=v.shape).astype("float32") for v in variables]
+    release = optimizer.privatize([tf.constant(s) for s in sums], divisor, variables)
+    # The release is (sum + noise) / divisor: the noise is added to the sums, not instead.
+    noise = [np.asarray(r, "float64") * divisor - s for r, s in zip(release, sums)]
+    assert_gaussian_scale(noise[0], sigma * clip)
+    assert np.all(noise[1] != 0)
+
+
+def test_privatize_without_noise_releases_the_clipped_sums_over_the_divisor():
+    optimizer = DPSGD(1.0, l2_norm_clip=1.0, noise_multiplier=0.0)
+    variable = keras.Variable(np.zeros((3, 4), "float32"))
+    sums = np.arange(12.0, dtype="float32").reshape(3, 4)
+    (release,) = optimizer.privatize([tf.constant(sums)], 8, [variable])
+    np.testing.assert_allclose(np.asarray(release), sums / 8, rtol=1e-7)
+
+
+def _xla_case(*values):
+    return pytest.param(*values, marks=pytest.mark.xfail(strict=True, reason=XLA_SEED_BUG))
+
+
+@pytest.mark.parametrize(
+    "jit_compile, seed", [(False, 201), _xla_case(True, 202)], ids=["graph", "xla"]
+)
+def test_fit_update_noise_is_lr_sigma_c_over_the_batch(jit_compile, seed):
+    lr, sigma, clip, batch = 0.5, 1.3, 2.0, 16
+    model = _model(DPSGD(lr, l2_norm_clip=clip, noise_multiplier=sigma, seed=seed), jit_compile)
+    assert model.jit_compile is jit_compile
+    x, y = _zeros(batch)
+    update = _update(model, lambda: model.fit(x, y, batch_size=batch, verbose=0))
+    _assert_noise(update, lr * sigma * clip / batch)
+
+
+@pytest.mark.parametrize("jit_compile", [False, _xla_case(True)], ids=["graph", "xla"])
+def test_noise_depends_on_every_bit_of_the_seed(jit_compile):
+    # Seeds that differ only above bit 32 must draw independent noise.
+    x, y = np.zeros((8, 64), "float32"), np.zeros((8, 64), "float32")
+    updates = []
+    for seed in (7, 7 + 2**32):
+        optimizer = DPSGD(1.0, l2_norm_clip=1.0, noise_multiplier=1.0, seed=seed)
+        model = keras.Sequential([keras.Input((64,)), keras.layers.Dense(64, use_bias=False)])
+        model.compile(optimizer=optimizer, loss="mse", jit_compile=jit_compile)
+        keras_safe.privacy.make_private(model)
+        before = np.array(model.trainable_variables[0])
+        model.fit(x, y, batch_size=8, verbose=0)
+        updates.append((before - np.array(model.trainable_variables[0])).ravel())
+    assert abs(np.corrcoef(*updates)[0, 1]) < Z / math.sqrt(updates[0].size)
+
+
+def test_dp_gradients_release_is_sigma_c_over_the_declared_batch():
+    sigma, clip, batch = 0.8, 1.5, 32
+    optimizer = DPSGD(
+        0.1, l2_norm_clip=clip, noise_multiplier=sigma, num_examples=640, batch_size=batch, seed=301
+    )
+    model = _model(optimizer)
+    grads = keras_safe.privacy.dp_gradients(model, *_zeros(batch))
+    _assert_noise([np.asarray(g, "float64") for g in grads], sigma * clip / batch)
+
+
+def _poisson_step(batch, n):
+    """A one-step `poisson_batches` dataset whose sample is at least 20% off `batch`: dividing
+    by the examples drawn, or by the padded rows, instead of `batch` changes the scale by more
+    than 5%."""
+    for seed in range(100):
+        data = keras_safe.privacy.poisson_batches(
+            *_zeros(n), batch_size=batch, epochs=1 / (n // batch), seed=seed
+        )
+        ((_, _, weights),) = list(data.as_numpy_iterator())
+        drawn = int(np.sum(weights > 0))
+        if abs(drawn - batch) > 0.2 * batch:
+            return data, drawn, len(weights)
+    raise AssertionError("no seed below 100 draws a sample 20% off the expected size")
+
+
+def test_poisson_padding_divides_by_the_expected_batch_not_the_rows():
+    lr, sigma, clip, batch = 1.0, 1.1, 1.0, 64
+    data, drawn, rows = _poisson_step(batch, n=640)
+    assert rows > 1.5 * batch and abs(drawn - batch) > 0.2 * batch
+    model = _model(DPSGD(lr, l2_norm_clip=clip, noise_multiplier=sigma, seed=401))
+    update = _update(model, lambda: model.fit(data, verbose=0))
+    _assert_noise(update, lr * sigma * clip / batch)
+
+
+def test_gradient_accumulation_spreads_one_update_noise_over_the_batches():
+    # Each of the k batches adds sigma * C / sqrt(k); the update averages the k releases of
+    # batch B: its noise is sigma * C / (k * B), one update's worth.
+    lr, sigma, clip, batch, k = 1.0, 1.0, 1.0, 8, 4
+    inner = keras.optimizers.SGD(lr, gradient_accumulation_steps=k)
+    model = _model(DPOptimizer(inner, l2_norm_clip=clip, noise_multiplier=sigma, seed=501))
+    x, y = _zeros(batch * k)
+    update = _update(model, lambda: model.fit(x, y, batch_size=batch, shuffle=False, verbose=0))
+    assert int(model.optimizer.iterations) == 1
+    _assert_noise(update, lr * sigma * clip / (k * batch))
+
+
+def test_each_accumulated_batch_releases_one_over_sqrt_k_of_the_noise():
+    sigma, clip, batch, k = 1.2, 0.7, 8, 9
+    inner = keras.optimizers.SGD(0.1, gradient_accumulation_steps=k)
+    optimizer = DPOptimizer(inner, clip, sigma, num_examples=80, batch_size=batch, seed=601)
+    model = _model(optimizer)
+    grads = keras_safe.privacy.dp_gradients(model, *_zeros(batch))
+    _assert_noise([np.asarray(g, "float64") for g in grads], sigma * clip / k**0.5 / batch)
+
+
+def test_microbatch_update_noise_is_lr_sigma_c_over_the_microbatches():
+    lr, sigma, clip, batch, microbatches = 0.5, 1.0, 1.0, 16, 4
+    optimizer = DPSGD(
+        lr, l2_norm_clip=clip, noise_multiplier=sigma, num_microbatches=microbatches, seed=701
+    )
+    model = _model(optimizer)
+    x, y = _zeros(batch)
+    update = _update(model, lambda: model.fit(x, y, batch_size=batch, verbose=0))
+    _assert_noise(update, lr * sigma * clip / microbatches)
