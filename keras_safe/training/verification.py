@@ -78,6 +78,7 @@ def verify_model(model, x, y=None, sample_weight=None):
             gradients cannot be computed correctly.
     """
     check_supported(model)  # what the model checks refuse needs no example to see
+    _build(model, x)
     dp = find_dp_optimizer(getattr(model, "optimizer", None))
     result = verify(
         model,
@@ -90,6 +91,20 @@ def verify_model(model, x, y=None, sample_weight=None):
     state.set_fallback_mode(model, result.fallback)
     object.__setattr__(model, _VERIFIED, _key(model))
     return result
+
+
+def _build(model, x):
+    """Builds a model that has not created its weights yet (a subclassed model before its first
+    call) by calling it on the examples, as `fit` would; refuses a model with nothing to train.
+    """
+    if not model.trainable_variables:
+        model(x, training=False)
+    if not model.trainable_variables:
+        raise PrivacyError(
+            f"{model.name} has no trainable variables (it was called on the examples and "
+            "created none), so there is nothing for DP-SGD to train. Fix: check that its layers "
+            "are trainable (layer.trainable = True) and are used in call()."
+        )
 
 
 def is_verified(model):

@@ -45,6 +45,7 @@ def _leaves(structure):
     return [t for t in tf.nest.flatten(structure) if t is not None and hasattr(t, "graph")]
 
 
+@tf.autograph.experimental.do_not_convert
 def check_step(inputs, losses, ops, model_name="the model"):
     """Raises `PrivacyError` unless the step's per-example losses are provably row-wise.
 
