@@ -22,7 +22,7 @@ from keras_safe.privacy.losses import PerExampleLoss
 from keras_safe.privacy.model_checks import check_supported
 from keras_safe.privacy.per_example import clipped_gradient_sum
 from keras_safe.privacy.sampling import default_max_batch_size
-from keras_safe.training import distribution, state, verification
+from keras_safe.training import distribution, ownership, state, verification
 from keras_safe.training.stages import get_stages
 
 __all__ = ["dp_gradients", "train_step"]
@@ -288,6 +288,7 @@ def _private_gradients(model, x, y, sample_weight, watch):
     watch.check(model, losses)
     grads = dp.privatize(clipped, schedule.divisor, variables)
     # The model's budget and the segment of this schedule, gated in the charge below.
+    ownership.settle_ledger(model)  # shared or copied weights answer to one ledger
     ledger, slot = state.ledger_slot(model, dp, schedule)
     with tf.control_dependencies(_batch_checks(model, x, sample_weight, schedule, dp)):
         charged = ledger.charge(slot, rows=_rows(x, sample_weight))

@@ -16,7 +16,7 @@ from keras_safe.optimizers.dp import find_dp_optimizer
 from keras_safe.privacy.losses import PerExampleLoss
 from keras_safe.privacy.model_checks import check_supported
 from keras_safe.privacy.per_example import verify
-from keras_safe.training import state
+from keras_safe.training import ownership, state
 
 __all__ = ["ensure_verified", "first_examples", "require_verified", "verify_model"]
 
@@ -118,6 +118,7 @@ def ensure_verified(model, x, y=None, sample_weight=None):
         keras_safe._validation.PrivacyError: when the model needs verifying and the input
             gives no examples to verify on (a generator), or the verification fails.
     """
+    ownership.settle_ledger(model)
     if is_verified(model):
         return
     examples = first_examples(x, y, sample_weight)

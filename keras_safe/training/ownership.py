@@ -1,0 +1,113 @@
+"""One privacy ledger per set of trained variables.
+
+What a model spent is charged to its ledger, but the privacy loss belongs to the weights that
+training changed: two private models sharing a layer, or a model trained from weights copied
+out of another private model (`keras.models.clone_model` + `set_weights`), train the same
+weights further. `settle_ledger` runs when a private step is traced and makes such a model
+charge the ledger its weights already answer to:
+
+- a variable trained under another model's ledger (the same variable object, shared layers):
+  the model takes that ledger, if its own has spent nothing; two ledgers that both spent
+  something on the same variables are refused;
+- a model whose own ledger has spent nothing and whose variables hold exactly the values of
+  variables trained under another ledger (copied weights): it takes that ledger.
+
+The second rule sees copies made in this process while the source's weights have not moved
+since; a copy made through a file carries the file's ledger instead (`load_model`), and copies
+made any other way are an assumption the README states.
+"""
+
+import weakref
+
+import numpy as np
+import tensorflow as tf
+
+from keras_safe._validation import PrivacyError
+from keras_safe.privacy.ledger import LEDGER_ATTRIBUTE, get_ledger
+
+__all__ = ["settle_ledger"]
+
+# id(variable) -> (weak reference to the variable, weak reference to its ledger)
+_OWNERS = {}
+
+
+def _owner(variable):
+    entry = _OWNERS.get(id(variable))
+    if entry is None:
+        return None
+    var, ledger = entry[0](), entry[1]()
+    if var is not variable or ledger is None:
+        _OWNERS.pop(id(variable), None)
+        return None
+    return ledger
+
+
+def _register(variables, ledger):
+    ledger_ref = weakref.ref(ledger)
+    for variable in variables:
+        key = id(variable)
+
+        def forget(_, key=key):
+            _OWNERS.pop(key, None)
+
+        _OWNERS[key] = (weakref.ref(variable, forget), ledger_ref)
+
+
+def _value(variable):
+    with tf.init_scope():
+        return np.asarray(variable.numpy())
+
+
+def _copied_from(variables, own):
+    """Ledgers (other than `own`, with steps) whose trained variables hold exactly the values
+    of some of `variables`."""
+    by_shape = {}
+    for var_ref, ledger_ref in list(_OWNERS.values()):
+        var, ledger = var_ref(), ledger_ref()
+        if var is None or ledger is None or ledger is own or ledger.steps == 0:
+            continue
+        by_shape.setdefault((tuple(var.shape), str(var.dtype)), []).append((var, ledger))
+    found = set()
+    for variable in variables:
+        candidates = by_shape.get((tuple(variable.shape), str(variable.dtype)))
+        if not candidates:
+            continue
+        value = _value(variable)
+        if value.size < 2 or np.all(value == value.flat[0]):
+            continue  # constants (zeros, ones) are no evidence of a copy
+        for var, ledger in candidates:
+            if np.array_equal(value, _value(var)):
+                found.add(ledger)
+    return found
+
+
+@tf.autograph.experimental.do_not_convert
+def settle_ledger(model):
+    """The ledger that must charge `model`'s steps (see the module); registers its variables.
+
+    Raises:
+        keras_safe._validation.PrivacyError: when the model's variables were trained under
+            another ledger and its own has spent something too.
+    """
+    own = get_ledger(model, create=True)
+    variables = list(model.trainable_variables)
+    others = {ledger for ledger in (_owner(v) for v in variables) if ledger is not own}
+    others.discard(None)
+    if not others and own.steps == 0:
+        others = _copied_from(variables, own)
+    if others:
+        if len(others) > 1 or own.steps > 0:
+            raise PrivacyError(
+                f"Some trainable variables of {model.name} were also trained by another "
+                "private model, with its own privacy ledger, and both ledgers have spent "
+                "privacy on them: neither ledger would state what those weights spent. Nothing "
+                "was trained. Fix: train shared layers through one model, or copy the weights "
+                "into a new model before either trains further (the copy then continues the "
+                "original's ledger)."
+            )
+        (ledger,) = others
+        # The model now charges the ledger its weights answer to (and saves it).
+        object.__setattr__(model, LEDGER_ATTRIBUTE, ledger)
+        own = ledger
+    _register(variables, own)
+    return own
