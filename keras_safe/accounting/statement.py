@@ -215,6 +215,13 @@ def _ledger_statement(ledger, delta, accountant):
             f"\n    budget (saved with the model): target_epsilon {budget[0]:g} at delta "
             f"{budget[1]:.3g}, {ledger.accountant.upper()} accountant"
         )
+    statistics = getattr(ledger, "statistics_epsilon", 0.0)
+    statistics_line = (
+        f"\n    of which {statistics:.4f} for statistics of the training data released with "
+        "DP by preprocessing layers (pure epsilon-DP, added to the DP-SGD epsilon)"
+        if statistics
+        else ""
+    )
     paragraphs = [
         _fill(
             f"DP-SGD as recorded in the model's privacy ledger: {total} noisy steps in "
@@ -235,6 +242,7 @@ def _ledger_statement(ledger, delta, accountant):
         )
         + "\n"
         + f"    epsilon spent after {total} steps: {epsilon:.4f}"
+        + statistics_line
         + budget_line,
         _fill(_UNIT),
     ]

@@ -1,5 +1,7 @@
 """The base layer of the adaptable feature layers, and the one adapt loop they share."""
 
+import secrets
+
 import keras
 import numpy as np
 
@@ -77,6 +79,19 @@ class AdaptableFeatureLayer(keras.layers.Layer):
             trainable=False,
             dtype="float64",
         )
+        # Which release of the training data the statistics are: a random identifier per DP
+        # `adapt` (a private model's ledger records each release once), 0 for exact statistics;
+        # and whether exact statistics were adapted on data declared public.
+        self.statistics_release = self.add_weight(
+            name="statistics_release", shape=(), initializer="zeros", trainable=False, dtype="int64"
+        )
+        self.adapted_on_public_data = self.add_weight(
+            name="adapted_on_public_data",
+            shape=(),
+            initializer="zeros",
+            trainable=False,
+            dtype="int64",
+        )
         self.built = True
 
     def _create_state(self, num_features):
@@ -90,6 +105,18 @@ class AdaptableFeatureLayer(keras.layers.Layer):
 
     def _store(self, statistics, rows, finite):
         raise NotImplementedError
+
+    def load_own_variables(self, store):
+        """Loads the statistics, also from files saved before the release identifier and the
+        public-data flag existed (two variables fewer): a DP-adapted layer from such a file
+        counts as a new release, exact statistics as not public."""
+        if len(store.keys()) == len(self.weights) - 2:
+            for i, variable in enumerate(self.weights[:-2]):
+                variable.assign(store[f"{i}"])
+            if float(self.dp_epsilon_spent_variable.numpy()) > 0:
+                self.statistics_release.assign(secrets.randbits(62))
+            return
+        super().load_own_variables(store)
 
     def get_build_config(self):
         if self._build_input_shape is not None:
@@ -118,16 +145,24 @@ class AdaptableFeatureLayer(keras.layers.Layer):
             return 0.0
         return float(self.dp_epsilon_spent_variable.numpy())
 
-    def adapt(self, data):
+    def adapt(self, data, public=False):
         """Computes the layer's statistics from `data` (the training part only).
 
         The data is materialised in memory as a float64 numpy array (8 bytes per value), which
         quantiles and medians need.
 
+        Inside a private model (`keras_safe.privacy.make_private`) the statistics are part of
+        what training releases: with `dp_epsilon` their epsilon is charged to the model's
+        privacy ledger (once per `adapt`); exact statistics are refused there unless `data` is
+        declared public (`public=True`: data that is not the private training data, such as a
+        published reference sample).
+
         Args:
             data: numpy array, tensor, pandas DataFrame or `tf.data.Dataset` (batched or
                 unbatched; for `(x, y)` elements only `x` is used), of shape
                 `(rows, ..., features)`. Statistics are per feature (last axis).
+            public: True when `data` is public (not the private training data); exact
+                statistics of public data cost no privacy.
 
         Raises:
             ArgumentError: empty data, a feature count that differs from the built layer, a
@@ -168,6 +203,9 @@ class AdaptableFeatureLayer(keras.layers.Layer):
         # Under DP the exact row count would be a release outside the mechanism: keep a flag.
         self.adapt_count.assign(float(rows.shape[0]) if self.dp_epsilon is None else 1.0)
         self.dp_epsilon_spent_variable.assign(float(spent))
+        private_release = self.dp_epsilon is not None and self.uses_data
+        self.statistics_release.assign(secrets.randbits(62) if private_release else 0)
+        self.adapted_on_public_data.assign(int(bool(public)))
 
     def _column_statistics(self, rows, finite):
         """The one loop over features: returns `(statistics, epsilon_spent)`."""

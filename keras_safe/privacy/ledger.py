@@ -130,6 +130,11 @@ class PrivacyLedger(keras.layers.Layer):
         # granted but not begun (< 0: minus its steps), or none (0).
         self._epoch_left = weight("epoch_left", "int64", aggregation=first)
         self._refused = weight("refused_steps", "int64", (), aggregation=first)
+        # Pure epsilon-DP releases of statistics computed from the training data (DP-adapted
+        # preprocessing layers), each recorded once under its release's identifier.
+        self._release_ids = weight("statistics_release_ids", "int64")
+        self._release_epsilon = weight("statistics_release_epsilon", "float64")
+        self._releases_used = weight("statistics_releases_used", "int64", ())
         self.built = True
         self._cache = {}
         self._active = None
@@ -502,7 +507,7 @@ class PrivacyLedger(keras.layers.Layer):
         """
         segments = [*self._rows_for_accounting(), *[tuple(e) for e in extra]]
         if not any(n > 0 for _, _, n in segments):
-            return 0.0
+            return self.statistics_epsilon
         if delta is None:
             delta = self.delta()
             if delta is None:
@@ -515,7 +520,43 @@ class PrivacyLedger(keras.layers.Layer):
         key = (tuple(segments), delta, accountant)
         if key not in self._cache:
             self._cache[key] = epsilon_of(segments, delta, accountant)
-        return self._cache[key]
+        # Pure epsilon-DP releases compose with the (epsilon, delta) of DP-SGD by adding their
+        # epsilons (basic composition; Dwork & Roth 2014, Theorem 3.16).
+        return self._cache[key] + self.statistics_epsilon
+
+    # -- statistics released from the training data -------------------------------------------
+
+    @tf.autograph.experimental.do_not_convert
+    def record_statistics(self, release_id, epsilon):
+        """Records a pure `epsilon`-DP release of statistics of the training data (once per
+        `release_id`: recording the same release again changes nothing); returns whether it
+        was new.
+
+        Raises:
+            PrivacyError: when the ledger holds `capacity` releases already.
+        """
+        release_id, epsilon = int(release_id), float(epsilon)
+        used = int(_read(self._releases_used))
+        if release_id in _read(self._release_ids)[:used].tolist():
+            return False
+        if used >= self.capacity:
+            raise PrivacyError(
+                f"The privacy ledger holds {self.capacity} releases of statistics and is full. "
+                "Fix: adapt fewer preprocessing layers with dp_epsilon, or build the ledger "
+                "with a larger capacity."
+            )
+        with tf.init_scope():
+            _set_entry(self._release_ids, used, release_id)
+            _set_entry(self._release_epsilon, used, epsilon)
+            self._releases_used.assign(used + 1)
+        self._cache.clear()
+        return True
+
+    @property
+    def statistics_epsilon(self):
+        """The epsilon of the statistics releases recorded (`record_statistics`), summed."""
+        used = int(_read(self._releases_used))
+        return float(np.sum(_read(self._release_epsilon)[:used]))
 
     def statement(self, delta=None, accountant=None):
         """`keras_safe.privacy.privacy_statement(ledger=self)`: what the model spent, in words."""

@@ -1,10 +1,20 @@
-"""One privacy ledger per set of trained variables.
+"""One privacy ledger for everything a model's training released.
 
-What a model spent is charged to its ledger, but the privacy loss belongs to the weights that
-training changed: two private models sharing a layer, or a model trained from weights copied
-out of another private model (`keras.models.clone_model` + `set_weights`), train the same
-weights further. `settle_ledger` runs when a private step is traced and makes such a model
-charge the ledger its weights already answer to:
+What a model spent is charged to its ledger, but the privacy loss belongs to what training
+released: the weights it changed, and the statistics of the training data the model holds.
+
+Statistics: a keras_safe preprocessing layer adapted with `dp_epsilon` inside a private model
+has its epsilon recorded in the model's ledger (once per `adapt`, so the ledger states one
+total); one adapted on the training data without DP is refused (its exact statistics would be
+released with the model), unless `adapt(..., public=True)` declared the data public. So are
+Keras's `Normalization` adapted on data and lookup layers whose vocabulary came from `adapt`
+(their exact statistics and vocabularies are the training data's); pass them statistics or a
+vocabulary from public data instead.
+
+Weights: two private models sharing a layer, or a model trained from weights copied out of
+another private model (`keras.models.clone_model` + `set_weights`), train the same weights
+further. `settle_ledger` runs before a private step (and when one is traced) and makes such a
+model charge the ledger its weights already answer to:
 
 - a variable trained under another model's ledger (the same variable object, shared layers):
   the model takes that ledger, if its own has spent nothing; two ledgers that both spent
@@ -19,13 +29,22 @@ made any other way are an assumption the README states.
 
 import weakref
 
+import keras
 import numpy as np
 import tensorflow as tf
 
 from keras_safe._validation import PrivacyError
+from keras_safe.preprocessing._base import AdaptableFeatureLayer
 from keras_safe.privacy.ledger import LEDGER_ATTRIBUTE, get_ledger
+from keras_safe.privacy.model_checks import all_layers
 
 __all__ = ["settle_ledger"]
+
+_LOOKUPS = (
+    keras.layers.StringLookup,
+    keras.layers.IntegerLookup,
+    keras.layers.TextVectorization,
+)
 
 # id(variable) -> (weak reference to the variable, weak reference to its ledger)
 _OWNERS = {}
@@ -110,4 +129,45 @@ def settle_ledger(model):
         object.__setattr__(model, LEDGER_ATTRIBUTE, ledger)
         own = ledger
     _register(variables, own)
+    with tf.init_scope():  # reads the layers' values, also while a step is being traced
+        _charge_statistics(model, own)
     return own
+
+
+def _charge_statistics(model, ledger):
+    """Records the DP statistics of the model's preprocessing layers in `ledger`; refuses
+    exact statistics of data not declared public."""
+    refused = []
+    for layer in all_layers(model):
+        if isinstance(layer, AdaptableFeatureLayer):
+            if not layer.is_adapted or not layer.uses_data:
+                continue
+            release = int(layer.statistics_release.numpy())
+            if release:
+                ledger.record_statistics(release, layer.dp_epsilon_spent)
+            elif not int(layer.adapted_on_public_data.numpy()):
+                refused.append(
+                    f"{layer.name} ({type(layer).__name__}) holds exact statistics of the data "
+                    "it was adapted on; fix: adapt it with dp_epsilon=... and dp_bounds=... (its "
+                    "epsilon joins the model's ledger), or, if that data is public, "
+                    "adapt(data, public=True)"
+                )
+        elif isinstance(layer, keras.layers.Normalization) and layer.built:
+            if getattr(layer, "input_mean", None) is None:
+                refused.append(
+                    f"{layer.name} (keras Normalization) holds the exact mean and variance of "
+                    "the data it was adapted on; fix: pass mean= and variance= computed from "
+                    "public data, or use keras_safe.preprocessing.RobustNormalization("
+                    "dp_epsilon=..., dp_bounds=...)"
+                )
+        elif isinstance(layer, _LOOKUPS) and getattr(layer, "input_vocabulary", True) is None:
+            refused.append(
+                f"{layer.name} ({type(layer).__name__}) holds a vocabulary adapted on data (the "
+                "words of the training data); fix: pass vocabulary= built from public data"
+            )
+    if refused:
+        raise PrivacyError(
+            f"{model.name} holds statistics of data that no privacy mechanism protects, and "
+            "training would release them with the model: " + "; ".join(refused) + ". Nothing "
+            "was trained."
+        )

@@ -83,3 +83,63 @@ def test_variables_trained_under_two_ledgers_are_refused():
         both.fit(X, Y, batch_size=B, verbose=0)
     for b, v in zip(before, both.trainable_weights):
         np.testing.assert_array_equal(b, np.array(v))
+
+
+# -- statistics of the training data held by the model (preprocessing layers) ---------------------
+
+
+def _with(layer):
+    return _private(keras.Sequential([keras.Input((5,)), layer, keras.layers.Dense(2)]))
+
+
+def test_exact_statistics_of_the_training_data_are_refused_and_public_ones_accepted():
+    from keras_safe.preprocessing import RobustNormalization
+
+    exact = RobustNormalization()
+    exact.adapt(X)
+    # The attack is real: the layer holds the training data's exact medians.
+    np.testing.assert_allclose(np.array(exact.center), np.median(X, axis=0), rtol=1e-6)
+    model = _with(exact)
+    before = [np.array(v) for v in model.trainable_weights]
+    with pytest.raises(PrivacyError, match="exact statistics.*public=True"):
+        model.fit(X, Y, batch_size=B, verbose=0)
+    for b, v in zip(before, model.trainable_weights):
+        np.testing.assert_array_equal(b, np.array(v))
+    assert get_ledger(model).steps == 0
+    declared = RobustNormalization()
+    declared.adapt(RNG.normal(size=(50, 5)), public=True)
+    assert _train(_with(declared)).steps > 0
+
+
+def test_dp_statistics_join_the_ledger_once_per_adapt():
+    from keras_safe.preprocessing import RobustNormalization
+
+    layer = RobustNormalization(dp_epsilon=0.5, dp_bounds=(-4.0, 4.0))
+    layer.adapt(X)
+    model = _with(layer)
+    steps = _train(model).steps
+    ledger = _train(model)  # a second fit: the same release, recorded once
+    assert ledger.statistics_epsilon == pytest.approx(0.5)
+    truth = _truth(2 * steps) + 0.5  # basic composition of the pure release with DP-SGD
+    assert ledger.epsilon(1e-5) == pytest.approx(truth, rel=1e-9)
+    assert "of which 0.5000 for statistics" in ledger.statement(delta=1e-5)
+    layer.adapt(X)  # a new release of the same data
+    _train(model)
+    assert ledger.statistics_epsilon == pytest.approx(1.0)
+
+
+def test_keras_layers_adapted_on_the_data_are_refused():
+    adapted = keras.layers.Normalization()
+    adapted.adapt(X)
+    with pytest.raises(PrivacyError, match="mean= and variance="):
+        _with(adapted).fit(X, Y, batch_size=B, verbose=0)
+    given = keras.layers.Normalization(mean=np.zeros(5), variance=np.ones(5))
+    assert _train(_with(given)).steps > 0
+    words = np.array([["a", "b"], ["b", "c"]])
+    lookup = keras.layers.StringLookup()
+    lookup.adapt(words)
+    inputs = keras.Input((2,), dtype="string")
+    outputs = keras.layers.Dense(2)(keras.layers.Embedding(8, 3)(lookup(inputs))[:, 0])
+    model = _private(keras.Model(inputs, outputs))
+    with pytest.raises(PrivacyError, match="vocabulary="):
+        model.fit(words, np.array([0, 1]), batch_size=1, verbose=0)

@@ -432,6 +432,10 @@ RULES.update(
         "FusedBatchNormV2": rules.fused_batch_norm,
         "FusedBatchNormV3": rules.fused_batch_norm,
         "IdentityN": rules.identity_n,
+        # A table lookup maps each key to its value (string and integer lookups, hashing).
+        "LookupTableFindV2": lambda c, o, i: rules.unary(c, o, [i[1], None, i[2]]),
+        "StringToHashBucketFast": rules.unary,
+        "StringToHashBucketStrong": rules.unary,
         "Where": rules.always_mixed("lists the positions of entries across the batch"),
         "Fill": _fill,
         "BroadcastTo": _broadcast_to,
