@@ -290,10 +290,13 @@ def _private_gradients(model, x, y, sample_weight, watch):
     # The model's budget and the segment of this schedule, gated in the charge below.
     ownership.settle_ledger(model)  # shared or copied weights answer to one ledger
     ledger, slot = state.ledger_slot(model, dp, schedule)
-    with tf.control_dependencies(_batch_checks(model, x, sample_weight, schedule, dp)):
+    checks, batch_ok = _batch_checks(model, x, sample_weight, schedule, dp)
+    with tf.control_dependencies(checks):
         charged = ledger.charge(slot, rows=_rows(x, sample_weight))
-    # Where assertions do not run (XLA), a step the budget refuses releases zeros.
-    grads = [tf.where(charged.allowed, g, tf.zeros_like(g)) for g in grads]
+    # Where assertions do not run (XLA), a step the budget or the batch checks refuse releases
+    # zeros.
+    allowed = tf.logical_and(charged.allowed, batch_ok)
+    grads = [tf.where(allowed, g, tf.zeros_like(g)) for g in grads]
     # Only real examples count: padding rows (weight 0) repeat an example's data.
     bad = ~tf.math.is_finite(norms)
     if sample_weight is not None and not groups:
@@ -331,7 +334,8 @@ def _batch_checks(model, x, sample_weight, schedule, dp):
     - Microbatches accounted at sensitivity C (one example each) hold one example each.
 
     They run inside the step, so `fit`, `train_on_batch`, `dp_gradients` and custom loops are
-    all covered; the release and the charge wait for them.
+    all covered; the release and the charge wait for them. Returns `(assertions, ok)`: `ok`
+    (a boolean tensor) also withholds the release where assertions do not run (XLA).
     """
     first = next(t for t in keras.tree.flatten(x) if t is not None)
     physical = tf.shape(first, out_type=tf.int64)[0]
@@ -346,6 +350,7 @@ def _batch_checks(model, x, sample_weight, schedule, dp):
     else:
         limit = schedule.batch_size
         how = f"the accountant charges batches of batch_size={limit}"
+    conditions = [tf.cast(rows, tf.int64) <= limit]
     checks = [
         tf.debugging.assert_less_equal(
             tf.cast(rows, tf.int64),
@@ -359,6 +364,7 @@ def _batch_checks(model, x, sample_weight, schedule, dp):
     ]
     groups = dp.num_microbatches
     if groups and schedule.sensitivity_factor == 1.0:
+        conditions.append(physical <= groups)
         checks.append(
             tf.debugging.assert_less_equal(
                 physical,
@@ -371,7 +377,7 @@ def _batch_checks(model, x, sample_weight, schedule, dp):
                 "examples. Rows in this batch:",
             )
         )
-    return checks
+    return checks, tf.reduce_all(tf.stack(conditions))
 
 
 def _sum_over_replicas(count):
