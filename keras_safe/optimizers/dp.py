@@ -306,30 +306,24 @@ class DPOptimizer(OptimizerWrapper):
         prior = [tuple(p) for p in prior if p[2] > 0]
         spent = epsilon_of(prior, delta, accountant) if prior else 0.0
         target = self.target_epsilon
+        no_room = (
+            f"a budget with room for this fit: the model spent epsilon {spent:.4f} of it already "
+            f"(delta {delta:.3g}, {accountant.upper()} accountant, its privacy ledger), and "
+            f"{steps} more steps ({schedule.label}) do not fit in what is left; every "
+            "target_epsilon is the model's budget for its whole life"
+        )
+        no_room_fix = (
+            "stop training here, train fewer steps, or raise the budget explicitly with "
+            "keras_safe.privacy.get_ledger(model).set_budget(new_target) and give that "
+            "target_epsilon (state the larger epsilon)."
+        )
         if spent >= target * (1 - 1e-9) and steps > 0:
-            fail(
-                "target_epsilon",
-                target,
-                f"more than the model has spent already (epsilon {spent:.4f} at delta "
-                f"{delta:.3g} in its privacy ledger, {accountant.upper()} accountant): every "
-                "target_epsilon is the model's budget for its whole life, so no step of this "
-                f"fit ({steps} steps planned) fits in it",
-                "stop training here, or raise the budget explicitly with "
-                "keras_safe.privacy.get_ledger(model).set_budget(new_target) and give that "
-                "target_epsilon (state the larger epsilon).",
-            )
+            fail("target_epsilon", target, no_room, no_room_fix)
         if self.noise_multiplier is None or self.noise_calibrated:
             try:
                 noise = schedule.calibrate(target, steps, delta, accountant, prior)
-            except ValueError as error:
-                fail(
-                    "target_epsilon",
-                    target,
-                    f"reachable by this fit: the model spent epsilon {spent:.4f} before, and "
-                    f"{steps} more steps ({schedule.label}) cannot fit in what is left ({error})",
-                    "train fewer epochs, use a smaller batch, or raise the budget explicitly "
-                    "with keras_safe.privacy.get_ledger(model).set_budget(...).",
-                )
+            except ValueError:
+                fail("target_epsilon", target, no_room + " (not even at noise 1000)", no_room_fix)
             self.noise_multiplier = float(noise)
             self.noise_calibrated = True
             return self.noise_multiplier

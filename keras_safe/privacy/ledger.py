@@ -302,6 +302,9 @@ class PrivacyLedger(keras.layers.Layer):
             codes = np.zeros(_NAME_LENGTH, "int64")
             codes[: len(accountant)] = [ord(c) for c in accountant[:_NAME_LENGTH]]
             self._accountant.assign(codes)
+        # Every segment is closed until one is used again (`slot`, `activate`), which gives it
+        # what the new budget allows: the accountant's search runs only where a step is coming.
+        self._active = None
         self.refresh_limits()
 
     def require_budget(self, target_epsilon, delta=None, accountant=None, source="target_epsilon"):
@@ -577,9 +580,7 @@ class PrivacyLedger(keras.layers.Layer):
         else:
             super().load_own_variables(store)
         self._cache.clear()
-        self._active = None
-        if self.budget() is not None:
-            self.refresh_limits()
+        self._active = None  # the saved gate holds until a segment is used (`activate`)
 
     def get_config(self):
         return {"capacity": self.capacity, "name": self.name}

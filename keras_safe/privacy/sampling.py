@@ -1,6 +1,7 @@
 """Poisson sampling: the batch construction that DP-SGD's epsilon accounting assumes."""
 
 import dataclasses
+import functools
 import math
 import secrets
 
@@ -255,16 +256,87 @@ def _build(
     weights = (
         np.ones(n, "float32") if sample_weight is None else np.asarray(sample_weight, "float32")
     )
+    if not with_weights:
+        weights = None
+    parts = (x,) if y is None else (x, y)
     tensors = tf.nest.map_structure(
-        tf.convert_to_tensor, (x, weights) if y is None else (x, y, weights)
+        tf.convert_to_tensor, (*parts, weights) if with_weights else parts
     )
-    key = tf.constant([seed & (2**31 - 1), seed >> 31], tf.int64)
+    if fresh_each_iteration:
+        picks, stateful = _fresh_picks(q, tuple(bounds), rows, multiple, steps), True
+    else:
+        picks, stateful = _picks(q, bounds, rows, multiple, steps, seed, None), False
 
-    def shard_sample(draw_key, shard, low, size):
-        draw = tf.random.stateless_uniform(
-            [size], seed=tf.random.experimental.stateless_fold_in(draw_key, shard)
+    def gather(chosen_and_mask, data):
+        chosen, mask = chosen_and_mask
+        batch = tf.nest.map_structure(lambda t: tf.gather(t, chosen), data)
+
+        def unpadded(weights):  # per-example or per-token weights, 0 on the padding rows
+            if multiple == 1:
+                return weights
+            return weights * tf.reshape(mask, [-1] + [1] * (len(weights.shape) - 1))
+
+        if not with_weights:
+            return batch[0] if y is None else (batch[0], batch[1])
+        if y is None:
+            return batch[0], None, unpadded(batch[1])
+        return batch[0], batch[1], unpadded(batch[2])
+
+    # As Keras batches arrays: the data enters the map as an input (a repeated element), not as
+    # a captured constant that tf.data's default optimizations would copy into a graph at every
+    # fit; the functions hold plain TensorFlow ops only (no autograph conversion).
+    data = tf.data.Dataset.from_tensors(tensors).repeat()
+    dataset = tf.data.Dataset.zip((picks, data)).map(
+        tf.autograph.experimental.do_not_convert(gather), num_parallel_calls=tf.data.AUTOTUNE
+    )
+    options = tf.data.Options()
+    options.experimental_optimization.apply_default_optimizations = False
+    if stateful:
+        # The generator's state is meant to move on; the dataset is not checkpointed.
+        options.experimental_external_state_policy = tf.data.experimental.ExternalStatePolicy.IGNORE
+    dataset = dataset.with_options(options).prefetch(2)
+    if len(sizes) > 1:
+        # Each worker keeps its replicas' slices of every batch (never a shard split in two).
+        options = tf.data.Options()
+        options.experimental_distribute.auto_shard_policy = (
+            tf.data.experimental.AutoShardPolicy.DATA
         )
-        chosen = tf.where(draw < q)[:, 0] + low
+        dataset = dataset.with_options(options)
+    info = PoissonInfo(
+        n, batch_size, rows, steps, per_epoch, len(sizes), multiple, fresh_each_iteration
+    )
+    object.__setattr__(dataset, _INFO, info)
+    return dataset
+
+
+@functools.lru_cache(maxsize=8)
+def _fresh_picks(q, bounds, rows, multiple, steps):
+    """The row indices of fresh Poisson samples, drawn by a generator keyed by a secret seed whose
+    state moves on at every draw: every pass (every epoch of fit) draws new, independent samples.
+    Cached by the settings (it depends on no data), so repeated fits trace it once."""
+    with tf.init_scope():
+        generator = tf.random.Generator.from_seed(secrets.randbits(62))
+    return _picks(q, list(bounds), rows, multiple, steps, None, generator)
+
+
+def _picks(q, bounds, rows, multiple, steps, seed, generator):
+    """A dataset of `(row indices, padding mask)` per step: the Poisson samples of each shard."""
+    sizes = [high - low for low, high in zip(bounds[:-1], bounds[1:])]
+    key = None if seed is None else tf.constant([seed & (2**31 - 1), seed >> 31], tf.int64)
+
+    def uniform(step, shard, size):
+        if generator is not None:
+            return generator.uniform([size])
+        # One key per (step, shard): reproducible for a given seed, every draw independent.
+        draw_key = tf.random.experimental.stateless_fold_in(
+            tf.random.experimental.stateless_fold_in(key, step), shard
+        )
+        return tf.random.stateless_uniform([size], seed=draw_key)
+
+    def shard_sample(step, shard, low, size):
+        chosen = tf.where(uniform(step, shard, size) < q)[:, 0] + low
+        if multiple == 1:  # no padding: nothing to truncate, every row is an example
+            return chosen, None
         count = tf.shape(chosen)[0]
         check = tf.debugging.assert_less_equal(
             count,
@@ -282,47 +354,11 @@ def _build(
             padded = tf.pad(chosen, [[0, padded_rows - count]])
         return padded, tf.cast(tf.range(padded_rows) < count, tf.float32)
 
-    def sample(iteration, step):
-        # One key per (iteration, step, shard): every draw is independent.
-        draw_key = tf.random.experimental.stateless_fold_in(
-            tf.random.experimental.stateless_fold_in(key, iteration), step
-        )
-        parts = [shard_sample(draw_key, i, bounds[i], size) for i, size in enumerate(sizes)]
-        padded = tf.concat([p for p, _ in parts], axis=0)
-        mask = tf.concat([m for _, m in parts], axis=0)
-        batch = tf.nest.map_structure(lambda t: tf.gather(t, padded), tensors)
+    def indices(step):
+        parts = [shard_sample(step, i, bounds[i], size) for i, size in enumerate(sizes)]
+        chosen = tf.concat([p for p, _ in parts], axis=0) if len(parts) > 1 else parts[0][0]
+        if multiple == 1:
+            return chosen, tf.zeros([0])
+        return chosen, tf.concat([m for _, m in parts], axis=0)
 
-        def unpadded(weights):  # per-example or per-token weights, 0 on the padding rows
-            return weights * tf.reshape(mask, [-1] + [1] * (len(weights.shape) - 1))
-
-        if not with_weights:
-            return batch[0] if y is None else (batch[0], batch[1])
-        if y is None:
-            return batch[0], None, unpadded(batch[1])
-        return batch[0], batch[1], unpadded(batch[2])
-
-    if fresh_each_iteration:
-        # A new random key every time the dataset is iterated (every epoch of fit), drawn from
-        # the secret seed: the batches of two epochs are independent samples.
-        iterations = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).take(1)
-    else:
-        iterations = tf.data.Dataset.from_tensors(tf.constant(0, tf.int64))
-    dataset = iterations.flat_map(
-        lambda iteration: tf.data.Dataset.range(steps).map(lambda step: (iteration, step))
-    )
-    dataset = dataset.map(sample, num_parallel_calls=tf.data.AUTOTUNE)
-    # flat_map hides the number of batches; fit needs it to end each epoch without a warning.
-    dataset = dataset.apply(tf.data.experimental.assert_cardinality(steps))
-    dataset = dataset.prefetch(2)
-    if len(sizes) > 1:
-        # Each worker keeps its replicas' slices of every batch (never a shard split in two).
-        options = tf.data.Options()
-        options.experimental_distribute.auto_shard_policy = (
-            tf.data.experimental.AutoShardPolicy.DATA
-        )
-        dataset = dataset.with_options(options)
-    info = PoissonInfo(
-        n, batch_size, rows, steps, per_epoch, len(sizes), multiple, fresh_each_iteration
-    )
-    object.__setattr__(dataset, _INFO, info)
-    return dataset
+    return tf.data.Dataset.range(steps).map(tf.autograph.experimental.do_not_convert(indices))
