@@ -301,6 +301,12 @@ def _failures(output):
     return list(dict.fromkeys(f for f in found if "::" in f or f.endswith(".py")))
 
 
+def _short(node):
+    """`tests/optimizers/test_dp.py::test_x` -> `test_dp.py::test_x`."""
+    path, _, test = node.partition("::")
+    return f"{os.path.basename(path)}::{test}" if test else os.path.basename(path)
+
+
 def _tests_run(output):
     """How many tests ran, from pytest's last summary line."""
     lines = [line for line in output.strip().splitlines() if re.search(r" in [0-9.]+s", line)]
@@ -345,7 +351,7 @@ def _run_mutation(scratch, mutation, workers, deselect):
         return "SURVIVED", "", seconds, ran
     if rc == 1:
         failed = _failures(output)
-        return "CAUGHT", failed[0] if failed else "(a test failed)", seconds, ran
+        return "CAUGHT", _short(failed[0]) if failed else "(a test failed)", seconds, ran
     tail = " | ".join(line for line in output.strip().splitlines()[-3:])
     return "ERROR", f"pytest exit {rc}: {tail[-300:]}", seconds, ran
 

@@ -118,7 +118,8 @@ def _zero_gradient_update(strategy, seed=None, batch=16):
             model = keras.Sequential([keras.Input((NOISE_INPUTS,)), layer])
         model.build((None, NOISE_INPUTS))
         model.compile(
-            optimizer=DPSGD(0.1, l2_norm_clip=2.0, noise_multiplier=1.3, seed=seed), loss="mse"
+            optimizer=DPSGD(0.1, l2_norm_clip=2.0, noise_multiplier=1.3, seed=seed),
+            loss="mse",
         )
         model.optimizer.build(model.trainable_variables)
         keras_safe.privacy.make_private(model)
@@ -242,10 +243,10 @@ class MixedStep(keras.Model):
         return self.dense(x)
 
     def train_step(self, data):
-        x, y = data
+        x, y, weights = keras.utils.unpack_x_y_sample_weight(data)
         index = tf.get_static_value(tf.distribute.get_replica_context().replica_id_in_sync_group)
         if index == 0:
-            grads = keras_safe.privacy.dp_gradients(self, x, y)
+            grads = keras_safe.privacy.dp_gradients(self, x, y, weights)
         else:
             with tf.GradientTape() as tape:
                 loss = self.compute_loss(x, y, self(x, training=True))
@@ -362,9 +363,12 @@ def worker():
     # Refused before any step (no collective runs, so each worker refuses on its own).
     refused = {}
     model = _classifier(lambda: DPSGD(0.1, l2_norm_clip=1.0, noise_multiplier=1.0), strategy)
-    unsharded = keras_safe.privacy.poisson_batches(x, y, batch_size=40, epochs=1)
     with strategy.scope():
         refused["arrays"] = _error(lambda: model.fit(x, y, batch_size=40, verbose=0))
+    refused["arrays_segments"] = keras_safe.privacy.get_ledger(model).segments()
+    model = _classifier(lambda: DPSGD(0.1, l2_norm_clip=1.0, noise_multiplier=1.0), strategy)
+    unsharded = keras_safe.privacy.poisson_batches(x, y, batch_size=40, epochs=1)
+    with strategy.scope():
         refused["unsharded_poisson"] = _error(lambda: model.fit(unsharded, verbose=0))
     refused["steps"] = keras_safe.privacy.get_ledger(model).steps
     out["refused"] = refused

@@ -181,7 +181,9 @@ def test_mirrored_epsilon_equals_dp_accounting_for_the_global_steps(mirrored):
     # 200 examples, global batch 20, 2 epochs: 20 global steps at q = 0.1 (not 40 replica steps).
     assert result["steps"] == 20
     (segment,) = result["segments"]
-    assert segment["sampling_rate"] == pytest.approx(0.1) and segment["rows"] == 400
+    # Poisson batches drawn from the arrays: about 400 rows over the 20 steps.
+    assert segment["sampling_rate"] == pytest.approx(0.1)
+    assert abs(segment["rows"] - 400) < 6 * math.sqrt(400 * 0.9)
     expected = dp_reference.epsilon(1.1, 0.1, 20, 1e-5)
     assert result["epsilon"] == pytest.approx(expected, rel=1e-9)
     assert result["history"][-1] == pytest.approx(expected, rel=1e-9)
@@ -210,16 +212,15 @@ def test_mirrored_refuses_before_any_step(mirrored, case):
 
 
 @pytest.mark.slow
-def test_mirrored_batch_above_the_declared_global_batch_is_charged_at_the_observed_rate(
-    mirrored,
-):
-    # A dataset of 24-example batches (no static size) declared as batch_size=12.
+def test_mirrored_batch_above_the_declared_global_batch_is_refused_in_the_step(mirrored):
+    # A dataset of 24-example batches (no static size) declared as batch_size=12: the step
+    # sees the rows of both replicas (24) and refuses before it releases or charges anything.
     result = mirrored["refused"]["runtime_batch_mismatch"]
     assert result["error"]["type"] == "PrivacyError"
-    assert "hold 24.0 examples on average" in result["error"]["message"]
-    rates = {s["sampling_rate"]: s for s in result["segments"]}
-    assert rates[0.125]["rows"] == 96  # rows of both replicas were counted: 4 steps of 24
-    assert rates[0.25]["steps"] == rates[0.125]["steps"] == 4
+    message = result["error"]["message"]
+    assert "refused this step" in message and "batch_size=12" in message and "[24]" in message
+    assert "Fix:" in message
+    assert result["weights_unchanged"] and result["steps"] == 0 and result["segments"] == []
 
 
 # -- MultiWorkerMirroredStrategy: two worker processes ---------------------------------------------
@@ -256,16 +257,26 @@ def test_multi_worker_epsilon_equals_dp_accounting_for_the_global_steps(workers)
 
 
 @pytest.mark.slow
-def test_multi_worker_refuses_arrays_and_unsharded_poisson_batches(workers):
+def test_multi_worker_refuses_unsharded_poisson_batches_and_accounts_arrays_globally(workers):
+    fix = "poisson_batches(x, y, batch_size=..., strategy=strategy)"
     for result in workers:
         refused = result["refused"]
+        # A poisson_batches dataset built without the strategy: each worker would keep its
+        # slice of its own sample; refused before any step.
+        error = refused["unsharded_poisson"]
+        assert error["type"] == "PrivacyError" and fix in error["message"]
         assert refused["steps"] == 0
-        for case in ("arrays", "unsharded_poisson"):
-            assert refused[case]["type"] == "PrivacyError"
+        # Arrays: refused, or drawn as one Poisson sample per replica shard and accounted
+        # at the global rate (400 examples, global batch 40: 10 steps at rate 0.1).
+        if refused["arrays"] is not None:
             assert (
-                "poisson_batches(x, y, batch_size=..., strategy=strategy)"
-                in (refused[case]["message"])
+                refused["arrays"]["type"] == "PrivacyError" and fix in refused["arrays"]["message"]
             )
+            assert refused["arrays_segments"] == []
+        else:
+            (segment,) = refused["arrays_segments"]
+            assert segment["steps"] == 10 and segment["sampling_rate"] == pytest.approx(0.1)
+            assert abs(segment["rows"] - 400) < 6 * math.sqrt(400 * 0.9)
 
 
 # -- In this process ------------------------------------------------------------------------------

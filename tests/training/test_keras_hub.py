@@ -7,7 +7,8 @@ clipping bounds what one sequence moves. Epsilon is checked against dp-accountin
 directly (`tests.dp_reference`).
 
 keras-hub is in the `[test]` extra: without it these tests fail (they do not skip), so that a
-test environment without it cannot pass unnoticed.
+test environment without it cannot pass unnoticed. The slowest three are marked slow; the
+default suite keeps a LoRA causal LM's clipped sum, its per-sequence loss and a Poisson fit.
 """
 
 import keras
@@ -99,6 +100,7 @@ def _values(model):
     return {v.path: np.array(v) for v in model.weights}
 
 
+@pytest.mark.slow  # several seconds (BERT backbone, or the Jacobian fallback)
 def test_lora_classifier_clipped_sum_matches_one_example_at_a_time():
     rng = np.random.default_rng(0)
     model = _compile(_classifier(rng))
@@ -157,6 +159,7 @@ def test_causal_lm_loss_is_one_value_per_sequence_from_its_unmasked_tokens():
     np.testing.assert_allclose(losses(hidden, np.where(padded, 5, y)), base, rtol=1e-6)
 
 
+@pytest.mark.slow  # several seconds (BERT backbone, or the Jacobian fallback)
 def test_dp_fit_trains_only_the_adapters_and_reports_epsilon():
     rng = np.random.default_rng(3)
     model = _compile(_classifier(rng), noise=1.0)
@@ -193,6 +196,7 @@ def test_dp_fit_causal_lm_on_poisson_batches_reports_epsilon():
     assert budget.epsilon == pytest.approx(expected, rel=1e-6)
 
 
+@pytest.mark.slow  # several seconds (BERT backbone, or the Jacobian fallback)
 def test_keras_hub_layers_without_a_rule_go_to_the_verified_fallback():
     # Full fine-tuning: the tied token embedding (ReversibleEmbedding, its own call) and the
     # position embedding have no rule; they are verified against the reference, never trusted.
