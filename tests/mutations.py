@@ -68,6 +68,14 @@ MUTATIONS = (
         "5% less noise than the accountant assumes",
     ),
     Mutation(
+        "secure_noise_std_x0.95",
+        "keras_safe/optimizers/noise.py",
+        "noise = tf.round(_normal64(size, seed) * (stddev / grid))",
+        "noise = tf.round(_normal64(size, seed) * (0.95 * stddev / grid))",
+        NOISE,
+        "secure_noise=True draws 5% less noise",
+    ),
+    Mutation(
         "noise_divisor_x1.05",
         "keras_safe/optimizers/dp.py",
         "denominator = tf.cast(denominator, tf.float32)",

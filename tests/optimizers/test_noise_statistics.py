@@ -22,10 +22,10 @@ from tests.statistical import Z, assert_gaussian_scale
 FEATURES, UNITS = 512, 512  # 262,144 kernel and 512 bias coordinates
 
 XLA_SEED_BUG = (
-    "Under XLA (jit_compile=True), tf.random.stateless_uniform keeps only the low 32 bits of "
-    "each seed element, so gaussian_noise's radius and angle uniforms (seeds s and "
-    "s + [0, 2^40]) are one stream: the noise is biased (mean +0.27 sigma, deviation 0.97 sigma)"
-    " and the 62-bit noise seed has 32 effective bits"
+    "Under XLA (jit_compile=True), tf.random.stateless_uniform uses only the low 32 bits of each "
+    "seed element: keras_safe.optimizers.noise draws its two uniform streams (radius and angle) "
+    "from seeds 2^40 apart, which XLA makes one stream, so the noise is not Gaussian (its mean "
+    "is 0.1 to 0.3 sigma, secure_noise included), and the 62-bit noise seed keeps 32 bits"
 )
 
 
@@ -57,10 +57,22 @@ def _assert_noise(update, expected):
 
 
 @pytest.mark.parametrize(
-    "sigma, clip, divisor, seed", [(0.6, 2.0, 16, 101), (1.3, 0.5, 250, 102), (3.0, 1.0, 7, 103)]
+    "sigma, clip, divisor, seed, secure",
+    [
+        (0.6, 2.0, 16, 101, False),
+        (1.3, 0.5, 250, 102, False),
+        (3.0, 1.0, 7, 103, False),
+        # The snapped release: noise sigma * C * (1 + g sqrt(d) / C), g about 2^-36 C, that is
+        # sigma * C within 1e-8 here.
+        (1.1, 1.0, 32, 104, True),
+    ],
 )
-def test_privatize_adds_sigma_c_noise_to_the_clipped_sums_then_divides(sigma, clip, divisor, seed):
-    optimizer = DPSGD(1.0, l2_norm_clip=clip, noise_multiplier=sigma, seed=seed)
+def test_privatize_adds_sigma_c_noise_to_the_clipped_sums_then_divides(
+    sigma, clip, divisor, seed, secure
+):
+    optimizer = DPSGD(
+        1.0, l2_norm_clip=clip, noise_multiplier=sigma, seed=seed, secure_noise=secure
+    )
     variables = [keras.Variable(np.zeros((FEATURES, UNITS), "float32")), keras.Variable([0.0] * 9)]
     rng = np.random.default_rng(seed)
     sums = [rng.normal(size=v.shape).astype("float32") for v in variables]
@@ -84,11 +96,19 @@ def _xla_case(*values):
 
 
 @pytest.mark.parametrize(
-    "jit_compile, seed", [(False, 201), _xla_case(True, 202)], ids=["graph", "xla"]
+    "jit_compile, secure, seed",
+    [
+        (False, False, 201),
+        _xla_case(True, False, 202),
+        (False, True, 203),
+        _xla_case(True, True, 204),
+    ],
+    ids=["graph", "xla", "graph-secure", "xla-secure"],
 )
-def test_fit_update_noise_is_lr_sigma_c_over_the_batch(jit_compile, seed):
+def test_fit_update_noise_is_lr_sigma_c_over_the_batch(jit_compile, secure, seed):
     lr, sigma, clip, batch = 0.5, 1.3, 2.0, 16
-    model = _model(DPSGD(lr, l2_norm_clip=clip, noise_multiplier=sigma, seed=seed), jit_compile)
+    optimizer = DPSGD(lr, l2_norm_clip=clip, noise_multiplier=sigma, seed=seed, secure_noise=secure)
+    model = _model(optimizer, jit_compile)
     assert model.jit_compile is jit_compile
     x, y = _zeros(batch)
     update = _update(model, lambda: model.fit(x, y, batch_size=batch, verbose=0))
