@@ -47,7 +47,8 @@ _SHUFFLE_NOTE = (
     "each epoch begun is one Gaussian mechanism, with no amplification by sampling. The Poisson "
     "figure is not a proof for shuffled batches (Chua et al. 2024, 'How Private are DP-SGD "
     "Implementations?'): in keras_safe they are an explicit opt-in (sampling='shuffle' on the "
-    "DP optimizer), reported with the second figure."
+    "DP optimizer, or shuffle=False given to fit), reported with the second figure, counting "
+    "every epoch begun (a partial epoch is a whole mechanism)."
 )
 _ASSUMPTIONS = (
     "Assumptions: each example's gradient is clipped to the L2 norm bound before averaging "
@@ -232,7 +233,8 @@ def _ledger_statement(ledger, delta, accountant):
         _fill(
             "Example-level differential privacy, "
             + (
-                "add-or-remove-one-example adjacency"
+                "add-or-remove-one-example adjacency (zero-out adjacency, the number of "
+                "examples public, for steps with microbatches)"
                 if kinds == {"Poisson"}
                 else "zero-out adjacency (one example replaced by one that contributes nothing, "
                 "the number of examples public)"

@@ -187,6 +187,12 @@ def test_under_xla_a_refused_step_releases_nothing():
     with pytest.raises(PrivacyError, match="already spent"):
         model.train_on_batch(x[:B], y[:B])
     assert _unchanged(before, model)
+    # Past keras_safe's own check (Keras's train_on_batch called directly): the compiled step
+    # itself withholds the release, so the weights do not move.
+    refused = ledger.refused_steps
+    keras.Model.train_on_batch(model, x[:B], y[:B])
+    assert _unchanged(before, model) and ledger.refused_steps == refused + 1
+    assert ledger.steps == allowed
 
 
 # -- item 3: every model class restores its ledger, in a fresh process -----------------------
@@ -328,6 +334,21 @@ def test_fit_on_empty_arrays_names_x():
     x, y = _data(4)
     with pytest.raises(ArgumentError, match=r"`x`.*validation_split"):
         model.fit(x[:1], y[:1], validation_split=0.5, verbose=0)
+
+
+def test_a_delta_of_one_over_n_or_more_is_refused_before_training():
+    x, y = _data()
+    for make in (
+        lambda: _model(delta=0.01),  # the optimizer's delta, checked against fit's 120 examples
+        lambda: _model(delta=0.01, num_examples=N),  # declared: refused at once
+    ):
+        with pytest.raises(ArgumentError, match=r"`delta` must be below 1/num_examples"):
+            model = make()
+            model.fit(x, y, batch_size=B, verbose=0)
+    model = _model()
+    with pytest.raises(ArgumentError, match=r"`delta` must be below 1/num_examples"):
+        model.fit(x, y, batch_size=B, verbose=0, callbacks=[PrivacyBudget(delta=0.5)])
+    assert get_ledger(model).steps == 0
 
 
 def test_a_private_model_without_noise_warns_that_it_is_not_private():
