@@ -13,10 +13,13 @@ Subpackages:
     audit: membership inference audits, metrics and reports.
     testing: `assert_dp_matches_reference`, the one-example-at-a-time check of DP clipping.
 
-Importing keras_safe imports neither Keras nor TensorFlow: each subpackage is loaded on first use
+Importing keras_safe imports neither Keras nor TensorFlow: the subpackages are loaded on first use
 (`keras_safe.privacy`, `from keras_safe import privacy`, `import keras_safe.privacy` alike), so
 the command line and the accounting start in a fraction of a second. The first subpackage that
-needs Keras checks that Keras runs on the TensorFlow backend (`keras_safe._backend`).
+needs Keras checks that Keras runs on the TensorFlow backend and loads all the others, which
+registers keras_safe's serializable classes with Keras (`keras_safe._backend`); so does
+`import keras_safe` after Keras was imported. To load a saved model in a new process, import
+`keras` first, then `keras_safe` (or use any keras_safe subpackage before loading).
 
 Example:
     >>> import keras_safe
@@ -30,26 +33,9 @@ import sys
 from keras_safe import _backend
 from keras_safe._version import __version__
 
-_SUBPACKAGES = (
-    "accounting",
-    "audit",
-    "callbacks",
-    "layers",
-    "optimizers",
-    "preprocessing",
-    "privacy",
-    "security",
-    "testing",
-    "training",
-)
+_SUBPACKAGES = _backend.SUBPACKAGES
 
 __all__ = [*_SUBPACKAGES, "__version__"]
-
-# Every import of a Keras-using part of keras_safe runs the backend check first; where Keras is
-# already loaded, the check costs nothing and runs now.
-_backend.install_guard()
-if sys.modules.get("keras") is not None:
-    _backend.check_backend()
 
 
 def __getattr__(name):
@@ -61,3 +47,12 @@ def __getattr__(name):
 
 def __dir__():
     return sorted(set(globals()) | set(_SUBPACKAGES))
+
+
+# Every import of a Keras-using part of keras_safe checks the backend first, and the first one
+# loads them all (registering their serializable classes with Keras). Where Keras is already
+# loaded, that costs little and happens now: `import keras; import keras_safe` and then
+# `keras.saving.load_model(...)` finds keras_safe's classes.
+_backend.install_guard()
+if sys.modules.get("keras") is not None:
+    _backend.load_all()

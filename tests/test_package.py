@@ -7,6 +7,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 import keras_safe
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -141,3 +143,37 @@ def test_accounting_needs_no_keras_on_any_backend():
     result = _run(code)
     assert result.returncode == 0, result.stderr[-2000:]
     assert 0 < float(result.stdout) < 10
+
+
+# After this, every serializable class of keras_safe must be registered with Keras.
+REGISTERED = (
+    "import keras\n"
+    "names = ['keras_safe>SafeSequential', 'keras_safe>SafeFunctional', 'keras_safe>DPSGD',\n"
+    "         'keras_safe>GradientClip', 'keras_safe>WeightNoise', 'keras_safe>PrivacyBudget']\n"
+    "found = [keras.saving.get_registered_object(name) for name in names]\n"
+    "assert all(found), dict(zip(names, found))\n"
+    "import keras_safe.training.private_model as pm\n"
+    "assert found[0] is pm.SafeSequential  # one class: no subpackage ran twice\n"
+    "print('REGISTERED')\n"
+)
+
+
+@pytest.mark.parametrize(
+    "first",
+    [
+        "import keras\nimport keras_safe\n",  # Keras first: keras_safe loads everything at once
+        "import keras_safe\nfrom keras_safe.layers import WeightNoise\n",  # first Keras part
+        "import keras_safe.training.train_step\n",  # a module deep down, keras_safe not loaded
+    ],
+    ids=["keras_first", "first_subpackage", "deep_module"],
+)
+def test_serializable_classes_are_registered_once_keras_is_in_use(first):
+    result = _run(first + REGISTERED)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "REGISTERED" in result.stdout
+
+
+def test_registration_check_can_fail():
+    """Before any Keras part of keras_safe is used, nothing of it is registered."""
+    result = _run("import keras_safe\n" + REGISTERED)
+    assert result.returncode != 0 and "AssertionError" in result.stderr
