@@ -60,6 +60,7 @@ _SYMBOLIC = {
     "Shape",
     "Pack",
     "StridedSlice",
+    "Slice",
     "ConcatV2",
     "BroadcastGradientArgs",
     "Cast",
@@ -212,6 +213,12 @@ class Analysis:
                 self.symbols[out.ref()] = [e for p in parts for e in p]
         elif op.type == "StridedSlice":
             self._symbolic_slice(op)
+        elif op.type == "Slice":
+            vector = self._vector(op.inputs[0])
+            begin, size = int_list(self.static(op.inputs[1])), int_list(self.static(op.inputs[2]))
+            if vector is not None and begin is not None and size is not None and len(begin) == 1:
+                end = None if size[0] < 0 else begin[0] + size[0]
+                self.symbols[out.ref()] = vector[begin[0] : end]
         elif op.type in _ARITHMETIC:
             a, b = self._scalar(op.inputs[0]), self._scalar(op.inputs[1])
             found = _arithmetic(op.type, a, b)

@@ -122,6 +122,16 @@ ROW_WISE = {
         (3,),
     ),
     "tile features": (lambda x: tf.tile(x, [1, 2]), (3,)),
+    "softmax cross-entropy (flattens outer axes)": (
+        lambda x: tf.nn.softmax_cross_entropy_with_logits(tf.nn.softmax(x), x * 2.0),
+        (5,),
+    ),
+    "sparse cross-entropy on sequences": (
+        lambda x: tf.nn.sparse_softmax_cross_entropy_with_logits(
+            tf.zeros(tf.shape(x)[:2], tf.int32), x
+        ),
+        (4, 3),
+    ),
     "one hot": (
         lambda x: tf.one_hot(tf.cast(tf.abs(x[:, 0]) * 9, tf.int32) % 4, 4) * x[:, 1:],
         (2,),
