@@ -128,12 +128,12 @@ MUTATIONS = (
         ("tests/privacy/per_example/test_forms.py",),
         "float32 norms without their rounding bound can underestimate",
     ),
-    # -- Poisson sampling (privacy/sampling.py) ----------------------------------------------------
+    # -- Poisson sampling (privacy/sampling.py: poisson_batches, and fit's epoch_batches) --------
     Mutation(
         "poisson_rate_x0.95",
         "keras_safe/privacy/sampling.py",
-        "chosen = tf.where(draw < q)",
-        "chosen = tf.where(draw < 0.95 * q)",
+        "< q)[:, 0] + low",
+        "< 0.95 * q)[:, 0] + low",
         ("tests/privacy/test_sampling_statistics.py",),
         "examples drawn at 0.95 q",
     ),

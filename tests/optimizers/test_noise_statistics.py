@@ -131,16 +131,6 @@ def test_noise_depends_on_every_bit_of_the_seed(jit_compile):
     assert abs(np.corrcoef(*updates)[0, 1]) < Z / math.sqrt(updates[0].size)
 
 
-def test_dp_gradients_release_is_sigma_c_over_the_declared_batch():
-    sigma, clip, batch = 0.8, 1.5, 32
-    optimizer = DPSGD(
-        0.1, l2_norm_clip=clip, noise_multiplier=sigma, num_examples=640, batch_size=batch, seed=301
-    )
-    model = _model(optimizer)
-    grads = keras_safe.privacy.dp_gradients(model, *_zeros(batch))
-    _assert_noise([np.asarray(g, "float64") for g in grads], sigma * clip / batch)
-
-
 def _poisson_step(batch, n):
     """A one-step `poisson_batches` dataset whose sample is at least 20% off `batch`: dividing
     by the examples drawn, or by the padded rows, instead of `batch` changes the scale by more
@@ -178,6 +168,7 @@ def test_gradient_accumulation_spreads_one_update_noise_over_the_batches():
 
 
 def test_each_accumulated_batch_releases_one_over_sqrt_k_of_the_noise():
+    # A custom loop's release (dp_gradients) of one of the k batches of an update.
     sigma, clip, batch, k = 1.2, 0.7, 8, 9
     inner = keras.optimizers.SGD(0.1, gradient_accumulation_steps=k)
     optimizer = DPOptimizer(inner, clip, sigma, num_examples=80, batch_size=batch, seed=601)

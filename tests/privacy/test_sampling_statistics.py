@@ -1,10 +1,12 @@
-"""`poisson_batches` against the law the accountant assumes: Binomial batch sizes, each example
+"""Poisson sampling against the law the accountant assumes: Binomial batch sizes, each example
 included independently with probability q at every step.
 
-2,000 steps over 1,000 examples at q = 0.1 (one pass of the dataset, tiny rows): the mean batch
-size is checked in an interval that a rate 5% off falls outside of (with probability above
-1 - 1e-7), the spread and the histogram against Binomial(n, q), every example's count against
-Binomial(steps, q), and the steps against each other. Every check is at the 1e-7 level.
+Both samplers: `poisson_batches` (padded, seeded) and `epoch_batches` (what a private `fit` on
+arrays trains on: unpadded, fresh samples at every pass). 1,500 steps over 1,000 examples at
+q = 0.1 (tiny rows): the mean batch size is checked in an interval that a rate 5% off falls
+outside of (with probability above 1 - 1e-7), the spread and the histogram against
+Binomial(n, q), every example's count against Binomial(steps, q), and the steps against each
+other. Every check is at the 1e-7 level.
 """
 
 import math
@@ -14,32 +16,49 @@ import pytest
 from scipy import stats
 
 import keras_safe
+from keras_safe.privacy.sampling import epoch_batches
 from tests.statistical import ALPHA, Z, assert_mean
 
-N, BATCH, STEPS = 1000, 100, 2000
+N, BATCH, STEPS = 1000, 100, 1500
 Q = BATCH / N
 
 
-@pytest.fixture(scope="module")
-def samples():
-    """`(sizes, counts, batches)` of one `poisson_batches` run: drawn sizes per step, inclusion
-    counts per example, and the chosen indices of the first batches."""
-    x = np.arange(N, dtype="float32")[:, None]
-    data = keras_safe.privacy.poisson_batches(
-        x, np.zeros(N, "float32"), batch_size=BATCH, epochs=STEPS / (N // BATCH), seed=2024
-    )
+def _draws(data, padded):
+    """`(sizes, counts, batches)`: drawn sizes per step, inclusion counts per example, and the
+    chosen indices of the first 50 batches."""
     sizes, counts, batches = [], np.zeros(N), []
-    for xb, _, wb in data.as_numpy_iterator():
-        real = wb > 0
-        drawn = int(real.sum())
-        # The examples come first, the padding rows (weight 0) after them.
-        assert np.all(real[:drawn]) and not np.any(real[drawn:])
+    for batch in data.as_numpy_iterator():
+        xb = batch[0]
+        if padded:
+            real = batch[2] > 0
+            drawn = int(real.sum())
+            # The examples come first, the padding rows (weight 0) after them.
+            assert np.all(real[:drawn]) and not np.any(real[drawn:])
+        else:
+            drawn = len(xb)
         chosen = xb[:drawn, 0].astype(int)
         counts[chosen] += 1
         sizes.append(drawn)
         if len(batches) < 50:
             batches.append(chosen)
     return np.asarray(sizes, "float64"), counts, batches
+
+
+@pytest.fixture(scope="module", params=["poisson_batches", "epoch_batches"])
+def samples(request):
+    x = np.arange(N, dtype="float32")[:, None]
+    y = np.zeros(N, "float32")
+    if request.param == "poisson_batches":
+        data = keras_safe.privacy.poisson_batches(
+            x, y, batch_size=BATCH, epochs=STEPS / (N // BATCH), seed=2024
+        )
+        return _draws(data, padded=True)
+    data = epoch_batches(x, y, batch_size=BATCH, steps_per_epoch=STEPS, pad_to_multiple_of=1)
+    first = _draws(data, padded=False)
+    # Every pass (every epoch of fit) draws new samples.
+    again = _draws(data.take(50), padded=False)
+    assert not all(np.array_equal(a, b) for a, b in zip(first[2], again[2]))
+    return first
 
 
 def test_the_dataset_has_the_steps_of_the_epochs(samples):
