@@ -61,8 +61,8 @@ def check_delta(delta, num_examples=None, name="delta"):
         >>> try:
         ...     check_delta(0.01, num_examples=1000)
         ... except ValueError as error:
-        ...     print(str(error)[:58])
-        `delta` must be below 1/num_examples = 0.001 (a delta of
+        ...     print(str(error).split(" (")[0])
+        `delta` must be below 1/num_examples = 0.001
     """
     fix = "pass a small probability well below 1/num_examples, for example "
     if num_examples is None:

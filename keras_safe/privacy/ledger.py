@@ -87,9 +87,9 @@ class PrivacyLedger(keras.layers.Layer):
         ...     _ = ledger.charge(slot)
         >>> ledger.steps
         3
-        >>> ledger.set_budget(target_epsilon=0.5, delta=1e-5)
-        >>> ledger.epsilon() <= 0.5
-        True
+        >>> ledger.set_budget(target_epsilon=3.0, delta=1e-5)
+        >>> ledger.budget(), ledger.epsilon() <= 3.0
+        ((3.0, 1e-05), True)
     """
 
     def __init__(self, capacity=32, **kwargs):

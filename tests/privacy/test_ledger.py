@@ -39,13 +39,13 @@ def test_a_delta_of_one_over_n_or_more_is_refused_by_the_ledger():
 
 def test_a_statement_from_the_ledger_quotes_its_steps_and_epsilon():
     ledger = _charged([(1.1, 0.05, 1000, 30), (2.0, 1.0, 1000, 4)])
-    ledger.set_budget(6.0, 1e-4, "pld")
+    ledger.set_budget(6.0, 1e-4)
     text = privacy_statement(ledger=ledger)
-    expected = dp_reference.dp_sgd_epsilon([(1.1, 0.05, 30), (2.0, 1.0, 4)], 1e-4, "pld")
+    expected = dp_reference.dp_sgd_epsilon([(1.1, 0.05, 30), (2.0, 1.0, 4)], 1e-4)
     assert f"epsilon spent after 34 steps: {expected:.4f}" in text
     assert f"{ledger.epsilon():.4f}" in text and "34 noisy steps" in text
     assert "30 steps over 1000 examples, Poisson sampling at rate 0.05" in text
-    assert "target_epsilon 6 at delta 0.0001, PLD accountant" in " ".join(text.split())
+    assert "target_epsilon 6 at delta 0.0001, RDP accountant" in " ".join(text.split())
     assert ledger.statement() == text
     with pytest.raises(ArgumentError, match="epochs"):
         privacy_statement(epochs=3, ledger=ledger)
