@@ -49,7 +49,8 @@ def _rows(x):
 
 
 def _split_at(rows, validation_split):
-    # Keras's rule (keras.utils.split_dataset's for arrays in fit): the last fraction.
+    # Keras's rule for arrays in fit (train_validation_split in
+    # keras/src/trainers/data_adapters/array_slicing.py): the last fraction validates.
     return int(math.floor(rows * (1.0 - validation_split)))
 
 
@@ -110,10 +111,11 @@ def wants_fixed_batches(dp, shuffle):
 
 
 def _class_weights(y, class_weight):
-    """Per-example weights from `class_weight`, by Keras's rule (class = argmax of one-hot
-    targets, else the rounded target)."""
+    """Per-example weights from `class_weight`, by Keras's rule for arrays
+    (`class_weight_to_sample_weights` in keras/src/trainers/data_adapters/data_adapter_utils.py:
+    the argmax of one-hot targets, else the rounded target; 1 for classes not listed)."""
     y = np.asarray(y)
-    if y.ndim >= 2 and y.shape[-1] > 1:
+    if y.ndim >= 2 and y.shape[-1] != 1:
         classes = np.argmax(y, axis=-1)
     else:
         classes = np.round(y.reshape(len(y), -1)[:, 0]).astype("int64")
@@ -146,6 +148,13 @@ def poisson_fit_arguments(model, dp, params):
     if split:
         at = _split_at(rows, split)
         _require_examples(at, split)
+        if at == rows:
+            fail(
+                "validation_split",
+                split,
+                f"large enough to leave one of the {rows} examples for validation",
+                "pass a larger validation_split, or validation_data.",
+            )
         if params["validation_data"] is None:
 
             def tail(part):

@@ -87,7 +87,10 @@ def private_fit(model, fit, *args, **kwargs):
         and fit_plan.is_array_data(x)
         and not fit_plan.wants_fixed_batches(dp, params["shuffle"])
     ):
+        arrays = (x, params["y"], params["sample_weight"])
         params = fit_plan.poisson_fit_arguments(model, dp, params)
+        # Verified on the arrays' first examples (a weighted sample may hold few of them).
+        verification.ensure_verified(model, *arrays)
     elif isinstance(x, (tf.data.Dataset, tf.distribute.DistributedDataset)):
         params["shuffle"] = False
     guard = fit_plan.plan_fit(

@@ -65,6 +65,24 @@ def test_a_private_fit_on_arrays_samples_fresh_poisson_batches_every_epoch():
     assert rows == [200.0] * 3 and get_ledger(fixed).segments()[0]["shuffled"]
 
 
+def test_validation_split_and_class_weight_carry_over_to_the_poisson_batches():
+    x, _ = _data(200)
+    y = np.ones(200, "int32")
+    y[:10] = 0  # ten examples of class 0 in the training part, the rest class 1 (weight 0)
+    model = _model()
+    history = model.fit(
+        x, y, batch_size=30, epochs=2, validation_split=0.25, class_weight={0: 1.0, 1: 0.0},
+        verbose=0,
+    )  # fmt: skip
+    # Keras's split: the last quarter validates; the Poisson batches sample the 150 others
+    # (rate 0.2, 5 steps an epoch), with the class weights as sample weights: the step counts
+    # only class 0, 10 * 0.2 * 10 = 20 examples in 10 steps on average (sd 4), 300 without them.
+    assert "val_loss" in history.history
+    (segment,) = get_ledger(model).segments()
+    assert segment["num_examples"] == 150 and segment["sampling_rate"] == pytest.approx(0.2)
+    assert segment["steps"] == 2 * 5 and 0 < segment["rows"] < 60, segment
+
+
 @pytest.mark.parametrize("n, batch, epochs", [(1797, 64, 3), (100, 7, 2.5), (50, 50, 1)])
 def test_poisson_batches_run_the_steps_of_the_one_epoch_rule(n, batch, epochs):
     x, y = _data(n)
