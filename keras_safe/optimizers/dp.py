@@ -348,7 +348,7 @@ class DPOptimizer(OptimizerWrapper):
         # not, so a saved model does not reveal the noise, and a reloaded one continues the
         # counter, so it never repeats a draw of its earlier steps.
         # Under a strategy every replica counts the same updates; the first replica's count is
-        # kept (each replica's draw is told apart by `replicas.replica_noise_counter`).
+        # kept (each replica's draw is told apart by its index in `noise.noise_key`).
         self._noise_draws = self.add_variable(
             shape=(),
             dtype="int64",
@@ -426,10 +426,10 @@ class DPOptimizer(OptimizerWrapper):
         # Rounding the sum moves each coordinate by at most grid / 2: one example can move the
         # rounded sum by C + grid * sqrt(d); the noise grows by that factor.
         stddev = stddev * (1.0 + grid * math.sqrt(dimension) / self.l2_norm_clip)
-        counter = replicas.replica_noise_counter(self._noise_draws)
+        step = noise.noise_key(self._base_seed, 0, self._noise_draws)
         out = []
         for i, total in enumerate(sums):
-            key = tf.stack([tf.constant(self._base_seed, tf.int64), counter + (i << 42)])
+            key = tf.random.experimental.stateless_fold_in(step, i)
             check = tf.debugging.assert_less(
                 tf.reduce_max(tf.abs(tf.cast(total, tf.float64))),
                 tf.constant(2.0**52 * grid, tf.float64),

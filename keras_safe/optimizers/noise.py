@@ -33,7 +33,9 @@ import secrets
 
 import tensorflow as tf
 
-__all__ = ["fresh_seed", "gaussian_noise", "snapped_gaussian_sum"]
+__all__ = ["fresh_seed", "gaussian_noise", "noise_key", "snapped_gaussian_sum"]
+
+_HALF_MASK = (1 << 31) - 1
 
 _TINY = 2.0**-60
 
@@ -47,14 +49,36 @@ def fresh_seed():
     return secrets.randbits(62)
 
 
-def _uniform_pairs(half, seed):
-    u = tf.random.stateless_uniform([half], seed=seed, dtype=tf.float64)
-    # The angle's stream sits 2^40 draws ahead on the counter, out of reach of the per-step
-    # counter.
-    v = tf.random.stateless_uniform(
-        [half], seed=seed + tf.constant([0, 1 << 40], tf.int64), dtype=tf.float64
-    )
-    return u, v
+def noise_key(seed, *indices):
+    """The key of one noise stream: the 62-bit `seed` folded with `indices` (ints or int
+    tensors, each below 2^31: replica, update, variable...).
+
+    Every key element stays usable whatever reads it: under XLA, stateless random ops read only
+    the low 32 bits of each seed element, so the seed enters as two 31-bit halves and each index
+    is folded in by a counter-based hash (`tf.random.experimental.stateless_fold_in`), never
+    added to a seed element.
+
+    Example:
+
+    >>> import tensorflow as tf
+    >>> a, b = noise_key(7, 0, 1), noise_key(7 + 2**32, 0, 1)
+    >>> bool(tf.reduce_any(a != b))
+    True
+    """
+    key = tf.constant([int(seed) & _HALF_MASK, int(seed) >> 31], tf.int64)
+    for index in indices:
+        key = tf.random.experimental.stateless_fold_in(key, tf.cast(index, tf.int64))
+    return key
+
+
+def _uniforms(half, key, streams):
+    """`streams` independent float64 uniform vectors of `half` values, one per fold of `key`."""
+    return [
+        tf.random.stateless_uniform(
+            [half], seed=tf.random.experimental.stateless_fold_in(key, stream), dtype=tf.float64
+        )
+        for stream in range(streams)
+    ]
 
 
 def gaussian_noise(size, seed, stddev=1.0):
@@ -62,18 +86,18 @@ def gaussian_noise(size, seed, stddev=1.0):
 
     Args:
         size: the number of values (a Python int).
-        seed: a counter-based seed, int64 `[2]`.
+        seed: the stream's key, int64 `[2]` (`noise_key`).
         stddev: the standard deviation (a Python float or scalar tensor).
 
     Example:
 
     >>> import tensorflow as tf
-    >>> x = gaussian_noise(100000, tf.constant([3, 0], tf.int64))
+    >>> x = gaussian_noise(100000, noise_key(3, 0))
     >>> abs(float(tf.math.reduce_std(x)) - 1.0) < 0.02, int(tf.reduce_sum(tf.cast(x == 0, "int32")))
     (True, 0)
     """
     half = (size + 1) // 2
-    u, v = _uniform_pairs(half, seed)
+    u, v = _uniforms(half, seed, 2)
     log_u = tf.cast(tf.math.log(tf.maximum(u, _TINY)), tf.float32)
     radius = tf.sqrt(log_u * (-2.0 * tf.square(tf.cast(stddev, tf.float32))))
     # The angle pi * g, g uniform in [-1/2, 1/2] (k = round(2 v) odd: the left half-circle).
@@ -93,10 +117,7 @@ def _normal64(size, seed):
     resolved as finely as the body out to `sqrt(2 * 78 ln 2) = 10.4` standard deviations.
     """
     half = (size + 1) // 2
-    u, v = _uniform_pairs(half, seed)
-    fine = tf.random.stateless_uniform(
-        [half], seed=seed + tf.constant([0, 1 << 39], tf.int64), dtype=tf.float64
-    )
+    u, v, fine = _uniforms(half, seed, 3)
     u = tf.where(u < 2.0**-26, fine * 2.0**-26, u)
     radius = tf.sqrt(-2.0 * tf.math.log(tf.maximum(u, 2.0**-78)))
     angle = (2.0 * math.pi) * v

@@ -10,7 +10,7 @@ with `B` the expected *global* batch. keras_safe builds it in three steps, all i
 optimizer's `privatize`:
 
 1. each replica adds its own Gaussian draw of standard deviation `sigma * C / sqrt(R)` to its
-   clipped sum; the draws are independent (the noise counter carries the replica's index, and
+   clipped sum; the draws are independent (the noise key folds in the replica's index, and
    each worker process draws its own seed from OS entropy), so their sum has the standard
    deviation `sigma * C` of the global update; it is never one draw repeated on every replica
    (whose sum would have `sqrt(R)` times that deviation);
@@ -28,7 +28,7 @@ Outside a strategy (and in cross-replica context) there is one replica and nothi
 
 import tensorflow as tf
 
-from keras_safe.optimizers.noise import gaussian_noise
+from keras_safe.optimizers.noise import gaussian_noise, noise_key
 
 __all__ = [
     "apply_if",
@@ -36,13 +36,9 @@ __all__ = [
     "noise_shares",
     "num_replicas",
     "replica_index",
-    "replica_noise_counter",
     "share_for_inner_optimizer",
     "sum_over_replicas",
 ]
-
-# Noise counters of different replicas lie 2^41 apart (the update count stays below 2^40).
-_REPLICA_STRIDE = 1 << 41
 
 
 def num_replicas():
@@ -71,32 +67,30 @@ def replica_index():
     return tf.cast(context.replica_id_in_sync_group, tf.int64)
 
 
-def replica_noise_counter(draws):
-    """The noise counter of this replica for the `draws`-th update: `draws + index * 2^41`.
+def noise_shares(seed, draws, sizes, stddev):
+    """This replica's share of the noise of the `draws`-th update, one draw per variable.
 
-    Unique per (update, replica) whatever the number of replicas, so no two draws of one seed
-    ever coincide (an update's draw count grows by one per update on every replica); replica 0,
-    and a single device, use `draws` itself. `keras_safe.optimizers.noise.gaussian_noise` keeps
-    its second stream 2^40 above the counter, out of reach of either.
+    `sizes[i]` Gaussian draws of standard deviation `stddev / sqrt(R)` for variable `i`, from the
+    stream keyed by `seed`, this replica's index, the update and the variable
+    (`keras_safe.optimizers.noise.noise_key`): the replicas' shares are independent and their
+    sum has standard deviation `stddev`; no two updates, replicas or variables share a stream.
 
     Example:
 
-    >>> int(replica_noise_counter(5))  # one device
-    5
+    >>> a, b = noise_shares(7, 0, [60000, 40000], 2.0)  # one device
+    >>> a.shape, 1.9 < float(tf.math.reduce_std(b)) < 2.1
+    (TensorShape([60000]), True)
     """
-    draws = tf.convert_to_tensor(draws, tf.int64)
-    if num_replicas() == 1:
-        return draws
-    return draws + replica_index() * _REPLICA_STRIDE
+    step = noise_key(seed, replica_index(), draws)
+    stddev = stddev / num_replicas() ** 0.5
+    return [
+        gaussian_noise(size, tf.random.experimental.stateless_fold_in(step, i), stddev)
+        for i, size in enumerate(sizes)
+    ]
 
 
 def noise_share(seed, draws, size, stddev):
-    """This replica's share of the noise of the `draws`-th update.
-
-    `size` Gaussian draws of standard deviation `stddev / sqrt(R)` from the counter-based
-    generator keyed by `seed` at this replica's counter (`replica_noise_counter`): the replicas'
-    shares are independent and their sum has standard deviation `stddev`. With one replica it
-    is the whole noise, `gaussian_noise(size, [seed, draws], stddev)`.
+    """`noise_shares` for one block of `size` values.
 
     Example:
 
@@ -104,37 +98,7 @@ def noise_share(seed, draws, size, stddev):
     >>> 1.9 < float(tf.math.reduce_std(noise)) < 2.1
     True
     """
-    counter = replica_noise_counter(draws)
-    key = tf.stack([tf.constant(seed, tf.int64), counter])
-    return gaussian_noise(size, key, stddev / num_replicas() ** 0.5)
-
-
-# Keys of the variables' noise streams: the seed moved by an odd multiple of the variable's index
-# (a bijection of the 62-bit seeds), so every variable draws from its own Philox key.
-_KEY_STEP = 0x1E3779B97F4A7C15
-_KEY_MASK = (1 << 62) - 1
-
-
-def noise_shares(seed, draws, sizes, stddev):
-    """`noise_share` for several variables at once: one draw of `sizes[i]` values per variable,
-    each from its own key, with no concatenation or split of a common draw.
-
-    Example:
-
-    >>> a, b = noise_shares(7, 0, [6000, 4000], 2.0)  # one device
-    >>> a.shape, b.shape
-    (TensorShape([6000]), TensorShape([4000]))
-    """
-    counter = replica_noise_counter(draws)
-    stddev = stddev / num_replicas() ** 0.5
-    return [
-        gaussian_noise(
-            size,
-            tf.stack([tf.constant((seed + i * _KEY_STEP) & _KEY_MASK, tf.int64), counter]),
-            stddev,
-        )
-        for i, size in enumerate(sizes)
-    ]
+    return noise_shares(seed, draws, [size], stddev)[0]
 
 
 def sum_over_replicas(tensors):

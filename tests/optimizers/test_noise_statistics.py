@@ -21,13 +21,6 @@ from tests.statistical import Z, assert_gaussian_scale
 
 FEATURES, UNITS = 512, 512  # 262,144 kernel and 512 bias coordinates
 
-XLA_SEED_BUG = (
-    "Under XLA (jit_compile=True), tf.random.stateless_uniform uses only the low 32 bits of each "
-    "seed element: keras_safe.optimizers.noise draws its two uniform streams (radius and angle) "
-    "from seeds 2^40 apart, which XLA makes one stream, so the noise is not Gaussian (its mean "
-    "is 0.1 to 0.3 sigma, secure_noise included), and the 62-bit noise seed keeps 32 bits"
-)
-
 
 def _model(optimizer, jit_compile=False):
     model = keras.Sequential([keras.Input((FEATURES,)), keras.layers.Dense(UNITS)])
@@ -91,17 +84,13 @@ def test_privatize_without_noise_releases_the_clipped_sums_over_the_divisor():
     np.testing.assert_allclose(np.asarray(release), sums / 8, rtol=1e-7)
 
 
-def _xla_case(*values):
-    return pytest.param(*values, marks=pytest.mark.xfail(strict=True, reason=XLA_SEED_BUG))
-
-
 @pytest.mark.parametrize(
     "jit_compile, secure, seed",
     [
         (False, False, 201),
-        _xla_case(True, False, 202),
+        (True, False, 202),
         (False, True, 203),
-        _xla_case(True, True, 204),
+        (True, True, 204),
     ],
     ids=["graph", "xla", "graph-secure", "xla-secure"],
 )
@@ -115,7 +104,7 @@ def test_fit_update_noise_is_lr_sigma_c_over_the_batch(jit_compile, secure, seed
     _assert_noise(update, lr * sigma * clip / batch)
 
 
-@pytest.mark.parametrize("jit_compile", [False, _xla_case(True)], ids=["graph", "xla"])
+@pytest.mark.parametrize("jit_compile", [False, True], ids=["graph", "xla"])
 def test_noise_depends_on_every_bit_of_the_seed(jit_compile):
     # Seeds that differ only above bit 32 must draw independent noise.
     x, y = np.zeros((8, 64), "float32"), np.zeros((8, 64), "float32")

@@ -382,10 +382,10 @@ def test_microbatches_accounted_at_sensitivity_c_must_hold_one_example_each():
 
 
 def test_the_noise_has_no_exact_zeros_and_no_gap_around_zero_in_1e8_values():
-    from keras_safe.optimizers.noise import gaussian_noise
+    from keras_safe.optimizers.noise import gaussian_noise, noise_key
 
     draw = tf.function(
-        lambda counter: gaussian_noise(10_000_000, tf.stack([tf.constant(7, tf.int64), counter]))
+        lambda counter: gaussian_noise(10_000_000, noise_key(7, counter))
     )
     zeros = small = 0
     for counter in range(10):
