@@ -89,14 +89,14 @@ class _KerasSafeSum:
                 lambda a: tf.TensorSpec([None, *a.shape[1:]], tf.as_dtype(a.dtype)), data
             )
             self._traced[key] = tf.function(
-                lambda d: self._body(d, microbatches), input_signature=[specs]
+                lambda d: self._body(d, microbatches), input_signature=[specs], autograph=False
             )
         try:
             sums, norms = self._traced[key](data)
         except tf.errors.InvalidArgumentError:
             # A layer sees a batch axis folded with others, which only a trace with a known
             # batch size can tell: trace per batch size from now on.
-            self._traced[key] = tf.function(lambda d: self._body(d, microbatches))
+            self._traced[key] = tf.function(lambda d: self._body(d, microbatches), autograph=False)
             sums, norms = self._traced[key](data)
         return [np.asarray(s, "float64") for s in sums], np.asarray(norms, "float64")
 

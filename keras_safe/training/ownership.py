@@ -27,6 +27,7 @@ since; a copy made through a file carries the file's ledger instead (`load_model
 made any other way are an assumption the README states.
 """
 
+import hashlib
 import weakref
 
 import keras
@@ -65,11 +66,13 @@ def _register(variables, ledger):
     ledger_ref = weakref.ref(ledger)
     for variable in variables:
         key = id(variable)
+        if _owner(variable) is ledger:
+            continue  # registered already, with the value it first trained from
 
         def forget(_, key=key):
             _OWNERS.pop(key, None)
 
-        _OWNERS[key] = (weakref.ref(variable, forget), ledger_ref)
+        _OWNERS[key] = (weakref.ref(variable, forget), ledger_ref, _digest(_value(variable)))
 
 
 def _value(variable):
@@ -77,15 +80,23 @@ def _value(variable):
         return np.asarray(variable.numpy())
 
 
+def _digest(value):
+    return hashlib.blake2b(np.ascontiguousarray(value).tobytes(), digest_size=16).digest()
+
+
 def _copied_from(variables, own):
     """Ledgers (other than `own`, with steps) whose trained variables hold exactly the values
-    of some of `variables`."""
+    of some of `variables`.
+
+    Only variables whose value moved since they were registered count: a model that charged
+    steps but applied none (or two fresh models initialised from one seed) shows no copy.
+    """
     by_shape = {}
-    for var_ref, ledger_ref in list(_OWNERS.values()):
+    for var_ref, ledger_ref, first in list(_OWNERS.values()):
         var, ledger = var_ref(), ledger_ref()
         if var is None or ledger is None or ledger is own or ledger.steps == 0:
             continue
-        by_shape.setdefault((tuple(var.shape), str(var.dtype)), []).append((var, ledger))
+        by_shape.setdefault((tuple(var.shape), str(var.dtype)), []).append((var, ledger, first))
     found = set()
     for variable in variables:
         candidates = by_shape.get((tuple(variable.shape), str(variable.dtype)))
@@ -94,8 +105,9 @@ def _copied_from(variables, own):
         value = _value(variable)
         if value.size < 2 or np.all(value == value.flat[0]):
             continue  # constants (zeros, ones) are no evidence of a copy
-        for var, ledger in candidates:
-            if np.array_equal(value, _value(var)):
+        digest = _digest(value)
+        for var, ledger, first in candidates:
+            if digest != first and np.array_equal(value, _value(var)):
                 found.add(ledger)
     return found
 

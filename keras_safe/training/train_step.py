@@ -158,9 +158,12 @@ def _eager_step(model):
     )
     cached = getattr(model, _EAGER_STEP, None)
     if cached is None or cached[0] != key:
+        # Without AutoGraph, as Keras's own train step runs (Keras is not converted): the step
+        # has no Python control flow on tensors, and converting keras_safe's code took seconds.
         function = tf.function(
             lambda x, y, sample_weight: _traced_private_step(model, x, y, sample_weight),
             reduce_retracing=True,
+            autograph=False,
         )
         cached = (key, function)
         object.__setattr__(model, _EAGER_STEP, cached)

@@ -106,7 +106,7 @@ class _KerasSafeSide:
         self.info = {}
         x, y, sample_weight = data
 
-        @tf.function
+        @tf.function(autograph=False)
         def run(clip, reference_factors):
             def forward():
                 pred = model(x, training=training)
