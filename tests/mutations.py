@@ -56,6 +56,9 @@ class Mutation:
 NOISE = ("tests/optimizers/test_noise_statistics.py",)
 EPSILON = ("tests/optimizers/test_dp.py", "tests/audit/test_canary.py")
 DP_STATS = ("tests/preprocessing/test_dp_stats.py",)
+ENFORCEMENT = ("tests/training/test_enforcement.py",)
+INDEPENDENCE = ("tests/privacy/independence/test_analysis.py",)
+OWNERSHIP = ("tests/training/test_ownership.py",)
 
 MUTATIONS = (
     # -- the Gaussian noise of the release (optimizers/dp.py) -------------------------------------
@@ -234,6 +237,87 @@ MUTATIONS = (
         "share = 1.25 * self.dp_epsilon / num_features",
         DP_STATS,
         "a preprocessing layer spends 25% more than dp_epsilon",
+    ),
+    # -- the per-step enforcement of the two assumptions (training/, privacy/independence/) ---
+    Mutation(
+        "independence_check_off",
+        "keras_safe/privacy/independence/__init__.py",
+        "    if problems:\n        raise PrivacyError(",
+        "    if False:\n        raise PrivacyError(",
+        ENFORCEMENT,
+        "a step whose examples mix (or whose forward pass writes state) trains",
+    ),
+    Mutation(
+        "reduction_over_the_batch_kept",
+        "keras_safe/privacy/independence/rules.py",
+        'if v.axis in axes:\n        return _outputs(op, mixed(op, "reduces over the batch axis"))',
+        'if False:\n        return _outputs(op, mixed(op, "reduces over the batch axis"))',
+        INDEPENDENCE,
+        "a reduction across the examples counts as row-wise",
+    ),
+    Mutation(
+        "gather_across_the_batch_kept",
+        "keras_safe/privacy/independence/layout.py",
+        "        elif params.axis == axis:",
+        "        elif False:",
+        INDEPENDENCE,
+        "a gather along the batch axis (MixUp's permutation) counts as row-wise",
+    ),
+    Mutation(
+        "branch_of_a_cond_skipped",
+        "keras_safe/privacy/independence/analysis.py",
+        "        outs = found if outs is None else [join(a, b, op) for a, b in zip(outs, found)]",
+        "        outs = found if outs is None else outs",
+        INDEPENDENCE,
+        "only the first branch of a tf.cond is analysed (mixing in the other slips through)",
+    ),
+    Mutation(
+        "data_written_to_variables",
+        "keras_safe/privacy/independence/analysis.py",
+        "            if any(is_data(v) for v in ins[1:]):",
+        "            if False:",
+        ENFORCEMENT,
+        "a forward pass may store the data in a variable",
+    ),
+    Mutation(
+        "batch_rows_unchecked",
+        "keras_safe/training/train_step.py",
+        "        limit = schedule.batch_size\n",
+        "        limit = 100 * schedule.batch_size\n",
+        ENFORCEMENT,
+        "a step may hold far more examples than the accountant charges",
+    ),
+    Mutation(
+        "microbatches_of_two_at_c",
+        "keras_safe/training/train_step.py",
+        "    if groups and schedule.sensitivity_factor == 1.0:",
+        "    if False:",
+        ENFORCEMENT,
+        "microbatches of two examples accounted at sensitivity C",
+    ),
+    Mutation(
+        "shared_weights_own_ledger",
+        "keras_safe/training/ownership.py",
+        "    others = {ledger for ledger in (_owner(v) for v in variables) if ledger is not own}",
+        "    others = set()",
+        OWNERSHIP,
+        "two models training one layer each count only their own steps",
+    ),
+    Mutation(
+        "dp_statistics_uncharged",
+        "keras_safe/training/ownership.py",
+        "                ledger.record_statistics(release, layer.dp_epsilon_spent)",
+        "                pass",
+        OWNERSHIP,
+        "a DP preprocessing layer's epsilon is left out of the model's ledger",
+    ),
+    Mutation(
+        "exact_statistics_accepted",
+        "keras_safe/training/ownership.py",
+        "            elif not int(layer.adapted_on_public_data.numpy()):",
+        "            elif False:",
+        OWNERSHIP,
+        "exact statistics of the training data are released with the model",
     ),
 )
 

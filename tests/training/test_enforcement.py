@@ -373,6 +373,12 @@ def test_microbatches_accounted_at_sensitivity_c_must_hold_one_example_each():
     with pytest.raises(PrivacyError, match="one example per microbatch|more examples"):
         dp_gradients(model, x[: 2 * B], y[: 2 * B])  # two examples per microbatch: 2C
     _assert_untouched(model, before)
+    # Padding rows (weight 0) that put two real examples in a microbatch: the examples are no
+    # more than declared, but a microbatch moves by 2C when one leaves.
+    weights = np.tile([1.0, 1.0, 0.0, 0.0], B // 2).astype("float32")
+    with pytest.raises(PrivacyError, match="one example per microbatch"):
+        dp_gradients(model, x[: 2 * B], y[: 2 * B], sample_weight=weights)
+    _assert_untouched(model, before)
     grads = dp_gradients(model, x[:B], y[:B])  # one example each: accepted
     model.optimizer.apply(grads, model.trainable_variables)
     assert get_ledger(model).steps == 1
@@ -384,9 +390,7 @@ def test_microbatches_accounted_at_sensitivity_c_must_hold_one_example_each():
 def test_the_noise_has_no_exact_zeros_and_no_gap_around_zero_in_1e8_values():
     from keras_safe.optimizers.noise import gaussian_noise, noise_key
 
-    draw = tf.function(
-        lambda counter: gaussian_noise(10_000_000, noise_key(7, counter))
-    )
+    draw = tf.function(lambda counter: gaussian_noise(10_000_000, noise_key(7, counter)))
     zeros = small = 0
     for counter in range(10):
         values = draw(tf.constant(counter, tf.int64)).numpy()

@@ -49,6 +49,18 @@ def test_two_models_sharing_a_layer_charge_one_ledger():
     assert _truth(steps) < ledger.epsilon(1e-5) - 0.1
 
 
+def test_a_shared_layer_answers_to_its_ledger_even_before_its_weights_move():
+    from keras_safe.privacy import dp_gradients
+
+    shared = keras.layers.Dense(4)
+    first = _private(keras.Sequential([keras.Input((5,)), shared, keras.layers.Dense(2)]))
+    second = _private(keras.Sequential([keras.Input((5,)), shared, keras.layers.Dense(2)]))
+    first.optimizer.num_examples, first.optimizer.batch_size = N, B
+    dp_gradients(first, X[:B], Y[:B])  # a release computed (and charged), never applied
+    assert get_ledger(first).steps == 1
+    assert _train(second) is get_ledger(first)
+
+
 def test_weights_copied_into_a_clone_continue_the_original_ledger():
     original = _private(keras.Sequential([keras.Input((5,)), keras.layers.Dense(2)]))
     steps = _train(original).steps

@@ -168,6 +168,10 @@ MIXING = {
         lambda x: tf.cond(tf.reduce_max(x) > 100.0, lambda: x * 2.0, lambda: x),
         (3,),
     ),
+    "mixing in the else branch": (
+        lambda x: tf.cond(tf.shape(x)[0] < 2, lambda: x, lambda: x - tf.reduce_mean(x, 0)),
+        (3,),
+    ),
     "mix in a while loop": (
         lambda x: tf.while_loop(
             lambda i, h: i < 2, lambda i, h: (i + 1, h + tf.reduce_mean(h, 0)), (0, x)
