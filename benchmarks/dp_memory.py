@@ -44,6 +44,7 @@ def worker(name, mode, batch, steps):
     from dp_models import MODELS
 
     import keras_safe
+    from keras_safe.optimizers import provenance
     from keras_safe.privacy.losses import PerExampleLoss
     from keras_safe.privacy.per_example import clipped_gradient_sum
 
@@ -72,7 +73,9 @@ def worker(name, mode, batch, steps):
                 return per_example_loss(yb, pred), pred
 
             sums, *_ = clipped_gradient_sum(model, variables, forward, 1.0, use_taps=False)
-            model.optimizer.apply(dp.privatize(sums, batch, variables), variables)
+            with provenance.releasing():  # as keras_safe's step calls it
+                release = dp.privatize(sums, batch, variables)
+            model.optimizer.apply(release, variables)
 
         for i in range(steps):
             step(x[i * batch : (i + 1) * batch], y[i * batch : (i + 1) * batch])

@@ -319,6 +319,14 @@ MUTATIONS = (
         OWNERSHIP,
         "exact statistics of the training data are released with the model",
     ),
+    Mutation(
+        "privatize_outside_the_step",
+        "keras_safe/optimizers/dp.py",
+        "        if not provenance.in_release():",
+        "        if False:",
+        ENFORCEMENT,
+        "the optimizer's privatize noises and releases any gradients, nothing charged",
+    ),
 )
 
 

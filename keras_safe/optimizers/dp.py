@@ -384,6 +384,14 @@ class DPOptimizer(OptimizerWrapper):
         Raises:
             keras_safe._validation.ArgumentError: when the noise was never calibrated.
         """
+        if not provenance.in_release():
+            raise PrivacyError(
+                f"{type(self).__name__}.privatize is called by keras_safe's train step only: "
+                "there the sums come from its per-example clipping, the step's checks hold and "
+                "the ledger is charged, none of which a direct call has. Fix: compute gradients "
+                "with keras_safe.privacy.dp_gradients(model, x, y) and apply exactly what it "
+                "returns."
+            )
         if self.noise_multiplier is None:
             fail(
                 "noise_multiplier",

@@ -10,11 +10,34 @@ arithmetic on released gradients are other tensor objects and are refused, whate
 before; nothing is "armed" that a later or failed step could inherit.
 
 Tensors are held by weak reference: the record never keeps a graph or a tensor alive.
+
+Releasing is the train step's alone: `privatize` runs only inside `releasing()`, which keras_safe's
+step opens around it after the step's clipping, checks and charge are in place. Called anywhere
+else (on gradients no clipping pass produced, with nothing charged) it refuses.
 """
 
+import contextlib
+import contextvars
 import weakref
 
-__all__ = ["is_released", "mark_released", "unreleased"]
+__all__ = ["in_release", "is_released", "mark_released", "releasing", "unreleased"]
+
+_RELEASING = contextvars.ContextVar("keras_safe_releasing", default=False)
+
+
+@contextlib.contextmanager
+def releasing():
+    """The context in which keras_safe's train step calls `DPOptimizer.privatize`."""
+    token = _RELEASING.set(True)
+    try:
+        yield
+    finally:
+        _RELEASING.reset(token)
+
+
+def in_release():
+    """True inside `releasing()`."""
+    return _RELEASING.get()
 
 # id(tensor) -> weak reference to it. The weak reference also guards against a recycled id:
 # an entry counts only while it still points at the very same object.

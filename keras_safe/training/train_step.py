@@ -289,7 +289,8 @@ def _private_gradients(model, x, y, sample_weight, watch):
         model, variables, forward, dp.l2_norm_clip, num_microbatches=groups, **options
     )
     watch.check(model, losses)
-    grads = dp.privatize(clipped, schedule.divisor, variables)
+    with provenance.releasing():
+        grads = dp.privatize(clipped, schedule.divisor, variables)
     # The model's budget and the segment of this schedule, gated in the charge below.
     ownership.settle_ledger(model)  # shared or copied weights answer to one ledger
     ledger, slot = state.ledger_slot(model, dp, schedule)

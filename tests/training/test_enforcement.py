@@ -451,3 +451,20 @@ def test_under_xla_an_oversized_batch_releases_nothing():
         np.testing.assert_array_equal(b, np.array(v))
     released = step(tf.constant(x[:10]), tf.constant(y[:10]))
     assert sum(float(tf.reduce_max(tf.abs(g))) for g in released) > 0
+
+
+def test_privatize_called_outside_the_step_is_refused():
+    # The attack: unclipped gradients, noised by the optimizer's own method and applied with
+    # nothing charged. The noise would be calibrated for a clipped sum of norm C per example;
+    # these gradients are unbounded.
+    x, y = _data()
+    model = _dense(num_examples=N, batch_size=B)
+    model.build((None, 6))
+    with tf.GradientTape() as tape:
+        loss = model.compute_loss(x=x[:B], y=y[:B], y_pred=model(x[:B]))
+    raw = tape.gradient(loss, model.trainable_variables)
+    assert max(float(tf.norm(g)) for g in raw) * B > 1.0  # more than C could contribute
+    before = _state(model)
+    with pytest.raises(PrivacyError, match="train step only"):
+        model.optimizer.privatize([g * B for g in raw], B, model.trainable_variables)
+    _assert_untouched(model, before)
