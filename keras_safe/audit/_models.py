@@ -1,11 +1,11 @@
-"""Models an audit trains itself (shadow models, canary runs) and the delta of an audited model."""
+"""Models an audit trains itself (shadow models, canary runs) and the delta an audit reports at."""
 
 import keras
 
 from keras_safe._validation import fail
-from keras_safe.privacy import find_dp_optimizer
+from keras_safe.privacy.ledger import get_ledger
 
-__all__ = ["check_model_factory", "compiled_model", "default_delta"]
+__all__ = ["audit_delta", "check_model_factory", "compiled_model"]
 
 
 def check_model_factory(model_factory, purpose):
@@ -41,14 +41,16 @@ def compiled_model(model_factory):
     return model
 
 
-def default_delta(model):
-    """The delta of the model's DP optimizer, else 1e-5.
+def audit_delta(model):
+    """The delta an audit of `model` reports at: its privacy guarantee's (the ledger's budget
+    delta, else `keras_safe.accounting.default_delta` of its training set), else 1e-5 for a
+    model that never trained privately.
 
     Example:
         >>> import keras
-        >>> default_delta(keras.Sequential())
+        >>> audit_delta(keras.Sequential())
         1e-05
     """
-    dp = find_dp_optimizer(getattr(model, "optimizer", None))
-    delta = getattr(dp, "delta", None) if dp is not None else None
+    ledger = get_ledger(model)
+    delta = ledger.delta() if ledger is not None and ledger.steps else None
     return float(delta) if delta else 1e-5

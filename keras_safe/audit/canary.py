@@ -25,7 +25,7 @@ import numpy as np
 
 from keras_safe._data import Description, check_examples
 from keras_safe._validation import check_choice, check_number, check_probability, fail
-from keras_safe.audit._models import check_model_factory, compiled_model, default_delta
+from keras_safe.audit._models import audit_delta, check_model_factory, compiled_model
 from keras_safe.audit.features import class_labels, example_losses
 from keras_safe.audit.metrics import attack_metrics, guessing_epsilon_lower_bound
 from keras_safe.privacy.ledger import get_ledger
@@ -297,7 +297,7 @@ def canary_audit(
     else:
         scores = -loss
     if delta is None:
-        delta = default_delta(audited)
+        delta = audit_delta(audited)
 
     order = np.argsort(-scores, kind="stable")
     plans = []

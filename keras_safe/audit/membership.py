@@ -10,7 +10,7 @@ import numpy as np
 
 from keras_safe._data import check_examples
 from keras_safe._validation import check_number, check_probability, fail
-from keras_safe.audit._models import default_delta
+from keras_safe.audit._models import audit_delta
 from keras_safe.audit.attacks.base import AttackContext
 from keras_safe.audit.attacks.registry import resolve_attacks
 from keras_safe.audit.features import compute_features
@@ -123,7 +123,7 @@ def membership_inference(
     non_members = check_examples("non_members", non_members)
     chosen = resolve_attacks(attacks)
     if delta is None:
-        delta = default_delta(model)
+        delta = audit_delta(model)
     delta = check_number("delta", delta, low=0.0, high=1.0, high_inclusive=False)
     confidence_level = check_probability("confidence_level", confidence_level)
     min_slice_size = check_number("min_slice_size", min_slice_size, low=1, integer=True)
