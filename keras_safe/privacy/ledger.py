@@ -33,7 +33,7 @@ from keras_safe._validation import STEP_REFUSED, PrivacyError, check_number, fai
 from keras_safe.accounting.accountants import check_accountant, epsilon_of
 from keras_safe.accounting.checks import check_delta, check_target, default_delta
 
-__all__ = ["LEDGER_ATTRIBUTE", "PrivacyLedger", "get_ledger"]
+__all__ = ["LEDGER_ATTRIBUTE", "PrivacyLedger", "get_ledger", "set_ledger"]
 
 LEDGER_ATTRIBUTE = "_keras_safe_ledger"
 # The gate of a segment nobody limits (no budget). Far below int64's end, so sums cannot wrap.
@@ -624,7 +624,12 @@ def get_ledger(model, create=False):
         # Created eagerly even while a step is being traced: its variables outlive the trace.
         with tf.init_scope(), strategy.scope():
             ledger = PrivacyLedger()
-        # Set past Keras's attribute tracking: the ledger is not a layer of the model and its
-        # variables are not model weights, but saving still finds it by the attribute.
-        object.__setattr__(model, LEDGER_ATTRIBUTE, ledger)
+        set_ledger(model, ledger)
     return ledger
+
+
+def set_ledger(model, ledger):
+    """Makes `ledger` the privacy ledger `model` charges and saves (the one place it is set)."""
+    # Set past Keras's attribute tracking: the ledger is not a layer of the model and its
+    # variables are not model weights, but saving still finds it by the attribute.
+    object.__setattr__(model, LEDGER_ATTRIBUTE, ledger)

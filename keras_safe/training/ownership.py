@@ -36,7 +36,7 @@ import tensorflow as tf
 
 from keras_safe._validation import PrivacyError
 from keras_safe.preprocessing._base import AdaptableFeatureLayer
-from keras_safe.privacy.ledger import LEDGER_ATTRIBUTE, get_ledger
+from keras_safe.privacy.ledger import get_ledger, set_ledger
 from keras_safe.privacy.model_checks import all_layers
 
 __all__ = ["settle_ledger"]
@@ -138,7 +138,7 @@ def settle_ledger(model):
             )
         (ledger,) = others
         # The model now charges the ledger its weights answer to (and saves it).
-        object.__setattr__(model, LEDGER_ATTRIBUTE, ledger)
+        set_ledger(model, ledger)
         own = ledger
     _register(variables, own)
     with tf.init_scope():  # reads the layers' values, also while a step is being traced

@@ -46,7 +46,6 @@ __all__ = ["PrivateModel", "SafeFunctional", "SafeSequential", "install", "make_
 _FUNCTIONAL = next(c for c in keras.Model.__subclasses__() if c.__name__ == "Functional")
 _CONFIG_KEY = "keras_safe"
 _MODEL_KEY = "model"
-_GUARDED = "_keras_safe_guarded_fit"
 _FIT_SIGNATURE = inspect.signature(keras.Model.fit)
 _PRIVATE_CLASSES = {}
 
@@ -110,7 +109,7 @@ def private_fit(model, fit, *args, **kwargs):
     if callbacks is not None and not isinstance(callbacks, (list, tuple)):
         fail("callbacks", callbacks, "a list of callbacks for a private model's fit")
     params["callbacks"] = [guard, *(callbacks or [])]
-    object.__setattr__(model, _GUARDED, True)
+    state.safe_state(model).guarded = True
     try:
         return fit(**params)
     except tf.errors.OpError as error:
@@ -120,7 +119,7 @@ def private_fit(model, fit, *args, **kwargs):
         raise refusal from None
     finally:
         guard.restore()
-        object.__setattr__(model, _GUARDED, False)
+        state.safe_state(model).guarded = False
 
 
 def private_train_on_batch(model, train_on_batch, *args, **kwargs):
@@ -176,7 +175,7 @@ def private_train_on_batch(model, train_on_batch, *args, **kwargs):
 
 def is_guarded(model):
     """True while a private `fit` of `model` runs with its `PrivacyGuard`."""
-    return bool(getattr(model, _GUARDED, False))
+    return state.safe_state(model, create=False).guarded
 
 
 class _SafeMethods:
@@ -235,14 +234,14 @@ class _PrivateSubclass(_SafeMethods):
     Keras would serialize it (its class and its own `get_config`).
     """
 
-    _keras_safe_base = None  # the user's class
+    _user_class = None  # the user's class
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
         return PrivateModel.from_config(config, custom_objects=custom_objects)
 
     def get_config(self):
-        base = type(self)._keras_safe_base
+        base = type(self)._user_class
         inner = base.get_config(self)
         return {
             _CONFIG_KEY: _export_state(self),
@@ -287,7 +286,7 @@ def _private_class(base):
         "__module__": base.__module__,
         "__qualname__": base.__qualname__,
         "__doc__": base.__doc__,
-        "_keras_safe_base": base,
+        "_user_class": base,
     }
     if base.train_step is keras.Model.train_step:
         # A class with its own train_step keeps it (it calls dp_gradients).

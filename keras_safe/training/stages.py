@@ -21,10 +21,9 @@ A stage is a serializable object (`get_config` / `from_config`, registered with
 import keras
 
 from keras_safe._validation import fail
+from keras_safe.training.state import safe_state
 
 __all__ = ["TrainingStage", "get_stages", "set_stages"]
-
-_STAGES = "_keras_safe_stages"
 
 
 class TrainingStage:
@@ -59,7 +58,7 @@ class TrainingStage:
 
 def get_stages(model):
     """The stages installed on `model`, in order (an empty list when none)."""
-    return list(getattr(model, _STAGES, ()))
+    return list(safe_state(model, create=False).stages)
 
 
 def set_stages(model, stages):
@@ -76,7 +75,7 @@ def set_stages(model, stages):
             "a list with at most one stage that computes the losses",
             "install one loss-changing method at a time (for example PGD or TRADES, not both).",
         )
-    object.__setattr__(model, _STAGES, tuple(stages))
+    safe_state(model).stages = tuple(stages)
     if isinstance(model, keras.Model):
         model.train_function = None
     return model

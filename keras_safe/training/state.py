@@ -1,6 +1,13 @@
-"""What keras_safe keeps on a model: whether it is private, the data settings read from `fit`, and
-how variables without a per-example rule get their per-example gradients; and the one place
-where a step finds its schedule, the model's budget and its ledger segment."""
+"""What keras_safe keeps on a model (`SafeState`, one attribute), and the one place where a step
+finds its schedule, the model's budget and its ledger segment.
+
+Everything keras_safe remembers about a model lives in one `SafeState`, the model's attribute
+`_keras_safe_state`, set past Keras's attribute tracking (`object.__setattr__`: it is neither a
+layer nor a weight, and Keras's saving, which walks the model's attributes for `KerasSaveable`
+objects, passes it by). What must be saved with the model is saved elsewhere: the privacy flag
+and the stages in the model's config (`private_model`), the ledger (`keras_safe.privacy.ledger`,
+an attribute of its own that saving does find). Nothing else of keras_safe is set on a model.
+"""
 
 import dataclasses
 import warnings
@@ -13,6 +20,7 @@ from keras_safe.privacy.ledger import get_ledger
 
 __all__ = [
     "DataSettings",
+    "SafeState",
     "current_schedule",
     "data_settings",
     "fallback_mode",
@@ -20,15 +28,13 @@ __all__ = [
     "budget_stop",
     "ledger_slot",
     "require_optimizer_budget",
+    "safe_state",
     "set_data_settings",
     "set_fallback_mode",
     "set_private",
 ]
 
-_PRIVATE = "_keras_safe_private"
-_DATA = "_keras_safe_data"
-_FALLBACK = "_keras_safe_fallback"
-_BUDGET_STOP = "_keras_safe_budget_stop"
+STATE_ATTRIBUTE = "_keras_safe_state"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,40 +52,90 @@ class DataSettings:
     one_pass: bool = False
 
 
-def _set(model, name, value):
-    # Past Keras's attribute tracking: these are plain Python settings, not layers or weights.
-    object.__setattr__(model, name, value)
+@dataclasses.dataclass(eq=False)
+class SafeState:
+    """Everything keras_safe keeps on one model (or on a callable an attack ran on).
+
+    Attributes:
+        private: `make_private` was called (saved in the model's config).
+        stages: the `TrainingStage`s of its train step, in order (saved in its config).
+        data: the `DataSettings` of its current or last private `fit`.
+        fallback: how variables without a per-example rule get their per-example gradients
+            (`"vectorized"`, `"loop"`, or None before verification).
+        verified: what the model was verified with (`training.preflight`), or None.
+        guarded: a private `fit` with its `PrivacyGuard` is running.
+        budget_stop: `(message, printed)` of a `fit` that stopped at the budget, or None.
+        eager_step: `(key, function)`: the compiled private step eager calls run.
+        attack_graphs: the compiled graphs of the evasion attacks run on it, by settings.
+    """
+
+    private: bool = False
+    stages: tuple = ()
+    data: DataSettings = None
+    fallback: str = None
+    verified: tuple = None
+    guarded: bool = False
+    budget_stop: tuple = None
+    eager_step: tuple = None
+    attack_graphs: dict = dataclasses.field(default_factory=dict)
+
+
+_NONE = SafeState()  # what a model without state reads as (never written)
+
+
+def safe_state(model, create=True):
+    """The model's `SafeState`; created empty on first use, or, with `create=False`, an empty
+    state that is not stored (for reading only).
+
+    Example:
+        >>> import keras
+        >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+        >>> safe_state(model, create=False).private
+        False
+        >>> safe_state(model) is safe_state(model)
+        True
+    """
+    found = getattr(model, STATE_ATTRIBUTE, None)
+    if found is None:
+        if not create:
+            return _NONE
+        found = SafeState()
+        # Past Keras's attribute tracking: plain Python state, not a layer or a weight.
+        object.__setattr__(model, STATE_ATTRIBUTE, found)
+    return found
 
 
 def is_private(model):
     """True once `make_private(model)` was called (also on a model loaded from such a file)."""
-    return bool(getattr(model, _PRIVATE, False))
+    return safe_state(model, create=False).private
 
 
 def set_private(model, private=True):
-    _set(model, _PRIVATE, bool(private))
+    safe_state(model).private = bool(private)
 
 
 def data_settings(model):
     """The `DataSettings` of the model's current or last `fit` (None before any)."""
-    return getattr(model, _DATA, None)
+    return safe_state(model, create=False).data
 
 
 def set_data_settings(model, settings):
     """Records the data settings; the train function is rebuilt when they change."""
-    if data_settings(model) != settings:
-        _set(model, _DATA, settings)
+    found = safe_state(model)
+    if found.data != settings:
+        found.data = settings
         model.train_function = None
 
 
 def fallback_mode(model):
     """How variables without a rule get per-example gradients ("vectorized", "loop" or None)."""
-    return getattr(model, _FALLBACK, None)
+    return safe_state(model, create=False).fallback
 
 
 def set_fallback_mode(model, mode):
-    if fallback_mode(model) != mode:
-        _set(model, _FALLBACK, mode)
+    found = safe_state(model)
+    if found.fallback != mode:
+        found.fallback = mode
         model.train_function = None
 
 
@@ -167,9 +223,9 @@ def ledger_slot(model, dp, schedule):
 def budget_stop(model, message=None, printed=False):
     """Records (with `message`) or returns and clears the message of a `fit` stopped at the
     budget: `(message, printed)`, or None."""
+    found = safe_state(model)
     if message is not None:
-        _set(model, _BUDGET_STOP, (message, printed))
+        found.budget_stop = (message, printed)
         return None
-    found = getattr(model, _BUDGET_STOP, None)
-    _set(model, _BUDGET_STOP, None)
-    return found
+    stop, found.budget_stop = found.budget_stop, None
+    return stop

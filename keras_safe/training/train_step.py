@@ -140,9 +140,6 @@ def _private_step(model, x, y, sample_weight):
     return x, y, sample_weight, provenance.mark_released(list(grads)), losses, y_pred
 
 
-_EAGER_STEP = "_keras_safe_eager_step"
-
-
 def _eager_step(model):
     """The compiled private step of `model` for eager calls, rebuilt when what it was traced
     with changes (optimizer, data settings, fallback, stages, loss, variables)."""
@@ -156,7 +153,8 @@ def _eager_step(model):
         id(getattr(model, "loss", None)),
         tuple(id(v) for v in model.trainable_variables),
     )
-    cached = getattr(model, _EAGER_STEP, None)
+    found = state.safe_state(model)
+    cached = found.eager_step
     if cached is None or cached[0] != key:
         # Without AutoGraph, as Keras's own train step runs (Keras is not converted): the step
         # has no Python control flow on tensors, and converting keras_safe's code took seconds.
@@ -165,8 +163,7 @@ def _eager_step(model):
             reduce_retracing=True,
             autograph=False,
         )
-        cached = (key, function)
-        object.__setattr__(model, _EAGER_STEP, cached)
+        cached = found.eager_step = (key, function)
     return cached[1]
 
 
@@ -289,8 +286,6 @@ def _private_gradients(model, x, y, sample_weight, watch):
         model, variables, forward, dp.l2_norm_clip, num_microbatches=groups, **options
     )
     watch.check(model, losses)
-    with provenance.releasing():
-        grads = dp.privatize(clipped, schedule.divisor, variables)
     # The model's budget and the segment of this schedule, gated in the charge below.
     ownership.settle_ledger(model)  # shared or copied weights answer to one ledger
     ledger, slot = state.ledger_slot(model, dp, schedule)
@@ -298,9 +293,10 @@ def _private_gradients(model, x, y, sample_weight, watch):
     with tf.control_dependencies(checks):
         charged = ledger.charge(slot, rows=_rows(x, sample_weight))
     # Where assertions do not run (XLA), a step the budget or the batch checks refuse releases
-    # zeros.
+    # zeros (the gate multiplies the release in the division by the batch size: no extra pass).
     allowed = tf.logical_and(charged.allowed, batch_ok)
-    grads = [tf.where(allowed, g, tf.zeros_like(g)) for g in grads]
+    with provenance.releasing():
+        grads = dp.privatize(clipped, schedule.divisor, variables, gate=allowed)
     # Only real examples count: padding rows (weight 0) repeat an example's data.
     bad = ~tf.math.is_finite(norms)
     if sample_weight is not None and not groups:

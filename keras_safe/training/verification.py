@@ -22,7 +22,6 @@ __all__ = ["ensure_verified", "first_examples", "require_verified", "verify_mode
 
 # Examples the verification runs on.
 EXAMPLES = 4
-_VERIFIED = "_keras_safe_verified"
 
 
 def _key(model):
@@ -89,7 +88,7 @@ def verify_model(model, x, y=None, sample_weight=None):
         num_microbatches=dp.num_microbatches if dp is not None else None,
     )
     state.set_fallback_mode(model, result.fallback)
-    object.__setattr__(model, _VERIFIED, _key(model))
+    state.safe_state(model).verified = _key(model)
     return result
 
 
@@ -108,7 +107,7 @@ def _build(model, x):
 
 
 def is_verified(model):
-    return getattr(model, _VERIFIED, None) == _key(model)
+    return state.safe_state(model, create=False).verified == _key(model)
 
 
 def ensure_verified(model, x, y=None, sample_weight=None):

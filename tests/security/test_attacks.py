@@ -23,6 +23,7 @@ from keras_safe.security import (
 )
 from keras_safe.security._common import output_kind
 from keras_safe.security.attacks.auto_pgd import checkpoints
+from keras_safe.training.state import safe_state
 from tests.security.conftest import accuracy, digits, predict_labels
 
 RANGE = {"clip_min": 0.0, "clip_max": 1.0}
@@ -282,12 +283,12 @@ def test_square_on_images_stays_in_the_ball_and_lowers_accuracy():
 def test_compiled_graphs_are_reused_across_epsilons_and_steps(trained_mlp, digits_split):
     _, (x, y) = digits_split
     pgd(trained_mlp, x[:10], y[:10], 0.1, steps=2)
-    count = len(trained_mlp._keras_safe_attack_graphs)
+    count = len(safe_state(trained_mlp).attack_graphs)
     for epsilon, steps in ((0.05, 3), (0.2, 5)):
         pgd(trained_mlp, x[:30], y[:30], epsilon, steps=steps)
-    assert len(trained_mlp._keras_safe_attack_graphs) == count
+    assert len(safe_state(trained_mlp).attack_graphs) == count
     traced = [
-        f.experimental_get_tracing_count() for f in trained_mlp._keras_safe_attack_graphs.values()
+        f.experimental_get_tracing_count() for f in safe_state(trained_mlp).attack_graphs.values()
     ]
     assert max(traced) == 1
 

@@ -14,15 +14,13 @@ import tensorflow as tf
 
 from keras_safe._validation import check_number, fail
 from keras_safe.security import _common
+from keras_safe.training.state import safe_state
 
 __all__ = ["ATTACKS", "Attack", "get_attack", "register_attack"]
 
 #: Registry: attack name -> class.
 ATTACKS = {}
 
-#: Attribute of a model holding its compiled attack graphs (kept with the model, so the graphs
-#: go away with it).
-_CACHE = "_keras_safe_attack_graphs"
 
 
 def register_attack(cls):
@@ -120,10 +118,8 @@ class Attack:
         """The compiled batch function, traced once for any batch size."""
         key = (type(self), self._static(), kind, dtype, self.jit_compile, tuple(x.shape[1:]))
         key += tuple(tuple(b.shape) for b in bounds)
-        per_model = getattr(model, _CACHE, None)
-        if per_model is None:
-            per_model = {}
-            object.__setattr__(model, _CACHE, per_model)
+        # Kept with the model (its `SafeState`), so the graphs go away with it.
+        per_model = safe_state(model).attack_graphs
         if key not in per_model:
             call = _common.model_fn(model, kind, dtype)
             fn = _BatchFunction(type(self)._build(call, self._static()))
