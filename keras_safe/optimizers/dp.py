@@ -360,7 +360,7 @@ class DPOptimizer(OptimizerWrapper):
 
     # -- the DP part -----------------------------------------------------------------------------
 
-    def privatize(self, clipped_sums, denominator, variables):
+    def privatize(self, clipped_sums, denominator, variables, gate=None):
         """Adds the calibrated Gaussian noise to clipped gradient sums and averages them.
 
         The returned tensors are recorded as this step's DP release
@@ -377,6 +377,8 @@ class DPOptimizer(OptimizerWrapper):
                 gradients clipped to `l2_norm_clip`, aligned with `variables`.
             denominator: the divisor (expected global batch size, or microbatch count).
             variables: the trainable variables the sums belong to.
+            gate: None, or a boolean tensor: False releases zeros (the step's own checks
+                refused it where assertions do not run, under XLA).
 
         Returns:
             The list of noisy averaged gradients.
@@ -414,7 +416,10 @@ class DPOptimizer(OptimizerWrapper):
                 sums = [total + tf.reshape(n, tf.shape(total)) for total, n in zip(sums, noise)]
         # Under a strategy, every replica gets the whole release (keras_safe.optimizers.replicas).
         sums = replicas.sum_over_replicas(sums)
-        noisy = [tf.cast(total / denominator, v.dtype) for total, v in zip(sums, variables)]
+        scale = 1.0 / denominator
+        if gate is not None:
+            scale = scale * tf.cast(gate, tf.float32)
+        noisy = [tf.cast(total * scale, v.dtype) for total, v in zip(sums, variables)]
         self._noise_draws.assign_add(1)
         return provenance.mark_released(noisy)
 
