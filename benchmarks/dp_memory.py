@@ -46,7 +46,7 @@ def worker(name, mode, batch, steps):
     import keras_safe
     from keras_safe.optimizers import provenance
     from keras_safe.privacy.losses import PerExampleLoss
-    from keras_safe.privacy.per_example import clipped_gradient_sum
+    from keras_safe.privacy.per_example.clipping import clipped_gradient_sum
 
     factory, _, make_x, classes = MODELS[name]
     rng = np.random.default_rng(0)
@@ -72,7 +72,7 @@ def worker(name, mode, batch, steps):
                 pred = model(xb, training=True)
                 return per_example_loss(yb, pred), pred
 
-            sums, *_ = clipped_gradient_sum(model, variables, forward, 1.0, use_taps=False)
+            sums, *_ = clipped_gradient_sum(model, variables, forward, 1.0, use_rules=False)
             with provenance.releasing():  # as keras_safe's step calls it
                 release = dp.privatize(sums, batch, variables)
             model.optimizer.apply(release, variables)

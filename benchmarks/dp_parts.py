@@ -23,7 +23,7 @@ import tensorflow as tf
 
 from keras_safe.optimizers.replicas import noise_share
 from keras_safe.privacy.losses import PerExampleLoss
-from keras_safe.privacy.per_example import clip_factors, per_example_forms
+from keras_safe.privacy.per_example.clipping import clip_factors, per_example_forms
 
 __all__ = ["PARTS", "time_parts"]
 

@@ -21,7 +21,9 @@ import sys
 
 __all__ = ["KERAS_FREE", "SUBPACKAGES", "BackendGuard", "check_backend", "install_guard"]
 
-KERAS_FREE = frozenset({"__main__", "_backend", "_validation", "_version", "accounting", "cli"})
+KERAS_FREE = frozenset(
+    {"__main__", "_backend", "_registry", "_validation", "_version", "accounting", "cli"}
+)
 """The modules directly under keras_safe that import neither Keras nor TensorFlow."""
 
 SUBPACKAGES = (

@@ -23,7 +23,7 @@ from keras_safe.optimizers import DPSGD
 from keras_safe.preprocessing import train_val_test_split
 from keras_safe.privacy import poisson_batches
 from keras_safe.security import PGD, accuracy_under_attack, make_robust
-from keras_safe.training import make_private
+from keras_safe.training.private_model import make_private
 
 __all__ = ["run"]
 

@@ -16,7 +16,7 @@ from keras_safe._validation import PrivacyError, check_number, fail
 from keras_safe.privacy.losses import PerExampleLoss
 from keras_safe.privacy.per_example import reference
 from keras_safe.privacy.per_example.clipping import clip_factors, per_example_forms
-from keras_safe.privacy.per_example.install import tapped_layers
+from keras_safe.privacy.per_example.install import layers_with_rules
 from keras_safe.privacy.per_example.verification import verify
 
 __all__ = ["ReferenceCheck", "assert_dp_matches_reference"]
@@ -103,7 +103,7 @@ class _KerasSafeSum:
 
 def _uncovered(model):
     """True when some trainable weight belongs to no layer that a rule supports."""
-    covered = {id(w) for layer in tapped_layers(model) for w in layer.trainable_weights}
+    covered = {id(w) for layer in layers_with_rules(model) for w in layer.trainable_weights}
     return any(id(v) not in covered for v in model.trainable_variables)
 
 
@@ -151,9 +151,8 @@ def assert_dp_matches_reference(
         atol: absolute tolerance of each variable's sum (default: `1e-6 * C * units`).
         training: the `training` flag of every forward pass (pass False for a model with
             dropout or other random layers: the comparison needs deterministic passes).
-        fallback: the Jacobian fallback mode for variables without a rule: "auto" (what
-            `keras_safe.privacy.per_example.verify` picks, as `fit` does), "vectorized" or
-            "loop".
+        fallback: the Jacobian fallback mode for variables without a rule: "auto" (what the
+            verification before training picks, as `fit` does), "vectorized" or "loop".
         sensitivity_rtol: the relative tolerance of checks 2 and 3.
 
     Returns:
@@ -167,13 +166,14 @@ def assert_dp_matches_reference(
     Example: a custom layer, its rule, and the check.
 
     >>> import keras, numpy as np, keras_safe
-    >>> from keras_safe.privacy.per_example import TapRule, summed_form
+    >>> from keras_safe.privacy import PerExampleRule
+    >>> from keras_safe.privacy.per_example import summed_form
     >>> class Scale(keras.layers.Layer):  # y = x * w: one weight per feature
     ...     def build(self, input_shape):
     ...         self.w = self.add_weight(shape=input_shape[-1:], initializer="ones")
     ...     def call(self, x):
     ...         return x * self.w
-    >>> class ScaleRule(TapRule):
+    >>> class ScaleRule(PerExampleRule):
     ...     @staticmethod
     ...     def supports(layer):
     ...         return type(layer) is Scale
@@ -186,7 +186,7 @@ def assert_dp_matches_reference(
     ...     def forms(layer, x, dz):
     ...         # Example i's gradient: sum of x * dz over every axis but the feature axis.
     ...         return [summed_form(layer.w, x * dz, list(range(1, len(x.shape) - 1)))]
-    >>> _ = keras_safe.privacy.register_tap(ScaleRule)
+    >>> _ = keras_safe.privacy.register_rule(ScaleRule)
     >>> model = keras.Sequential([keras.Input((5, 3)), Scale(), keras.layers.Flatten(),
     ...                           keras.layers.Dense(2)])
     >>> model.compile(loss="mse")
@@ -195,7 +195,7 @@ def assert_dp_matches_reference(
     ...     model, rng.normal(size=(6, 5, 3)), rng.normal(size=(6, 2)))
     >>> bool(check.max_error < 1e-4 and check.max_sensitivity <= 1 + 1e-5)
     True
-    >>> keras_safe.privacy.per_example.unregister_tap(ScaleRule)
+    >>> keras_safe.privacy.unregister_rule("ScaleRule")
 
     A wrong rule (say, `forms` forgetting the sum over positions) fails the check, and `fit`
     refuses to train with it (`PrivacyError`).

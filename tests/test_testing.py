@@ -7,7 +7,8 @@ import pytest
 
 import keras_safe
 from keras_safe._validation import ArgumentError
-from keras_safe.privacy.per_example import TapRule, summed_form, unregister_tap
+from keras_safe.privacy.per_example import PerExampleRule, summed_form
+from keras_safe.privacy.per_example.registry import unregister_rule
 from keras_safe.testing import assert_dp_matches_reference
 
 RNG = np.random.default_rng(4)
@@ -23,7 +24,7 @@ class Shift(keras.layers.Layer):
         return x + self.b
 
 
-class ShiftRule(TapRule):
+class ShiftRule(PerExampleRule):
     @staticmethod
     def supports(layer):
         return type(layer) is Shift
@@ -60,11 +61,11 @@ def rule():
     registered = []
 
     def use(r):
-        registered.append(keras_safe.privacy.register_tap(r))
+        registered.append(keras_safe.privacy.register_rule(r))
 
     yield use
     for r in registered:
-        unregister_tap(r)
+        unregister_rule(r)
 
 
 def test_a_correct_rule_passes_with_figures(rule):

@@ -111,7 +111,7 @@ _LOAD_SCRIPT = textwrap.dedent(
             name = type(model.optimizer).__name__
             assert name == case["optimizer"], (name, case["optimizer"])
         if case["fit"]:
-            if keras_safe.privacy.find_dp_optimizer(model.optimizer) is not None:
+            if keras_safe.optimizers.find_dp_optimizer(model.optimizer) is not None:
                 keras_safe.privacy.make_private(model)
             y = np.load(case["y"], allow_pickle=False)
             model.fit(inputs, y, epochs=1, batch_size=len(inputs), verbose=0)

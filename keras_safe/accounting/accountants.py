@@ -11,8 +11,11 @@ compose (`dp_accounting` composes heterogeneous events), which is what the priva
 - `"pld"`: privacy-loss-distribution accounting (Koskela et al. 2020; Doroshenko et al. 2022,
   "Connect the Dots"): numerically tight and pessimistic, never above the RDP figure, slower.
 
-A new accountant (PRV, for example) is one `register_accountant(name, factory)` call: the factory
-returns a fresh `dp_accounting.PrivacyAccountant`.
+The built-in accountants are `DEFAULT_ACCOUNTANTS`; a new one (PRV, for example) is one
+`register_accountant(name, factory)` call, where `factory()` returns a fresh
+`dp_accounting.PrivacyAccountant` (the registry shape of `keras_safe._registry`:
+`unregister_accountant`, `get_accountant`, `accountant_names`; a name taken is refused unless
+`replace=True`).
 """
 
 import contextlib
@@ -20,17 +23,21 @@ import logging
 
 import dp_accounting
 
+from keras_safe._registry import Registry
 from keras_safe._validation import check_choice, fail
 
 __all__ = [
+    "DEFAULT_ACCOUNTANTS",
     "RDP_ORDERS",
     "accountant_names",
     "calibrate_noise",
     "check_accountant",
     "dp_sgd_event",
     "epsilon_of",
+    "get_accountant",
     "make_accountant",
     "register_accountant",
+    "unregister_accountant",
 ]
 
 RDP_ORDERS = tuple(
@@ -45,32 +52,78 @@ steps of 0.1, the integers 12 to 63, and 128, 256, 512, 1024)."""
 # reported as unreachable.
 MAX_NOISE_MULTIPLIER = 1000.0
 
-_REGISTRY = {
-    "rdp": lambda: dp_accounting.rdp.RdpAccountant(list(RDP_ORDERS)),
-    "pld": dp_accounting.pld.PLDAccountant,
-}
+
+def _rdp():
+    return dp_accounting.rdp.RdpAccountant(list(RDP_ORDERS))
 
 
-def register_accountant(name, factory):
-    """Registers an accountant under `name`; `factory()` returns a fresh dp_accounting accountant.
+DEFAULT_ACCOUNTANTS = (("rdp", _rdp), ("pld", dp_accounting.pld.PLDAccountant))
+"""The built-in accountants, `(name, factory)`: Renyi DP over `RDP_ORDERS`, and privacy loss
+distributions."""
+
+_ACCOUNTANTS = Registry(
+    "accountant",
+    DEFAULT_ACCOUNTANTS,
+    name_of=lambda entry: entry[0],
+    register_call="keras_safe.accounting.register_accountant",
+    normalize=lambda name: name.lower(),
+)
+
+
+def register_accountant(name, factory, *, replace=False):
+    """Registers an accountant under `name` (case-insensitive); `factory()` returns a fresh
+    `dp_accounting.PrivacyAccountant`.
+
+    Args:
+        name: the accountant's name, as `accountant=` arguments will give it.
+        factory: a callable returning a new `dp_accounting.PrivacyAccountant`.
+        replace: replace an accountant registered under `name` (a built-in one included) on
+            purpose; without it a name taken is refused.
+
+    Raises:
+        keras_safe._validation.ArgumentError: an empty name, a factory that is not callable,
+            or a name taken (without `replace`).
 
     Example:
         >>> import dp_accounting
         >>> register_accountant("rdp_integer_orders",
         ...                     lambda: dp_accounting.rdp.RdpAccountant(list(range(2, 64))))
-        >>> "rdp_integer_orders" in accountant_names()
-        True
+        >>> accountant_names()
+        ('rdp', 'pld', 'rdp_integer_orders')
+        >>> unregister_accountant("rdp_integer_orders")
     """
     if not isinstance(name, str) or not name:
         fail("name", name, "a non-empty string", "name the accountant, for example 'prv'.")
     if not callable(factory):
         fail("factory", factory, "a callable returning a dp_accounting.PrivacyAccountant")
-    _REGISTRY[name.lower()] = factory
+    _ACCOUNTANTS.register((name.lower(), factory), replace=replace)
+
+
+def unregister_accountant(name):
+    """Removes the accountant registered under `name` (built-in ones cannot be removed).
+
+    Raises:
+        keras_safe._validation.ArgumentError: no accountant was registered under `name`.
+    """
+    _ACCOUNTANTS.unregister(name)
+
+
+def get_accountant(name):
+    """The factory of the accountant registered under `name` (case-insensitive).
+
+    Raises:
+        keras_safe._validation.ArgumentError: an unknown name.
+
+    Example:
+        >>> type(get_accountant("PLD")()).__name__
+        'PLDAccountant'
+    """
+    return _ACCOUNTANTS.get(name, "accountant")[1]
 
 
 def accountant_names():
-    """The names of the registered accountants."""
-    return tuple(_REGISTRY)
+    """The names of the accountants: the built-in ones, then the registered ones."""
+    return _ACCOUNTANTS.names()
 
 
 def check_accountant(accountant):
@@ -86,7 +139,7 @@ def check_accountant(accountant):
 
 def make_accountant(accountant):
     """A fresh `dp_accounting` accountant of the registered kind."""
-    return _REGISTRY[check_accountant(accountant)]()
+    return get_accountant(check_accountant(accountant))()
 
 
 def dp_sgd_event(noise_multiplier, sampling_rate, steps):

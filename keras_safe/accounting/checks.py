@@ -41,7 +41,7 @@ def default_delta(num_examples):
         ArgumentError: if `num_examples` is not a positive integer.
 
     Example:
-        >>> from keras_safe.privacy import default_delta
+        >>> from keras_safe.accounting import default_delta
         >>> round(default_delta(60000), 8)
         5.55e-06
     """
@@ -66,7 +66,7 @@ def check_delta(delta, num_examples=None, name="delta"):
     """
     fix = "pass a small probability well below 1/num_examples, for example "
     if num_examples is None:
-        fix += "keras_safe.privacy.default_delta(num_examples)."
+        fix += "keras_safe.accounting.default_delta(num_examples)."
     else:
         fix += f"default_delta({int(num_examples)}) = {default_delta(num_examples):.3g}."
     delta = check_probability(name, delta, fix=fix)

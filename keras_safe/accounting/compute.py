@@ -75,7 +75,7 @@ def compute_epsilon(
     Give either `num_examples`, `batch_size` and `epochs` (then the sampling rate is
     `batch_size / num_examples` and the number of steps `ceil(epochs * ceil(num_examples /
     batch_size))`: an epoch is as many steps as `fit` on arrays and `poisson_batches` take), or
-    `steps` and `sampling_rate` directly. `keras_safe.privacy.DPSchedule` holds these rules.
+    `steps` and `sampling_rate` directly. `keras_safe.accounting.DPSchedule` holds these rules.
 
     Args:
         num_examples: number of training examples (also used for the default delta).
@@ -100,7 +100,7 @@ def compute_epsilon(
             `1/num_examples` or more); the message names it.
 
     Example:
-        >>> from keras_safe.privacy import compute_epsilon
+        >>> from keras_safe.accounting import compute_epsilon
         >>> round(compute_epsilon(steps=2250, sampling_rate=0.04, noise_multiplier=1.5,
         ...                       delta=1e-5), 3)
         7.329
@@ -152,7 +152,7 @@ def noise_multiplier_for_epsilon(
             target that needs a noise multiplier above 1000 (unreachable).
 
     Example:
-        >>> from keras_safe.privacy import compute_epsilon, noise_multiplier_for_epsilon
+        >>> from keras_safe.accounting import compute_epsilon, noise_multiplier_for_epsilon
         >>> sigma = noise_multiplier_for_epsilon(3.0, 60000, 256, 15, delta=1e-5)
         >>> eps = compute_epsilon(60000, 256, 15, noise_multiplier=sigma, delta=1e-5)
         >>> 2.999 <= eps <= 3.0

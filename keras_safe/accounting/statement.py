@@ -106,7 +106,7 @@ def privacy_statement(
         ValueError: for out-of-range arguments, as `compute_epsilon`.
 
     Example:
-        >>> from keras_safe.privacy import privacy_statement
+        >>> from keras_safe.accounting import privacy_statement
         >>> text = privacy_statement(60000, 256, 15, noise_multiplier=1.1, delta=1e-5)
         >>> "Poisson sampling" in text and "1.283" in text and "3525 noisy steps" in text
         True

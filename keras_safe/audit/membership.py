@@ -75,10 +75,10 @@ def membership_inference(
         model: the trained Keras model (one output).
         members: `(x, y)` or `(x, y, sample_weight)` examples the model trained on.
         non_members: the same for examples from the same distribution it did not train on.
-        attacks: names of registered attacks (`keras_safe.audit.attack_names()`): `loss`,
+        attacks: names of registered attacks (`keras_safe.audit.membership_attack_names()`): `loss`,
             `confidence`, `entropy`, `modified_entropy`, `learned`, `lira_online`,
             `lira_offline`, or a family such as `lira` (both LiRA variants from the same
-            shadow models). `keras_safe.audit.register_attack` adds attacks.
+            shadow models). `keras_safe.audit.register_membership_attack` adds attacks.
         loss_fn: optional per-example loss overriding the compiled loss.
         from_logits: whether the model outputs logits (None: read from the loss or guess).
         batch_size: prediction batch size.

@@ -47,7 +47,7 @@ class MembershipInferenceAudit(keras.callbacks.Callback):
             multiple of `every` is audited.
         attacks: names of registered attacks that train no models (`loss`, `confidence`,
             `entropy`, `modified_entropy`, `learned`, or one added with
-            `keras_safe.audit.register_attack`).
+            `keras_safe.audit.register_membership_attack`).
         batch_size: prediction batch size.
         verbose: 1 prints a line per audit; 0 is silent (the figures still go to `logs`).
 

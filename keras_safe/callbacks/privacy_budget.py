@@ -7,8 +7,8 @@ from keras_safe.accounting import accountant_names, default_delta
 from keras_safe.accounting.checks import check_delta, check_target
 from keras_safe.optimizers.dp import find_dp_optimizer
 from keras_safe.privacy.ledger import get_ledger
-from keras_safe.training import fit_plan, make_private, state
-from keras_safe.training.private_model import is_guarded
+from keras_safe.training import fit_plan, state
+from keras_safe.training.private_model import is_guarded, make_private
 
 __all__ = ["PrivacyBudget"]
 
@@ -32,7 +32,7 @@ class PrivacyBudget(keras.callbacks.Callback):
     amplification by sampling at rate `batch_size / num_examples`), 0 when some were
     fixed-size batches (the opt-in: `sampling="shuffle"` on the DP optimizer or
     `fit(shuffle=False)`), accounted without amplification: one Gaussian mechanism per epoch
-    begun (see `keras_safe.privacy.privacy_statement`).
+    begun (see `keras_safe.accounting.privacy_statement`).
 
     `target_epsilon` is the model's budget for its whole life, saved in its ledger with its
     delta and accountant: one model has one budget, so a DP optimizer with another
@@ -48,10 +48,10 @@ class PrivacyBudget(keras.callbacks.Callback):
       the DP optimizer, and the optimizer's `batch_size`. A `num_examples` that disagrees with
       the data is refused.
     - `delta`: this argument, else the model's budget's, else the optimizer's `delta`, else
-      `keras_safe.privacy.default_delta(num_examples)` = `1 / num_examples**1.1` (printed once).
+      `keras_safe.accounting.default_delta(num_examples)` = `1 / num_examples**1.1` (printed once).
       A delta of `1 / num_examples` or more is refused.
     - `accountant`: this argument, else the budget's (the one the user chose enforces it).
-    - Microbatches and gradient accumulation are accounted by `keras_safe.privacy.DPSchedule`.
+    - Microbatches and gradient accumulation are accounted by `keras_safe.accounting.DPSchedule`.
 
     Args:
         num_examples: number of training examples, when `fit` cannot count them.

@@ -5,7 +5,8 @@ import math
 import keras
 
 from keras_safe._validation import check_number, fail
-from keras_safe.security.attacks.base import ATTACKS, Attack, get_attack
+from keras_safe.security.attacks.base import Attack
+from keras_safe.security.attacks.registry import evasion_attack_names, make_attack
 from keras_safe.security.evaluate import accuracy_under_attack
 
 __all__ = ["RobustnessAudit"]
@@ -86,15 +87,20 @@ class RobustnessAudit(keras.callbacks.Callback):
                 "a registered attack name",
                 f"pass attack={attack.name!r} and its settings as attack_settings.",
             )
-        if attack not in ATTACKS:
-            fail("attack", attack, f"one of {sorted(ATTACKS)}", "pick a registered attack name.")
+        if attack not in evasion_attack_names():
+            fail(
+                "attack",
+                attack,
+                f"one of {sorted(evasion_attack_names())}",
+                "pick a registered attack name.",
+            )
         self.every = check_number("every", every, low=1, integer=True)
         self.attack_name = attack
         self.attack_settings = dict(attack_settings or {})
         self.verbose = int(verbose)
         settings = {**self.attack_settings, "norm": norm, "batch_size": batch_size}
         settings.update(clip_min=clip_min, clip_max=clip_max)
-        self.attack = get_attack(attack, epsilon=epsilon, **settings)
+        self.attack = make_attack(attack, epsilon=epsilon, **settings)
         self.history = []
         self.x = self.y = None
         if x is not None or y is not None:

@@ -74,7 +74,7 @@ class DPOptimizer(OptimizerWrapper):
 
     With `gradient_accumulation_steps=k` on the wrapped optimizer, one update averages `k`
     batches: noise of total standard deviation `l2_norm_clip * noise_multiplier` is spread
-    over the `k` batches (each adds `1/sqrt(k)` of it); see `keras_safe.privacy.DPSchedule` for
+    over the `k` batches (each adds `1/sqrt(k)` of it); see `keras_safe.accounting.DPSchedule` for
     how that, and microbatching, is accounted.
 
     Noise is fresh at every step: a counter-based generator (Philox) keyed by a 62-bit seed and a
@@ -113,7 +113,7 @@ class DPOptimizer(OptimizerWrapper):
             cannot read it from.
         epochs: planned number of epochs (for calibration before `fit`).
         delta: the delta of (epsilon, delta)-DP, below `1 / num_examples`; defaults to the
-            model's budget's, else `keras_safe.privacy.default_delta(num_examples)`.
+            model's budget's, else `keras_safe.accounting.default_delta(num_examples)`.
         accountant: `"rdp"` or `"pld"` (or another registered accountant): calibrates the
             noise and enforces `target_epsilon`; None (default) is the model's budget's, else
             `"rdp"`.
@@ -123,7 +123,7 @@ class DPOptimizer(OptimizerWrapper):
             Poisson sampling, the batches the usual epsilon assumes. `"shuffle"`: Keras's
             shuffled fixed-size batches, an explicit opt-in accounted without amplification
             by sampling (each epoch begun is one Gaussian mechanism; see
-            `keras_safe.privacy.DPSchedule`) and labelled so in the logs, `PrivacyBudget`'s
+            `keras_safe.accounting.DPSchedule`) and labelled so in the logs, `PrivacyBudget`'s
             summary and the privacy statement. `fit(..., shuffle=False)` on a private model is
             the same opt-in, for batches in the data's order. For other inputs it states what
             the batches are (keras_safe cannot see it).

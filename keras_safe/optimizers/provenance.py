@@ -39,6 +39,7 @@ def in_release():
     """True inside `releasing()`."""
     return _RELEASING.get()
 
+
 # id(tensor) -> weak reference to it. The weak reference also guards against a recycled id:
 # an entry counts only while it still points at the very same object.
 _RELEASED = {}

@@ -1,58 +1,69 @@
-"""keras_safe.privacy: per-example clipping, accounting, Poisson sampling and model checks.
+"""keras_safe.privacy: DP-SGD for a Keras model, its privacy ledger, Poisson sampling, model checks
+and per-example gradient rules.
 
-The bottom layer of keras_safe: it imports nothing from the packages above it. `make_private`
-and `dp_gradients` live in `keras_safe.training` (`find_dp_optimizer` in
-`keras_safe.optimizers`) and are re-exported here, where users look for them.
+- `make_private(model)`: keras_safe's train step, a checked `fit`, a privacy ledger;
+  `dp_gradients(model, x, y)`: the DP-SGD gradients of one batch, for custom loops.
+- `get_ledger(model)` -> `PrivacyLedger`: what the model spent and may spend, saved with it.
+- `poisson_batches(x, y, batch_size=...)`: the Poisson-sampled batches epsilon assumes.
+- `validate(model, fix=False)`: the layers DP-SGD cannot train (`UnsupportedLayer`), and a fix.
+- Per-example gradient rules for your own layers: `PerExampleRule` (the contract),
+  `register_rule`, `unregister_rule`, `get_rule`, `rule_names` (the forms a rule returns are in
+  `keras_safe.privacy.per_example`).
+
+Epsilon from settings, the schedule, the default delta, accountants and the privacy statement are
+in `keras_safe.accounting` (it needs no TensorFlow).
+
+This package is also keras_safe's bottom layer: its modules import nothing from the packages above
+it. `make_private` and `dp_gradients` are defined in `keras_safe.training` (they need the train
+step) and exported here, where users look for them: the two names are resolved on first use
+(PEP 562), the only names of keras_safe reached upwards (`ENTRY_POINTS`; keras_safe's own
+modules import them from `keras_safe.training`, which `tests/test_architecture.py` checks).
 """
 
 import importlib
 
-from keras_safe.accounting import (
-    DPSchedule,
-    compute_epsilon,
-    default_delta,
-    noise_multiplier_for_epsilon,
-    privacy_statement,
-    register_accountant,
-)
+from keras_safe.accounting import compute_epsilon, privacy_statement  # noqa: F401 (see below)
 from keras_safe.privacy.ledger import PrivacyLedger, get_ledger
 from keras_safe.privacy.model_checks import UnsupportedLayer, validate
-from keras_safe.privacy.per_example import TapRule, register_tap
+from keras_safe.privacy.per_example.registry import (
+    get_rule,
+    register_rule,
+    rule_names,
+    unregister_rule,
+)
+from keras_safe.privacy.per_example.rules.base import PerExampleRule
 from keras_safe.privacy.sampling import poisson_batches
 
 __all__ = [
-    "DPSchedule",
+    "PerExampleRule",
     "PrivacyLedger",
-    "TapRule",
     "UnsupportedLayer",
-    "compute_epsilon",
-    "default_delta",
     "dp_gradients",
-    "find_dp_optimizer",
     "get_ledger",
+    "get_rule",
     "make_private",
-    "noise_multiplier_for_epsilon",
     "poisson_batches",
-    "privacy_statement",
-    "register_accountant",
-    "register_tap",
+    "register_rule",
+    "rule_names",
+    "unregister_rule",
     "validate",
 ]
 
-# Names defined in the layers above, re-exported here where users look for them. Resolved on
-# first use (PEP 562), so that importing this bottom layer never imports the layers above it.
-_REEXPORTS = {
-    "dp_gradients": "keras_safe.training",
-    "find_dp_optimizer": "keras_safe.optimizers.dp",
-    "make_private": "keras_safe.training",
+ENTRY_POINTS = {
+    "dp_gradients": "keras_safe.training.train_step",
+    "make_private": "keras_safe.training.private_model",
 }
+"""The entry points defined above this layer and exported here: name -> defining module."""
+
+# `compute_epsilon` and `privacy_statement` (exported by keras_safe.accounting) stay reachable
+# here, outside `__all__`, for code written against keras_safe 0.2.0, which exported them here.
 
 
 def __getattr__(name):
-    if name in _REEXPORTS:
-        return getattr(importlib.import_module(_REEXPORTS[name]), name)
+    if name in ENTRY_POINTS:
+        return getattr(importlib.import_module(ENTRY_POINTS[name]), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def __dir__():
-    return sorted(set(globals()) | set(_REEXPORTS))
+    return sorted(set(globals()) | set(ENTRY_POINTS))

@@ -32,6 +32,7 @@ import tensorflow as tf
 from keras_safe._validation import STEP_REFUSED, PrivacyError, check_number, fail
 from keras_safe.accounting.accountants import check_accountant, epsilon_of
 from keras_safe.accounting.checks import check_delta, check_target, default_delta
+from keras_safe.accounting.statement import privacy_statement
 
 __all__ = ["LEDGER_ATTRIBUTE", "PrivacyLedger", "get_ledger", "set_ledger"]
 
@@ -291,7 +292,8 @@ class PrivacyLedger(keras.layers.Layer):
                     "delta",
                     None,
                     "given (the ledger has no steps to derive the default delta from)",
-                    "pass delta=..., for example keras_safe.privacy.default_delta(num_examples).",
+                    "pass delta=..., for example "
+                    "keras_safe.accounting.default_delta(num_examples).",
                 )
         delta = check_delta(delta, self._smallest_set())
         if accountant is None:
@@ -562,9 +564,8 @@ class PrivacyLedger(keras.layers.Layer):
         return float(np.sum(_read(self._release_epsilon)[:used]))
 
     def statement(self, delta=None, accountant=None):
-        """`keras_safe.privacy.privacy_statement(ledger=self)`: what the model spent, in words."""
-        from keras_safe.accounting.statement import privacy_statement  # noqa: PLC0415
-
+        """`keras_safe.accounting.privacy_statement(ledger=self)`: what the model spent, in
+        words."""
         return privacy_statement(ledger=self, delta=delta, accountant=accountant)
 
     # -- saving ----------------------------------------------------------------------------------

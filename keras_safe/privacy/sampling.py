@@ -98,7 +98,7 @@ def poisson_batches(
 ):
     """Batches in which every example is included independently with probability q.
 
-    DP-SGD's accountants (`keras_safe.privacy.compute_epsilon`) assume Poisson sampling: at
+    DP-SGD's accountants (`keras_safe.accounting.compute_epsilon`) assume Poisson sampling: at
     each step every example joins the batch with probability `q = batch_size / n`, so batch
     sizes vary around `batch_size`. The sampling must be secret for the amplification the
     accountant counts on: the seed comes from the operating system's entropy unless given.
@@ -134,7 +134,7 @@ def poisson_batches(
             the padding mask.
         batch_size: the expected batch size `q * n`.
         epochs: the dataset yields `ceil(epochs * ceil(n / batch_size))` batches, as many as
-            `fit` on arrays runs for `epochs` epochs (`keras_safe.privacy.DPSchedule`'s epoch).
+            `fit` on arrays runs for `epochs` epochs (`keras_safe.accounting.DPSchedule`'s epoch).
         seed: seed of the sampling; None (the default) draws one from the operating system's
             entropy. A fixed seed makes the batches predictable, which voids the amplification
             by sampling in a release.

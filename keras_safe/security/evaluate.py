@@ -24,7 +24,8 @@ import tensorflow as tf
 
 from keras_safe._validation import check_number, check_probability, fail
 from keras_safe.security import _common
-from keras_safe.security.attacks.base import ATTACKS, Attack, get_attack
+from keras_safe.security.attacks.base import Attack
+from keras_safe.security.attacks.registry import get_evasion_attack, make_attack
 from keras_safe.security.report import WORST, RobustnessReport
 
 __all__ = ["accuracy_under_attack", "evaluate_robustness"]
@@ -56,11 +57,9 @@ def _attack_specs(attacks):
             settings = attack.get_config()
             specs.append((attack.name, settings, type(attack)))
         elif isinstance(attack, (tuple, list)) and len(attack) == 2:
-            get_attack(attack[0], epsilon=0.0)  # validates the name
-            specs.append((attack[0], dict(attack[1]), ATTACKS[attack[0]]))
+            specs.append((attack[0], dict(attack[1]), get_evasion_attack(attack[0])))
         else:
-            get_attack(attack, epsilon=0.0)
-            specs.append((attack, {}, ATTACKS[attack]))
+            specs.append((attack, {}, get_evasion_attack(attack)))
     names = [s[0] for s in specs]
     if len(set(names)) != len(names):
         fail("attacks", names, "a list without repeated names", "list each attack once.")
@@ -116,7 +115,7 @@ def accuracy_under_attack(model, x, y, attack, from_logits=None, batch_size=256)
         (1.0, True)
     """
     if isinstance(attack, (tuple, list)):
-        attack = get_attack(attack[0], **attack[1])
+        attack = make_attack(attack[0], **attack[1])
     elif not isinstance(attack, Attack):
         fail("attack", attack, "an Attack object or a (name, settings) pair", "e.g. PGD(0.1).")
     x, y = _as_arrays(x, y)
@@ -239,7 +238,7 @@ def evaluate_robustness(
         settings = {**pgd_settings, "random_start": False}
         settings["steps"] = max(settings.get("steps", 20), 50)
         settings.pop("step_size", None)
-        correct, _, _ = run(ATTACKS["pgd"], settings, large_epsilon)
+        correct, _, _ = run(get_evasion_attack("pgd"), settings, large_epsilon)
         large_accuracy = float(correct.mean())
         metadata.update(large_epsilon=large_epsilon, large_epsilon_accuracy=large_accuracy)
         large = (large_epsilon, large_accuracy, near_zero)

@@ -15,7 +15,7 @@ from keras_safe._validation import PrivacyError, fail, step_refusal
 from keras_safe.optimizers.dp import find_dp_optimizer
 from keras_safe.privacy.ledger import BUDGET_SPENT
 from keras_safe.privacy.sampling import default_max_batch_size, epoch_batches, poisson_info
-from keras_safe.training import distribution, state, verification
+from keras_safe.training import distribution, preflight, state
 
 __all__ = [
     "PrivacyGuard",
@@ -266,7 +266,7 @@ def plan_fit(
     )
     distribution.check_fit_data(model, x, settings)
     state.set_data_settings(model, settings)
-    verification.ensure_verified(model, x, y, sample_weight)
+    preflight.ensure_verified(model, x, y, sample_weight)
     return PrivacyGuard(epochs=max(epochs - initial_epoch, 0), verbose=verbose)
 
 

@@ -37,11 +37,17 @@ import tensorflow as tf
 from keras_safe._validation import PrivacyError, fail
 from keras_safe.optimizers.dp import find_dp_optimizer
 from keras_safe.privacy.ledger import get_ledger
-from keras_safe.training import fit_plan, state, verification
+from keras_safe.training import fit_plan, preflight, state
 from keras_safe.training.stages import get_stages, set_stages
 from keras_safe.training.train_step import train_step
 
-__all__ = ["PrivateModel", "SafeFunctional", "SafeSequential", "install", "make_private"]
+__all__ = [
+    "PrivateModel",
+    "SafeFunctional",
+    "SafeSequential",
+    "install_train_step",
+    "make_private",
+]
 
 _FUNCTIONAL = next(c for c in keras.Model.__subclasses__() if c.__name__ == "Functional")
 _CONFIG_KEY = "keras_safe"
@@ -89,7 +95,7 @@ def private_fit(model, fit, *args, **kwargs):
         arrays = (x, params["y"], params["sample_weight"])
         params = fit_plan.poisson_fit_arguments(model, dp, params)
         # Verified on the arrays' first examples (a weighted sample may hold few of them).
-        verification.ensure_verified(model, *arrays)
+        preflight.ensure_verified(model, *arrays)
     elif isinstance(x, (tf.data.Dataset, tf.distribute.DistributedDataset)):
         params["shuffle"] = False
     guard = fit_plan.plan_fit(
@@ -139,7 +145,7 @@ def private_train_on_batch(model, train_on_batch, *args, **kwargs):
             "calibrates the noise), or give noise_multiplier.",
         )
     bound = inspect.signature(keras.Model.train_on_batch).bind(model, *args, **kwargs)
-    verification.ensure_verified(
+    preflight.ensure_verified(
         model,
         bound.arguments["x"],
         bound.arguments.get("y"),
@@ -272,7 +278,7 @@ class PrivateModel:
         model = keras.saving.deserialize_keras_object(
             config[_MODEL_KEY], custom_objects=custom_objects
         )
-        install(model)
+        install_train_step(model)
         _import_state(model, config.get(_CONFIG_KEY))
         return model
 
@@ -302,7 +308,7 @@ def _private_class(base):
     return cls
 
 
-def install(model):
+def install_train_step(model):
     """Gives `model` keras_safe's train step, checked `fit` and ledger; returns `model`.
 
     Sequential and functional models switch to `SafeSequential` / `SafeFunctional`; any other
@@ -402,7 +408,7 @@ def make_private(model):
         fail("model", type(model).__name__, "a keras.Model")
     if not state.is_private(model):
         _check_ledger_restored(model)
-    install(model)
+    install_train_step(model)
     if not state.is_private(model):
         state.set_private(model, True)
         model.train_function = None

@@ -8,7 +8,9 @@ on plug in as stages, so they compose instead of each overriding `train_step`:
   flows through it to the weights.
 - a *loss stage* computes the per-example losses (shape `[B]`, one value per example that
   depends on that example alone) from the model and the batch (TRADES, for example, compares
-  the model's outputs on the clean and the adversarial input).
+  the model's outputs on the clean and the adversarial input). What it needs from the batch
+  before the gradient pass (TRADES' adversarial inputs) it computes in `prepare`; the step
+  passes the result to `losses` (a stage keeps no state from one call to the next).
 
 Under DP-SGD, the per-example losses of the loss stage are what is clipped per example, so every
 stage must keep examples independent: example i's adversarial input and loss may depend on
@@ -32,10 +34,15 @@ class TrainingStage:
     `transform(model, x, y, sample_weight)` returns the `(x, y, sample_weight)` to train on (the
     default returns them unchanged); the step stops gradients through the returned `x`.
 
-    `losses(model, x, y, sample_weight, per_example_loss)` returns `(losses, y_pred)`: the
-    per-example losses `[B]` and the predictions used for metrics. `per_example_loss(y, y_pred,
-    sample_weight)` is the compiled loss split per example. The default is the model's forward
-    pass followed by `per_example_loss`. At most one stage of a model may override `losses`.
+    `prepare(model, x, y, sample_weight)` (loss stages only) runs after the data stages and
+    before the gradient pass, outside the per-example rules; its result (treated as data: no
+    gradient flows through it) is passed to `losses` as `prepared`. The default returns None.
+
+    `losses(model, x, y, sample_weight, per_example_loss, prepared=None)` returns
+    `(losses, y_pred)`: the per-example losses `[B]` and the predictions used for metrics.
+    `per_example_loss(y, y_pred, sample_weight)` is the compiled loss split per example. The
+    default is the model's forward pass followed by `per_example_loss`. At most one stage of a
+    model may override `losses`.
     """
 
     #: Whether this stage overrides `losses` (the step allows at most one such stage).
@@ -44,7 +51,10 @@ class TrainingStage:
     def transform(self, model, x, y, sample_weight):
         return x, y, sample_weight
 
-    def losses(self, model, x, y, sample_weight, per_example_loss):
+    def prepare(self, model, x, y, sample_weight):
+        return None
+
+    def losses(self, model, x, y, sample_weight, per_example_loss, prepared=None):
         y_pred = model(x, training=True)
         return per_example_loss(y, y_pred, sample_weight), y_pred
 

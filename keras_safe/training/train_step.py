@@ -20,9 +20,9 @@ from keras_safe.optimizers.wrapper import optimizer_chain
 from keras_safe.privacy import independence
 from keras_safe.privacy.losses import PerExampleLoss
 from keras_safe.privacy.model_checks import check_supported
-from keras_safe.privacy.per_example import clipped_gradient_sum
+from keras_safe.privacy.per_example.clipping import clipped_gradient_sum
 from keras_safe.privacy.sampling import default_max_batch_size
-from keras_safe.training import distribution, ownership, state, verification
+from keras_safe.training import distribution, ownership, preflight, state
 from keras_safe.training.stages import get_stages
 
 __all__ = ["dp_gradients", "train_step"]
@@ -67,7 +67,7 @@ def dp_gradients(model, x, y=None, sample_weight=None, return_outputs=False):
     1
     """
     if tf.executing_eagerly():
-        verification.ensure_verified(model, x, y, sample_weight)
+        preflight.ensure_verified(model, x, y, sample_weight)
     _, _, _, grads, losses, y_pred = _private_step(model, x, y, sample_weight)
     if return_outputs:
         return grads, (losses, y_pred)
@@ -90,6 +90,7 @@ def train_step(model, data):
             loss = _stage_loss(model, losses)
     else:
         x, y, sample_weight = _run_data_stages(model, x, y, sample_weight)
+        prepared = _prepare(loss_stage, model, x, y, sample_weight)
         with tf.GradientTape() as tape:
             if loss_stage is None:
                 y_pred = model(x, training=True)
@@ -99,7 +100,7 @@ def train_step(model, data):
                 loss = distribution.loss_for_report(share)
             else:
                 losses, y_pred = loss_stage.losses(
-                    model, x, y, sample_weight, PerExampleLoss(model)
+                    model, x, y, sample_weight, PerExampleLoss(model), prepared
                 )
                 loss = _stage_loss(model, losses)
                 share = distribution.loss_for_gradients(loss)
@@ -170,7 +171,8 @@ def _eager_step(model):
 def _traced_private_step(model, x, y, sample_weight):
     watch = _Watch((x, y, sample_weight))
     x, y, sample_weight = _run_data_stages(model, x, y, sample_weight)
-    grads, losses, y_pred = _private_gradients(model, x, y, sample_weight, watch)
+    prepared = _prepare(_loss_stage(model), model, x, y, sample_weight)
+    grads, losses, y_pred = _private_gradients(model, x, y, sample_weight, watch, prepared)
     return x, y, sample_weight, grads, losses, y_pred
 
 
@@ -200,6 +202,16 @@ def _run_data_stages(model, x, y, sample_weight):
         x, y, sample_weight = stage.transform(model, x, y, sample_weight)
         x = keras.tree.map_structure(lambda t: None if t is None else tf.stop_gradient(t), x)
     return x, y, sample_weight
+
+
+def _prepare(loss_stage, model, x, y, sample_weight):
+    """What the loss stage computes before the gradient pass (`TrainingStage.prepare`), as data."""
+    if loss_stage is None:
+        return None
+    prepared = loss_stage.prepare(model, x, y, sample_weight)
+    return keras.tree.map_structure(
+        lambda t: t if t is None or not tf.is_tensor(t) else tf.stop_gradient(t), prepared
+    )
 
 
 def _mask_padding(y_pred, sample_weight):
@@ -244,7 +256,7 @@ def _stage_loss(model, losses):
     return loss
 
 
-def _private_gradients(model, x, y, sample_weight, watch):
+def _private_gradients(model, x, y, sample_weight, watch, prepared=None):
     """The DP release of one batch, with the ledger charged; `(grads, losses, y_pred)`.
 
     Refused when the step is traced if `watch` cannot prove its examples apart; at run time,
@@ -260,7 +272,7 @@ def _private_gradients(model, x, y, sample_weight, watch):
         )
     check_supported(model)
     _check_training_setup(model)
-    verification.require_verified(model)
+    preflight.require_verified(model)
     schedule = state.current_schedule(model, dp)
     variables = model.trainable_variables
     loss_fn = PerExampleLoss(model)
@@ -268,7 +280,7 @@ def _private_gradients(model, x, y, sample_weight, watch):
 
     def forward():
         if loss_stage is not None:
-            losses, y_pred = loss_stage.losses(model, x, y, sample_weight, loss_fn)
+            losses, y_pred = loss_stage.losses(model, x, y, sample_weight, loss_fn, prepared)
         else:
             y_pred = model(x, training=True)
             losses = loss_fn(y, y_pred, sample_weight)

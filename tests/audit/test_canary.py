@@ -10,7 +10,8 @@ import keras
 import numpy as np
 import pytest
 
-from keras_safe.audit import accountant_epsilon, canary_audit
+from keras_safe.audit import canary_audit
+from keras_safe.audit.canary import accountant_epsilon
 from tests import dp_reference
 from tests.audit.conftest import digits, make_mlp
 

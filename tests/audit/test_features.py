@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from scipy import special
 
-from keras_safe.audit import compute_features, example_losses
+from keras_safe.audit.features import compute_features, example_losses
 
 
 def test_features_use_the_right_loss():

@@ -11,8 +11,8 @@ from keras_safe.audit import (
     clopper_pearson,
     epsilon_lower_bound,
     guessing_epsilon_lower_bound,
-    tpr_at_fpr,
 )
+from keras_safe.audit.metrics import tpr_at_fpr
 
 # Hand-made scores with ties inside and across the groups.
 MEMBERS = np.array([0.95, 0.9, 0.9, 0.8, 0.7, 0.7, 0.6, 0.4, 0.3, 0.1])

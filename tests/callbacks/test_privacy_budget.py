@@ -14,9 +14,10 @@ import pytest
 import tensorflow as tf
 
 from keras_safe._validation import PrivacyError
+from keras_safe.accounting import compute_epsilon
 from keras_safe.callbacks import PrivacyBudget
 from keras_safe.optimizers import DPSGD
-from keras_safe.privacy import compute_epsilon, get_ledger, make_private
+from keras_safe.privacy import get_ledger, make_private
 from tests import dp_reference
 from tests.testing import REPO_ROOT, assert_config_round_trip
 

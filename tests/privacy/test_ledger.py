@@ -6,7 +6,8 @@ import pytest
 import tensorflow as tf
 
 from keras_safe._validation import ArgumentError
-from keras_safe.privacy import PrivacyLedger, privacy_statement
+from keras_safe.accounting import privacy_statement
+from keras_safe.privacy import PrivacyLedger
 from tests import dp_reference
 
 

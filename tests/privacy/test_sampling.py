@@ -122,6 +122,8 @@ def test_non_finite_examples_are_counted_among_the_real_rows_only():
     assert get_ledger(model).nonfinite_examples == expected
 
 
-def test_keras_safe_privacy_names_the_one_rules():
-    # The ledger's default delta and the statement's come from accounting.default_delta.
-    assert keras_safe.privacy.default_delta is keras_safe.accounting.default_delta
+def test_the_notebooks_accounting_names_still_reach_keras_safe_accounting():
+    # keras_safe 0.2.0 exported these from keras_safe.privacy; they stay reachable there.
+    for name in ("compute_epsilon", "privacy_statement"):
+        assert getattr(keras_safe.privacy, name) is getattr(keras_safe.accounting, name)
+        assert name not in keras_safe.privacy.__all__

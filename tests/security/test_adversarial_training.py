@@ -8,7 +8,15 @@ import tensorflow as tf
 import keras_safe
 from keras_safe._validation import ArgumentError
 from keras_safe.optimizers import DPSGD, GradientClip
-from keras_safe.security import PGD, TRADES, AdversarialExamples, accuracy_under_attack, make_robust
+from keras_safe.security import (
+    PGD,
+    accuracy_under_attack,
+    get_evasion_attack,
+    make_robust,
+    register_evasion_attack,
+    unregister_evasion_attack,
+)
+from keras_safe.security.adversarial_training import TRADES, AdversarialExamples
 from keras_safe.training import get_stages, set_stages
 from tests.security.conftest import make_mlp
 from tests.testing import assert_config_round_trip, assert_saves_in_fresh_process
@@ -71,7 +79,9 @@ def batch(digits_split):
 def test_adversarial_examples_stay_in_the_ball_and_the_range(trained_mlp, batch, norm, epsilon):
     x, y = batch
     for random_start in (True, False):
-        stage = AdversarialExamples(epsilon, steps=4, norm=norm, random_start=random_start, **RANGE)
+        stage = AdversarialExamples(
+            PGD(epsilon, steps=4, norm=norm, random_start=random_start, **RANGE)
+        )
         x_adv, y_out, w_out = stage.transform(trained_mlp, x, y, None)
         d = (np.asarray(x_adv, np.float64) - x).reshape(len(x), -1)
         norms = np.abs(d).max(1) if norm == "linf" else np.linalg.norm(d, axis=1)
@@ -85,7 +95,7 @@ def test_adversarial_examples_stay_in_the_ball_and_the_range(trained_mlp, batch,
 
 def test_adversarial_examples_match_pgd_one_example_at_a_time(trained_mlp, batch):
     x, y = batch
-    stage = AdversarialExamples(0.1, steps=5, random_start=False, **RANGE)
+    stage = AdversarialExamples(PGD(0.1, steps=5, random_start=False, **RANGE))
     got = np.asarray(stage.transform(trained_mlp, x, y, None)[0])
     want = np.concatenate([_pgd_alone(trained_mlp, xi, yi, 0.1, 5).numpy() for xi, yi in zip(x, y)])
     assert np.mean(np.abs(got - want) > 1e-5) < 0.005
@@ -95,13 +105,13 @@ def test_random_starts_keep_examples_independent(trained_mlp, batch):
     x, y = batch
     other = x.copy()
     other[1:] = x[::-1][:-1]  # every example but the first replaced
-    stage = AdversarialExamples(0.1, steps=3, **RANGE)
+    stage = AdversarialExamples(PGD(0.1, steps=3, **RANGE))
     outs = []
     for inputs in (x, other):
         tf.random.set_seed(5)
         outs.append(np.asarray(stage.transform(trained_mlp, inputs, y, None)[0]))
     np.testing.assert_allclose(outs[0][0], outs[1][0], atol=1e-6)
-    trades = TRADES(0.1, steps=3)
+    trades = TRADES(PGD(0.1, steps=3))
     losses = []
     for inputs in (x, other):
         tf.random.set_seed(5)
@@ -113,7 +123,7 @@ def test_random_starts_keep_examples_independent(trained_mlp, batch):
 
 def test_trades_losses_are_per_example_and_follow_the_formula(trained_mlp, batch):
     x, y = batch
-    stage = TRADES(0.1, beta=3.0, steps=4, random_start=False, **RANGE)
+    stage = TRADES(PGD(0.1, steps=4, random_start=False, **RANGE), beta=3.0)
     per_example = lambda t, p, w: _ce(t, p)  # noqa: E731
     losses, y_pred = stage.losses(trained_mlp, x, y, None, per_example)
     assert tuple(losses.shape) == (12,)
@@ -121,7 +131,7 @@ def test_trades_losses_are_per_example_and_follow_the_formula(trained_mlp, batch
     alone = [float(_trades_loss_alone(trained_mlp, xi, yi, 0.1, 4, 3.0)) for xi, yi in zip(x, y)]
     np.testing.assert_allclose(np.asarray(losses), alone, rtol=1e-4, atol=1e-6)
     # beta = 0 is the clean cross-entropy; the robustness term is a KL divergence (>= 0).
-    clean_only = TRADES(0.1, beta=0.0, steps=4, random_start=False, **RANGE)
+    clean_only = TRADES(PGD(0.1, steps=4, random_start=False, **RANGE), beta=0.0)
     ce = np.asarray(_ce(y, trained_mlp(x)))
     np.testing.assert_allclose(
         np.asarray(clean_only.losses(trained_mlp, x, y, None, per_example)[0]), ce, rtol=1e-6
@@ -224,16 +234,79 @@ def test_make_robust_replaces_its_stage_and_checks_arguments(batch):
     with pytest.raises(ArgumentError, match="`epsilon`"):
         make_robust(model, -0.1)
     with pytest.raises(ArgumentError, match="`norm`"):
-        AdversarialExamples(0.1, norm="l1")
+        make_robust(model, 0.1, norm="l1")
     with pytest.raises(ArgumentError, match="`beta`"):
-        TRADES(0.1, beta=-1.0)
+        TRADES(PGD(0.1), beta=-1.0)
+    with pytest.raises(ArgumentError, match="`objective`.*Fix:"):
+        make_robust(model, 0.1, objective="madry")
+    with pytest.raises(ArgumentError, match="`attack` must be the name of an evasion attack"):
+        make_robust(model, 0.1, attack="cw")
+    with pytest.raises(ArgumentError, match="`method` must be left out"):
+        make_robust(model, 0.1, method="pgd", objective="trades")
+    with pytest.raises(ArgumentError, match="`targeted`"):
+        make_robust(model, attack=PGD(0.1, targeted=True))
+    with pytest.raises(ArgumentError, match="`epsilon` must be left out"):
+        make_robust(model, 0.1, attack=PGD(0.1))
     with pytest.raises(ArgumentError, match="`stages`"):
-        set_stages(model, [TRADES(0.1), TRADES(0.2)])
+        set_stages(model, [TRADES(PGD(0.1)), TRADES(PGD(0.2))])
 
 
 def test_stage_config_round_trip():
     for stage in (
-        AdversarialExamples(0.1, steps=3, norm="l2", clip_min=0.0, clip_max=1.0),
-        TRADES(0.05, beta=2.0, step_size=0.01, random_start=False, from_logits=True),
+        AdversarialExamples(PGD(0.1, steps=3, norm="l2", clip_min=0.0, clip_max=1.0)),
+        TRADES(PGD(0.05, step_size=0.01, random_start=False, from_logits=True), beta=2.0),
     ):
         assert_config_round_trip(stage)
+
+
+def test_stages_saved_by_keras_safe_0_2_0_load():
+    """0.2.0 saved the PGD settings flat in the stage's config."""
+    flat = dict(epsilon=0.1, steps=3, step_size=None, norm="l2", clip_min=0.0, clip_max=1.0)
+    flat.update(random_start=False, from_logits=True)
+    stage = AdversarialExamples.from_config(flat)
+    want = PGD(0.1, steps=3, norm="l2", clip_min=0.0, clip_max=1.0, random_start=False)
+    assert type(stage.attack) is PGD
+    assert stage.attack.get_config() == {**want.get_config(), "from_logits": True}
+    trades = TRADES.from_config({**flat, "beta": 2.5})
+    assert trades.beta == 2.5 and trades.attack.get_config() == stage.attack.get_config()
+
+
+def test_the_training_examples_are_the_registered_attacks_own(trained_mlp, batch):
+    """make_robust runs the attack's own search (no second PGD): with the same settings and no
+    random start, its examples are the ones PGD.generate gives (the compiled loss is PGD's
+    cross-entropy here)."""
+    x, y = batch
+    for steps in (1, 4):
+        attack = PGD(0.1, steps=steps, random_start=False, **RANGE)
+        got = np.asarray(AdversarialExamples(attack).transform(trained_mlp, x, y, None)[0])
+        np.testing.assert_allclose(got, attack.generate(trained_mlp, x, y), atol=1e-6)
+
+
+def test_any_registered_attack_trains_and_trades_keeps_no_state(batch):
+    x, y = batch
+
+    @register_evasion_attack
+    class HalfFGSM(get_evasion_attack("fgsm")):
+        """FGSM at half the budget: a user's attack."""
+
+        name = "half_fgsm"
+
+        def __init__(self, epsilon, **kwargs):
+            super().__init__(epsilon / 2, **kwargs)
+
+    try:
+        for attack, objective in (
+            ("fgsm", "adversarial"),
+            ("apgd", "trades"),
+            ("half_fgsm", "trades"),
+        ):
+            model = make_mlp()
+            make_robust(model, 0.1, attack=attack, objective=objective, steps=2, **RANGE)
+            (stage,) = get_stages(model)
+            assert stage.attack.name == attack
+            before = dict(vars(stage))
+            model.fit(x, y, batch_size=6, epochs=1, verbose=0)
+            assert vars(stage) == before  # nothing carried from one hook to the next
+        assert stage.epsilon == 0.05  # the user's attack, with its own rule
+    finally:
+        unregister_evasion_attack("half_fgsm")

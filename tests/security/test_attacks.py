@@ -9,20 +9,20 @@ from keras_safe._validation import ArgumentError
 from keras_safe.layers import PredictionRounding, TopKOnly
 from keras_safe.security import (
     APGD,
-    ATTACKS,
     FGSM,
     PGD,
     RandomNoise,
     Square,
     apgd,
+    evasion_attack_names,
     fgsm,
-    get_attack,
     pgd,
     random_noise,
     square,
 )
 from keras_safe.security._common import output_kind
 from keras_safe.security.attacks.auto_pgd import checkpoints
+from keras_safe.security.attacks.registry import make_attack
 from keras_safe.training.state import safe_state
 from tests.security.conftest import accuracy, digits, predict_labels
 
@@ -51,7 +51,7 @@ def test_accuracy_pgd_below_fgsm_below_noise_below_clean(trained_mlp, norm, epsi
 
 
 @pytest.mark.parametrize("norm, epsilon", [("linf", 0.1), ("l2", 0.8)])
-@pytest.mark.parametrize("name", sorted(ATTACKS))
+@pytest.mark.parametrize("name", sorted(evasion_attack_names()))
 def test_every_attack_stays_in_the_ball_and_the_range(
     trained_mlp, digits_split, name, norm, epsilon
 ):
@@ -60,7 +60,7 @@ def test_every_attack_stays_in_the_ball_and_the_range(
     settings = {"steps": 5} if name in ("pgd", "apgd") else {}
     if name == "square":
         settings = {"queries": 50}
-    x_adv = get_attack(name, epsilon=epsilon, norm=norm, seed=1, **RANGE, **settings).generate(
+    x_adv = make_attack(name, epsilon=epsilon, norm=norm, seed=1, **RANGE, **settings).generate(
         trained_mlp, x, y[:100]
     )
     assert x_adv.shape == x.shape and x_adv.dtype == np.float32
@@ -303,7 +303,7 @@ def test_attack_config_round_trip():
     ):
         clone = type(attack).from_config(attack.get_config())
         assert clone.get_config() == attack.get_config()
-        assert get_attack(attack.name, **attack.get_config()).get_config() == attack.get_config()
+        assert make_attack(attack.name, **attack.get_config()).get_config() == attack.get_config()
 
 
 @pytest.mark.parametrize(
@@ -315,7 +315,7 @@ def test_attack_config_round_trip():
         (lambda: PGD(0.1, clip_min=0.0), "clip_max"),
         (lambda: PGD(0.1, clip_min=1.0, clip_max=0.0), "clip_min"),
         (lambda: Square(0.1, p_init=0.0), "p_init"),
-        (lambda: get_attack("cw", epsilon=0.1), "attack"),
+        (lambda: make_attack("cw", epsilon=0.1), "attack"),
     ],
 )
 def test_bad_arguments_name_the_argument_and_the_fix(make, argument):

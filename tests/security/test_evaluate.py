@@ -7,7 +7,7 @@ import pytest
 import tensorflow as tf
 
 from keras_safe._validation import ArgumentError
-from keras_safe.security import ATTACKS, PGD, RobustnessReport, evaluate_robustness
+from keras_safe.security import PGD, RobustnessReport, evaluate_robustness, get_evasion_attack
 from keras_safe.security.evaluate import _masking_checks
 from tests.security.conftest import accuracy, predict_labels
 
@@ -167,7 +167,7 @@ def _rows(table):
     for name, curve in table.items():
         for epsilon, value in curve.items():
             rows.append({"attack": name, "epsilon": epsilon, "accuracy": value})
-    specs = [(name, {}, ATTACKS[name]) for name in table]
+    specs = [(name, {}, get_evasion_attack(name)) for name in table]
     return rows, specs
 
 

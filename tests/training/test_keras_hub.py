@@ -17,7 +17,9 @@ import pytest
 
 import keras_safe
 from keras_safe.privacy.losses import PerExampleLoss
-from keras_safe.privacy.per_example import DenseRule, LoRAEinsumDenseRule, find_rule, tapped_layers
+from keras_safe.privacy.per_example.install import layers_with_rules
+from keras_safe.privacy.per_example.registry import find_rule
+from keras_safe.privacy.per_example.rules import DenseRule, LoRAEinsumDenseRule
 from tests import dp_reference
 
 try:
@@ -107,7 +109,7 @@ def test_lora_classifier_clipped_sum_matches_one_example_at_a_time():
     trained = {v.path.split("/")[-1] for v in model.trainable_variables}
     # What backbone.enable_lora leaves trainable (adapters and the projections' biases), the head.
     assert trained == {"lora_kernel_a", "lora_kernel_b", "bias", "kernel"}
-    rules = {layer.name: rule for layer, rule in tapped_layers(model).items()}
+    rules = {layer.name: rule for layer, rule in layers_with_rules(model).items()}
     assert rules == {
         "query": LoRAEinsumDenseRule,
         "value": LoRAEinsumDenseRule,

@@ -13,6 +13,7 @@ from sklearn.datasets import load_digits
 import keras_safe
 from keras_safe._validation import PrivacyError
 from keras_safe.optimizers import DPSGD
+from keras_safe.training.private_model import install_train_step
 from tests.privacy.per_example.common import per_example_norms, reference_update
 
 RNG = np.random.default_rng(1)
@@ -119,7 +120,7 @@ def test_weight_regularizer_gradient_is_added_outside_clipping():
 def test_plain_optimizer_trains_normally_under_the_train_step_of_a_public_model():
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
     model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
-    keras_safe.training.install(model)  # keras_safe's step, without privacy
+    install_train_step(model)  # keras_safe's step, without privacy
     x = RNG.normal(size=(32, 3)).astype("float32")
     y = x @ np.array([[1.0], [-2.0], [0.5]], "float32")
     history = model.fit(x, y, epochs=30, verbose=0)

@@ -1,10 +1,14 @@
 """The registry of membership inference attacks: names to attack classes, in a fixed order.
 
-The built-in attacks are registered here, from an explicit ordered list; users add theirs with
-`register_attack`. `membership_inference(..., attacks=...)` and the `MembershipInferenceAudit`
-callback look attacks up here by name, so a registered attack works in both.
+The built-in attacks are `DEFAULT_ATTACKS`, an explicit ordered tuple; users add theirs with
+`register_membership_attack` (keras_safe's one registry shape, `keras_safe._registry`:
+`unregister_membership_attack`, `get_membership_attack`, `membership_attack_names`, and a name
+taken is refused unless `replace=True`). `membership_inference(..., attacks=...)` and the
+`MembershipInferenceAudit` callback look attacks up here by name or family, so a registered
+attack works in both.
 """
 
+from keras_safe._registry import Registry
 from keras_safe._validation import fail
 from keras_safe.audit.attacks.base import MembershipAttack
 from keras_safe.audit.attacks.learned import LearnedAttack
@@ -18,12 +22,12 @@ from keras_safe.audit.attacks.threshold import (
 
 __all__ = [
     "DEFAULT_ATTACKS",
-    "attack_families",
-    "attack_names",
-    "get_attack",
-    "register_attack",
+    "get_membership_attack",
+    "membership_attack_families",
+    "membership_attack_names",
+    "register_membership_attack",
     "resolve_attacks",
-    "unregister_attack",
+    "unregister_membership_attack",
 ]
 
 #: The built-in attacks, in the order they are listed and reported.
@@ -37,38 +41,45 @@ DEFAULT_ATTACKS = (
     LiraOfflineAttack,
 )
 
-_REGISTRY = {}
+_ATTACKS = Registry(
+    "membership attack",
+    DEFAULT_ATTACKS,
+    name_of=lambda attack_class: attack_class.name,
+    register_call="keras_safe.audit.register_membership_attack",
+)
 
 
-def attack_names():
-    """Names of the registered attacks, in registration order.
+def membership_attack_names():
+    """Names of the attacks: the built-in ones in order, then the registered ones.
 
     Example:
-        >>> attack_names()[:3]
+        >>> membership_attack_names()[:3]
         ('loss', 'confidence', 'entropy')
     """
-    return tuple(_REGISTRY)
+    return _ATTACKS.names()
 
 
-def attack_families():
-    """Family name -> names of its registered attacks (`attacks=("lira",)` runs a family).
+def membership_attack_families():
+    """Family name -> names of its attacks (`attacks=("lira",)` runs a family).
 
     Example:
-        >>> attack_families()
+        >>> membership_attack_families()
         {'lira': ('lira_online', 'lira_offline')}
     """
     families = {}
-    for name, attack_class in _REGISTRY.items():
+    for name, attack_class in zip(_ATTACKS.names(), _ATTACKS.entries()):
         if attack_class.family:
             families.setdefault(attack_class.family, []).append(name)
     return {family: tuple(names) for family, names in families.items()}
 
 
 def _choices():
-    return ", ".join(repr(n) for n in attack_names() + tuple(attack_families()))
+    return ", ".join(
+        repr(n) for n in membership_attack_names() + tuple(membership_attack_families())
+    )
 
 
-def register_attack(attack_class, *, replace=False):
+def register_membership_attack(attack_class, *, replace=False):
     """Registers a membership inference attack under `attack_class.name`.
 
     The class subclasses `keras_safe.audit.MembershipAttack` and follows its contract: a
@@ -78,7 +89,8 @@ def register_attack(attack_class, *, replace=False):
 
     Args:
         attack_class: the attack class.
-        replace: allow replacing an attack already registered under the same name.
+        replace: replace the attack registered under the same name (a built-in one included)
+            on purpose; without it a name taken is refused.
 
     Returns:
         `attack_class`, so that the function works as a decorator.
@@ -91,7 +103,7 @@ def register_attack(attack_class, *, replace=False):
     Example:
         >>> import keras, numpy as np
         >>> from keras_safe.audit import MembershipAttack, membership_inference
-        >>> @register_attack
+        >>> @register_membership_attack
         ... class MaxProbability(MembershipAttack):
         ...     '''Members get a more confident top prediction, whatever its class.'''
         ...     name = "max_probability"
@@ -108,7 +120,7 @@ def register_attack(attack_class, *, replace=False):
         ...                               attacks=("loss", "max_probability"), slices=False)
         >>> sorted(report.summary())
         ['loss', 'max_probability']
-        >>> unregister_attack("max_probability")
+        >>> unregister_membership_attack("max_probability")
     """
     if not (isinstance(attack_class, type) and issubclass(attack_class, MembershipAttack)):
         fail(
@@ -132,48 +144,38 @@ def register_attack(attack_class, *, replace=False):
             "a class that defines score(context)",
             "return (member_scores, non_member_scores) from score(context).",
         )
-    if name in _REGISTRY and not replace:
-        fail(
-            "attack_class.name",
-            name,
-            "a name not registered yet",
-            "choose another name, or pass replace=True to replace the registered attack.",
-        )
-    families = attack_families()
+    families = membership_attack_families()
     family = attack_class.family
-    if name in families or (family and family in _REGISTRY and family != name):
+    if name in families or (family and family in _ATTACKS and family != name):
         fail(
             "attack_class.name",
             name if name in families else family,
             "a name that is not also an attack family (or a family that is not an attack)",
             "choose distinct names for attacks and families.",
         )
-    _REGISTRY[name] = attack_class
-    return attack_class
+    return _ATTACKS.register(attack_class, replace=replace)
 
 
-def unregister_attack(name):
-    """Removes the attack registered under `name`.
+def unregister_membership_attack(name):
+    """Removes the attack registered under `name` (built-in attacks cannot be removed).
 
     Raises:
-        ArgumentError: if no attack has that name.
+        ArgumentError: if no attack was registered under that name.
     """
-    if name not in _REGISTRY:
-        fail("name", name, f"a registered attack, one of {_choices()}", "check the spelling.")
-    del _REGISTRY[name]
+    _ATTACKS.unregister(name)
 
 
-def get_attack(name):
+def get_membership_attack(name):
     """The attack class registered under `name`.
 
     Raises:
         ArgumentError: if no attack has that name.
+
+    Example:
+        >>> get_membership_attack("loss").__name__
+        'LossAttack'
     """
-    if name not in _REGISTRY:
-        fail(
-            "attacks", name, f"registered attack names, one of {_choices()}", "check the spelling."
-        )
-    return _REGISTRY[name]
+    return _ATTACKS.get(name, "attacks")
 
 
 def resolve_attacks(attacks, name="attacks"):
@@ -197,25 +199,22 @@ def resolve_attacks(attacks, name="attacks"):
         attacks = (attacks,)
     if not isinstance(attacks, (list, tuple)):
         fail(name, attacks, "an attack name or a list of them", "pass e.g. attacks=('loss',).")
-    families = attack_families()
+    families = membership_attack_families()
     chosen = []
     for attack in attacks:
         if isinstance(attack, str) and attack in families:
             names = families[attack]
-        elif isinstance(attack, str) and attack in _REGISTRY:
+        elif isinstance(attack, str) and attack in _ATTACKS:
             names = (attack,)
         else:
             fail(
                 name,
                 attack,
                 f"registered attack names, one of {_choices()}",
-                "check the spelling, or register the attack with keras_safe.audit.register_attack.",
+                "check the spelling, or register the attack with "
+                "keras_safe.audit.register_membership_attack.",
             )
         chosen += [n for n in names if n not in chosen]
     if not chosen:
         fail(name, attacks, "at least one attack name", "pass e.g. attacks=('loss',).")
-    return [_REGISTRY[n]() for n in chosen]
-
-
-for _attack in DEFAULT_ATTACKS:
-    register_attack(_attack)
+    return [_ATTACKS.get(n)() for n in chosen]

@@ -373,9 +373,7 @@ def while_rule(ctx, op, ins):
     for _ in range(_MAX_LOOP_PASSES):
         (pred,) = ctx.call(cond, values)[:1]
         if is_data(pred):
-            return [mixed(op, "repeats a number of times computed from the data")] * len(
-                op.outputs
-            )
+            return [mixed(op, "repeats a number of times computed from the data")] * len(op.outputs)
         after = ctx.call(body, values)
         joined = [join(a, b, op) for a, b in zip(values, after)]
         if joined == values:

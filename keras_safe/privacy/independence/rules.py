@@ -91,7 +91,6 @@ LEADING_AXIS = {
 }
 
 
-
 def _outputs(op, value):
     return [value] * len(op.outputs)
 

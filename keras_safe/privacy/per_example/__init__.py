@@ -4,12 +4,12 @@ For a batch, keras_safe computes every example's gradient norm and the sum of th
 gradients clipped to a bound, without materialising per-example gradients where a layer allows
 it:
 
-1. Layer rules ("taps"; ghost clipping, Goodfellow 2015; Lee & Kifer 2020; Li et al. 2022).
+1. Layer rules (ghost clipping, Goodfellow 2015; Lee & Kifer 2020; Li et al. 2022).
    While the forward pass runs, each layer a rule supports (`registry.DEFAULT_RULES`: Dense,
    EinsumDense, convolutions of every kind, Embedding, LoRA-enabled Dense, EinsumDense and
    Embedding, Layer/GroupNormalization, PReLU and the SimpleRNN/LSTM/GRU cells) records what
    its per-example gradients need; one backward pass gives each example's gradient in a
-   factored form (`forms`). Users add rules with `register_tap`.
+   factored form (`forms`). Users add rules with `keras_safe.privacy.register_rule`.
 2. Every other trainable variable gets its per-example gradients from a Jacobian of the
    per-example losses (`fallback`): vectorized with `pfor`, or a loop over examples.
 3. `verify` checks on real examples, before training, that examples do not interact and that
@@ -20,87 +20,29 @@ Norms are rigorous upper bounds (never below the exact norm beyond a relative 1e
 cancellation included); see `forms` and `clipped_gradient_sum`. Microbatches (TF Privacy's
 `num_microbatches`) group examples: a microbatch is one "example" whose loss is the mean of its
 members' losses.
+
+Exported here is what a new rule is written with: `PerExampleRule` (the base class and its
+contract) and the gradient forms a rule returns (`OuterProductGrad`, `MaterialisedGrad`,
+`EmbeddingGrad`, `GradientForm` to write another, `summed_form`). The registry is
+`keras_safe.privacy.register_rule` / `unregister_rule` / `get_rule` / `rule_names`; the modules
+here (`clipping`, `install`, `registry`, `verification`, `reference`, `fallback`, `numerics`,
+`rules/`) are internal.
 """
 
-from keras_safe.privacy.per_example.clipping import (
-    PerExampleForms,
-    clip_factors,
-    clipped_gradient_sum,
-    per_example_forms,
-)
 from keras_safe.privacy.per_example.embedding_form import EmbeddingGrad
-from keras_safe.privacy.per_example.fallback import FALLBACKS, jacobian
 from keras_safe.privacy.per_example.forms import (
     GradientForm,
     MaterialisedGrad,
     OuterProductGrad,
     summed_form,
 )
-from keras_safe.privacy.per_example.install import MAX_UNROLL, tapped_layers
-from keras_safe.privacy.per_example.registry import (
-    DEFAULT_RULES,
-    find_rule,
-    register_tap,
-    registered_rules,
-    unregister_tap,
-)
-from keras_safe.privacy.per_example.rules import (
-    ConvRule,
-    ConvTransposeRule,
-    DenseRule,
-    DepthwiseConvRule,
-    EinsumDenseRule,
-    EmbeddingRule,
-    GroupNormRule,
-    GRUCellRule,
-    LayerNormRule,
-    LoRADenseRule,
-    LoRAEinsumDenseRule,
-    LoRAEmbeddingRule,
-    LSTMCellRule,
-    PReLURule,
-    SeparableConvRule,
-    SimpleRNNCellRule,
-    TapRule,
-)
-from keras_safe.privacy.per_example.verification import Verification, verify
+from keras_safe.privacy.per_example.rules.base import PerExampleRule
 
 __all__ = [
-    "DEFAULT_RULES",
-    "FALLBACKS",
-    "MAX_UNROLL",
-    "ConvRule",
-    "ConvTransposeRule",
-    "DenseRule",
-    "DepthwiseConvRule",
-    "EinsumDenseRule",
     "EmbeddingGrad",
-    "EmbeddingRule",
-    "GRUCellRule",
     "GradientForm",
-    "GroupNormRule",
-    "LSTMCellRule",
-    "LayerNormRule",
-    "LoRADenseRule",
-    "LoRAEinsumDenseRule",
-    "LoRAEmbeddingRule",
     "MaterialisedGrad",
     "OuterProductGrad",
-    "PReLURule",
-    "PerExampleForms",
-    "SeparableConvRule",
-    "SimpleRNNCellRule",
-    "TapRule",
-    "Verification",
-    "clip_factors",
-    "clipped_gradient_sum",
-    "find_rule",
-    "jacobian",
-    "per_example_forms",
-    "register_tap",
-    "registered_rules",
+    "PerExampleRule",
     "summed_form",
-    "tapped_layers",
-    "unregister_tap",
-    "verify",
 ]

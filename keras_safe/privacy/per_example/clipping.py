@@ -26,7 +26,7 @@ class PerExampleForms:
         checks: runtime assertions the norms must wait for.
         sources: per variable (same order), the rule whose forms cover it, or None for the
             Jacobian fallback.
-        layers: per variable (same order), the tapped layer that owns it, or None.
+        layers: per variable (same order), the layer with a rule that owns it, or None.
     """
 
     forms: list
@@ -68,7 +68,7 @@ def per_example_forms(
     variables,
     forward_and_losses,
     num_microbatches=None,
-    use_taps=True,
+    use_rules=True,
     fallback="vectorized",
 ):
     """Runs the forward pass with the rules installed and returns `PerExampleForms`.
@@ -76,26 +76,26 @@ def per_example_forms(
     The arguments are those of `clipped_gradient_sum`.
     """
     check_choice("fallback", fallback, FALLBACKS)
-    taps = install.tapped_layers(model) if use_taps else {}
-    records, untapped = [], set()
+    rules = install.layers_with_rules(model) if use_rules else {}
+    records, excluded = [], set()
     rnns = [
         layer
         for layer in all_layers(model)
-        if isinstance(layer, keras.layers.RNN) and getattr(layer, "cell", None) in taps
+        if isinstance(layer, keras.layers.RNN) and getattr(layer, "cell", None) in rules
     ]
     with tf.GradientTape(persistent=True) as tape:
         with (
             tf.GradientTape() as sentinel,
-            install.installed_taps(taps, records, untapped, sentinel),
+            install.installed_rules(rules, records, excluded, sentinel),
             install.unrolled(rnns),
         ):
             losses, outputs = forward_and_losses()
         unit_losses, checks = _microbatch_losses(losses, num_microbatches)
         total = tf.reduce_sum(unit_losses)
 
-    checks = checks + install.untap_unsafe_layers(taps, records, untapped, sentinel, losses)
-    records = [r for r in records if r[0] not in untapped]
-    by_variable, owners, rules = {}, {}, {}
+    checks = checks + install.exclude_unusable_layers(rules, records, excluded, sentinel, losses)
+    records = [r for r in records if r[0] not in excluded]
+    by_variable, owners, sources = {}, {}, {}
     if records:
         zs = [z for _, _, record_zs in records for z in record_zs]
         dzs = tape.gradient(total, zs, unconnected_gradients=tf.UnconnectedGradients.ZERO)
@@ -103,10 +103,10 @@ def per_example_forms(
         for layer, saved, record_zs in records:
             record_dzs = dzs[position : position + len(record_zs)]
             position += len(record_zs)
-            for form in taps[layer].forms(layer, saved, *record_dzs):
+            for form in rules[layer].forms(layer, saved, *record_dzs):
                 key = id(form.variable)
                 by_variable.setdefault(key, []).append(form)
-                owners[key], rules[key] = layer, taps[layer]
+                owners[key], sources[key] = layer, rules[layer]
 
     forms = {}
     for key, var_forms in by_variable.items():
@@ -122,7 +122,7 @@ def per_example_forms(
         losses=losses,
         outputs=outputs,
         checks=checks,
-        sources=[rules.get(id(v)) for v in variables],
+        sources=[sources.get(id(v)) for v in variables],
         layers=[owners.get(id(v)) for v in variables],
     )
 
@@ -162,7 +162,7 @@ def clipped_gradient_sum(
     forward_and_losses,
     l2_norm_clip,
     num_microbatches=None,
-    use_taps=True,
+    use_rules=True,
     fallback="vectorized",
 ):
     """Sum over examples (or microbatches) of gradients clipped to `l2_norm_clip`.
@@ -175,14 +175,14 @@ def clipped_gradient_sum(
     order `2^-24 sqrt(B T)` of the sum). Tested at 1e-5.
 
     Args:
-        model: the Keras model whose layers are tapped.
+        model: the Keras model whose layers the rules record.
         variables: the trainable variables to differentiate.
         forward_and_losses: a zero-argument callable that runs the model's forward pass and
             returns `(per_example_losses, outputs)`; `per_example_losses` has shape `[B]`.
         l2_norm_clip: the clipping bound C on each example's global gradient L2 norm.
         num_microbatches: None for per-example clipping, else the number of microbatches M (the
             batch size must be divisible by M); each microbatch's mean-loss gradient is clipped.
-        use_taps: use the layer rules where a layer has one; False computes every per-example
+        use_rules: use the layer rules where a layer has one; False computes every per-example
             gradient with the Jacobian fallback (a reference path).
         fallback: how variables without a rule get their per-example gradients: "vectorized"
             (`pfor`) or "loop" (one example after another). `verify` says which agrees with
@@ -209,7 +209,7 @@ def clipped_gradient_sum(
     if isinstance(l2_norm_clip, (int, float)):
         check_number("l2_norm_clip", l2_norm_clip, low=0.0, low_inclusive=False)
     result = per_example_forms(
-        model, variables, forward_and_losses, num_microbatches, use_taps, fallback
+        model, variables, forward_and_losses, num_microbatches, use_rules, fallback
     )
     factors, norms = clip_factors(result.forms, l2_norm_clip, result.checks)
     clipped = [tf.cast(f.clipped_sum(factors), v.dtype) for f, v in zip(result.forms, variables)]

@@ -10,17 +10,24 @@ import tensorflow as tf
 from keras_safe.privacy.model_checks import all_layers
 from keras_safe.privacy.per_example.registry import find_rule, is_builtin
 
-__all__ = ["MAX_UNROLL", "installed_taps", "tapped_layers", "unrolled", "untap_unsafe_layers"]
+__all__ = [
+    "MAX_UNROLL",
+    "exclude_unusable_layers",
+    "installed_rules",
+    "layers_with_rules",
+    "unrolled",
+]
 
 MAX_UNROLL = 200
+"""Recurrent layers with up to this many (static) time steps run unrolled, so that their cells'
+rules record every step."""
 
 # Per layer, whether a trace with a known batch size saw its recorded rows differ from the
 # examples (a layer applied to a batch axis folded with others).
 _FOLDED = weakref.WeakKeyDictionary()
-"""Recurrent layers with up to this many (static) time steps run unrolled so cells are tapped."""
 
 
-def tapped_layers(model):
+def layers_with_rules(model):
     """Returns `{layer: rule}` for the model's trainable layers that a rule supports."""
     result = {}
     for layer in all_layers(model):
@@ -33,30 +40,31 @@ def tapped_layers(model):
 
 
 @contextlib.contextmanager
-def installed_taps(taps, records, untapped, sentinel):
-    """Swaps each tapped layer's `call` for its rule's recording `forward` while the block runs.
+def installed_rules(rules, records, excluded, sentinel):
+    """Swaps the `call` of each layer with a rule for the rule's recording `forward` while the
+    block runs.
 
     A call in another graph than the forward pass's (inside a loop or branch body) runs the
-    layer's own `call` and marks the layer untapped: its tensors cannot be differentiated from
-    outside that body. Tapped calls do not record on `sentinel`, so the sentinel tape sees the
-    variables used outside tapped calls.
+    layer's own `call` and marks the layer excluded: its tensors cannot be differentiated from
+    outside that body. Recording calls do not record on `sentinel`, so the sentinel tape sees the
+    variables used outside them.
 
     Args:
-        taps: `{layer: rule}`.
-        records: a list receiving `(layer, saved, zs)` per tapped call.
-        untapped: a set receiving the layers whose records cannot be used.
+        rules: `{layer: rule}`.
+        records: a list receiving `(layer, saved, zs)` per recording call.
+        excluded: a set receiving the layers whose records cannot be used.
         sentinel: a `tf.GradientTape` recording the forward pass.
     """
     installed = []
     graph = tf.compat.v1.get_default_graph()
     try:
-        for layer, rule in taps.items():
+        for layer, rule in rules.items():
             original = layer.call
 
             @functools.wraps(original)
-            def tapped_call(*args, _layer=layer, _rule=rule, _original=original, **kwargs):
+            def recording_call(*args, _layer=layer, _rule=rule, _original=original, **kwargs):
                 if tf.compat.v1.get_default_graph() is not graph:
-                    untapped.add(_layer)
+                    excluded.add(_layer)
                     return _original(*args, **kwargs)
                 kwargs.pop("training", None)
                 with sentinel.stop_recording():
@@ -67,7 +75,7 @@ def installed_taps(taps, records, untapped, sentinel):
                         **kwargs,
                     )
 
-            object.__setattr__(layer, "call", tapped_call)
+            object.__setattr__(layer, "call", recording_call)
             installed.append(layer)
         yield
     finally:
@@ -77,7 +85,7 @@ def installed_taps(taps, records, untapped, sentinel):
 
 @contextlib.contextmanager
 def unrolled(rnn_layers):
-    """Runs recurrent layers with tapped cells unrolled (time steps up to `MAX_UNROLL`).
+    """Runs recurrent layers whose cells have rules unrolled (time steps up to `MAX_UNROLL`).
 
     Unrolled, every step's cell call lives in the forward pass's graph, so the cell rules can
     record it; with a symbolic loop the cell goes to the Jacobian fallback.
@@ -106,11 +114,11 @@ def unrolled(rnn_layers):
             object.__delattr__(layer, "call")
 
 
-def untap_unsafe_layers(taps, records, untapped, sentinel, losses):
-    """Adds to `untapped` the layers whose records do not describe per-example gradients.
+def exclude_unusable_layers(rules, records, excluded, sentinel, losses):
+    """Adds to `excluded` the layers whose records do not describe per-example gradients.
 
-    - a tapped variable also read outside its tapped call (tied weights): the records miss
-      that part of its gradient;
+    - a variable of a layer with a rule also read outside the rule's call (tied weights): the
+      records miss that part of its gradient;
     - records whose leading axis is not the example axis (the model folded other axes into
       the batch before the layer): each row would be clipped on its own.
 
@@ -118,28 +126,28 @@ def untap_unsafe_layers(taps, records, untapped, sentinel, losses):
     """
     # The tape watches the backend variables behind Keras variables (`variable.value`).
     outside = {id(v) for v in sentinel.watched_variables()}
-    for layer in taps:
+    for layer in rules:
         if any(id(v.value) in outside or id(v) in outside for v in layer.trainable_weights):
-            untapped.add(layer)
+            excluded.add(layer)
     batch = losses.shape[0]
     pending = []
     for layer, saved, zs in records:
         # The built-in rules record `saved` and `zs` with the same rows; a registered rule's
         # outputs are checked too.
         tensors = [keras.tree.flatten(saved)[0]]
-        if not is_builtin(taps[layer]):
+        if not is_builtin(rules[layer]):
             tensors.extend(zs)
         for tensor in tensors:
             rows = tensor.shape[0]
             if rows is not None and batch is not None:
                 _FOLDED[layer] = _FOLDED.get(layer, False) or rows != batch
                 if rows != batch:
-                    untapped.add(layer)
+                    excluded.add(layer)
             elif _FOLDED.get(layer):
                 # A trace with a known batch size saw this layer's rows differ from the
                 # examples (a batch axis folded in); a trace without one (the last, smaller
                 # batch of an epoch) sends it to the fallback too, instead of failing.
-                untapped.add(layer)
+                excluded.add(layer)
             else:
                 pending.append((layer, tensor))
     return [
@@ -150,5 +158,5 @@ def untap_unsafe_layers(taps, records, untapped, sentinel, losses):
             "cannot clip its gradients per example with layer rules.",
         )
         for layer, tensor in pending
-        if layer not in untapped
+        if layer not in excluded
     ]

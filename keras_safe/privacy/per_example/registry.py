@@ -1,5 +1,11 @@
-"""The per-example gradient rules: the built-in ones in an explicit order, and users' rules."""
+"""The per-example gradient rules: the built-in ones in an explicit order, and users' rules.
 
+The registry has keras_safe's one shape (`keras_safe._registry`): `DEFAULT_RULES`, then
+`register_rule` / `unregister_rule` / `get_rule` / `rule_names`. A rule's name is its `name`, else
+its class name; a name taken is refused unless `replace=True` is given.
+"""
+
+from keras_safe._registry import Registry
 from keras_safe._validation import fail
 from keras_safe.privacy.per_example.rules import (
     ConvRule,
@@ -19,14 +25,17 @@ from keras_safe.privacy.per_example.rules import (
     SeparableConvRule,
     SimpleRNNCellRule,
 )
+from keras_safe.privacy.per_example.rules.base import rule_name
 
 __all__ = [
     "DEFAULT_RULES",
     "find_rule",
+    "get_rule",
     "is_builtin",
-    "register_tap",
-    "registered_rules",
-    "unregister_tap",
+    "lookup_order",
+    "register_rule",
+    "rule_names",
+    "unregister_rule",
 ]
 
 DEFAULT_RULES = (
@@ -49,11 +58,16 @@ DEFAULT_RULES = (
 )
 """The built-in rules, in the order they are tried (after any registered rule)."""
 
-_user_rules = []
+_RULES = Registry(
+    "per-example rule",
+    DEFAULT_RULES,
+    name_of=rule_name,
+    register_call="keras_safe.privacy.register_rule",
+)
 
 
-def register_tap(rule):
-    """Registers a per-example gradient rule ("tap") so DP-SGD clips a layer's gradients fast.
+def register_rule(rule, *, replace=False):
+    """Registers a per-example gradient rule so DP-SGD clips a layer's gradients fast.
 
     Without a rule, a layer's weights get their per-example gradients from a Jacobian of the
     per-example losses (the fallback: verified, but slow and memory-hungry). A rule lets
@@ -61,11 +75,12 @@ def register_tap(rule):
     tensors instead.
 
     **The contract.** A rule is a class (or object) with three static methods; subclassing
-    `keras_safe.privacy.per_example.TapRule` documents them.
+    `keras_safe.privacy.PerExampleRule` documents them.
 
     - `supports(layer) -> bool`: True for the layers the rule handles, and only those whose
       `call` it reproduces exactly. Registered rules are tried first (the latest first), then
-      the built-in ones; the first rule that supports a layer handles it.
+      the built-in ones; the first rule that supports a layer handles it. A registered rule
+      may take over a layer type a built-in rule handles.
     - `forward(layer, record, *args, **kwargs)`: runs in place of `layer.call` during the DP
       forward pass, with `call`'s arguments (`training` removed). It returns what `call` would
       return, and calls `record(saved, *zs)` once per call, where
@@ -90,30 +105,34 @@ def register_tap(rule):
 
     **Verification.** keras_safe does not trust a registered rule: at the start of every
     `fit`, the train step checks it on a few real examples against the one-example-at-a-time
-    reference (`keras_safe.privacy.per_example.verify`) and refuses to train, with a
+    reference (`keras_safe.privacy.per_example.verification.verify`) and refuses to train, with a
     `PrivacyError` naming the rule, if its norms or clipped sums differ. Check a rule yourself
     with `keras_safe.testing.assert_dp_matches_reference`, which has a worked example.
 
     Args:
-        rule: the rule (a class or an object with `supports`, `forward` and `forms`).
+        rule: the rule (a class or an object with `supports`, `forward` and `forms`), named by
+            its `name` attribute, else its class name.
+        replace: replace the rule registered under the same name (a built-in one included) on
+            purpose; the replacement is tried first, as the latest registered rule.
 
     Returns:
-        `rule`, so `register_tap` works as a class decorator.
+        `rule`, so `register_rule` works as a class decorator.
 
     Raises:
-        ArgumentError: if `rule` lacks one of the three methods.
+        ArgumentError: if `rule` lacks one of the three methods, or its name is taken (without
+            `replace`).
 
     Example:
         >>> import keras
-        >>> from keras_safe.privacy.per_example import (
-        ...     TapRule, register_tap, summed_form, unregister_tap)
+        >>> from keras_safe.privacy import PerExampleRule, register_rule, unregister_rule
+        >>> from keras_safe.privacy.per_example import summed_form
         >>> class Scale(keras.layers.Layer):  # y = x * w, one weight per feature
         ...     def build(self, input_shape):
         ...         self.w = self.add_weight(shape=input_shape[-1:], initializer="ones")
         ...     def call(self, x):
         ...         return x * self.w
-        >>> @register_tap
-        ... class ScaleRule(TapRule):
+        >>> @register_rule
+        ... class ScaleRule(PerExampleRule):
         ...     @staticmethod
         ...     def supports(layer):
         ...         return type(layer) is Scale
@@ -126,10 +145,10 @@ def register_tap(rule):
         ...     def forms(layer, x, dz):
         ...         # dL/dw = sum over every axis but the example and feature axes of x * dz.
         ...         return [summed_form(layer.w, x * dz, list(range(1, len(x.shape) - 1)))]
-        >>> from keras_safe.privacy.per_example import find_rule
-        >>> find_rule(Scale()) is ScaleRule
+        >>> from keras_safe.privacy import get_rule
+        >>> get_rule("ScaleRule") is ScaleRule
         True
-        >>> unregister_tap(ScaleRule)
+        >>> unregister_rule("ScaleRule")
     """
     missing = [m for m in ("supports", "forward", "forms") if not callable(getattr(rule, m, None))]
     if missing:
@@ -137,54 +156,66 @@ def register_tap(rule):
             "rule",
             rule,
             "a class or object with callable `supports`, `forward` and `forms`",
-            f"define {', '.join(missing)} (subclass keras_safe.privacy.per_example.TapRule).",
+            f"define {', '.join(missing)} (subclass keras_safe.privacy.PerExampleRule).",
         )
-    if rule in _user_rules:
-        _user_rules.remove(rule)
-    _user_rules.insert(0, rule)
-    return rule
+    return _RULES.register(rule, replace=replace)
 
 
-def unregister_tap(rule):
-    """Removes a rule added by `register_tap` (built-in rules cannot be removed).
+def unregister_rule(rule):
+    """Removes a registered rule, given by name or itself (built-in rules cannot be removed).
+
+    Raises:
+        ArgumentError: if no rule was registered under that name.
 
     Example:
-        >>> from keras_safe.privacy.per_example import DenseRule
         >>> try:
-        ...     unregister_tap(DenseRule)
+        ...     unregister_rule("DenseRule")
         ... except ValueError as error:
         ...     print(type(error).__name__)
         ArgumentError
     """
-    if rule not in _user_rules:
-        names = ", ".join(repr(r) for r in _user_rules) or "none"
-        fail(
-            "rule",
-            rule,
-            "a rule added by register_tap",
-            f"pass a registered rule; registered: {names}.",
-        )
-    _user_rules.remove(rule)
+    _RULES.unregister(rule)
 
 
-def registered_rules():
-    """Every rule in the order they are tried: registered rules, then `DEFAULT_RULES`.
+def get_rule(name):
+    """The rule registered under `name` (a registered rule, else a built-in one).
 
     Example:
-        >>> registered_rules()[-len(DEFAULT_RULES):] == DEFAULT_RULES
+        >>> get_rule("DenseRule").__name__
+        'DenseRule'
+    """
+    return _RULES.get(name)
+
+
+def rule_names():
+    """The names of the rules: the built-in ones in order, then the registered ones.
+
+    Example:
+        >>> rule_names()[:3]
+        ('DenseRule', 'EinsumDenseRule', 'ConvRule')
+    """
+    return _RULES.names()
+
+
+def lookup_order():
+    """Every rule in the order they are tried: registered rules (the latest first), then the
+    built-in ones (those a registered rule replaced by name left out).
+
+    Example:
+        >>> lookup_order() == DEFAULT_RULES
         True
     """
-    return (*_user_rules, *DEFAULT_RULES)
+    return _RULES.lookup_order()
 
 
 def is_builtin(rule):
     """True for keras_safe's own rules (verified by its tests), False for registered ones."""
-    return rule in DEFAULT_RULES
+    return _RULES.is_default(rule)
 
 
 def find_rule(layer):
     """The first rule that supports `layer`, or None."""
-    for rule in registered_rules():
+    for rule in lookup_order():
         if rule.supports(layer):
             return rule
     return None

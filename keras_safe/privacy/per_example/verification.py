@@ -4,7 +4,7 @@ Run before training (keras_safe's train step does it at the start of `fit`): on 
 examples it checks that examples do not interact, then compares keras_safe's per-example norms
 and clipped sum with the one-example-at-a-time reference wherever a variable relies on
 something keras_safe's tests did not cover: the Jacobian fallback, or a rule registered with
-`register_tap`.
+`register_rule`.
 """
 
 import dataclasses
@@ -201,7 +201,7 @@ def verify(
        a batch holding it alone (within 1e-4 relative). Otherwise a layer or the loss mixes
        examples and no per-example clipping bounds anything: `PrivacyError`.
     2. Wherever a variable relies on what keras_safe's own tests do not cover (the Jacobian
-       fallback, or a rule registered with `register_tap`), the per-example norms and the
+       fallback, or a rule registered with `register_rule`), the per-example norms and the
        clipped sum are compared, variable by variable, with the one-example-at-a-time
        reference (`reference.gradients_alone`). When only fallback variables disagree with
        the vectorized (`pfor`) Jacobian, the loop Jacobian is tried. If nothing agrees:
@@ -323,5 +323,5 @@ def _failure(variables, bad, sources, layers, count, worst):
         + "; ".join(problems)
         + f" (compared with the one-example-at-a-time reference on {count} examples; largest "
         f"gap {worst:.2g} of the clip bound). Fix: give the layer a correct rule "
-        "(keras_safe.privacy.register_tap), unregister a wrong one, or replace the layer."
+        "(keras_safe.privacy.register_rule), unregister a wrong one, or replace the layer."
     )

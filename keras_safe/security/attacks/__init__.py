@@ -1,4 +1,5 @@
-"""Evasion attacks: small classes in a registry (`ATTACKS`), and one-call functions.
+"""Evasion attacks: small classes in a registry, and one-call functions (internal; the public
+names are exported by `keras_safe.security`).
 
 | name     | class         | uses gradients | reference                        |
 |----------|---------------|----------------|----------------------------------|
@@ -8,29 +9,9 @@
 | `square` | `Square`      | no             | Andriushchenko et al. 2020       |
 | `noise`  | `RandomNoise` | no             | baseline: random signs           |
 
-A new attack subclasses `Attack` (settings, `_static`, `_dynamic`, `_build`) and registers
-itself with `@register_attack`.
+- `base`: `Attack`, the contract (settings, `_static`, `_dynamic`, `_build`: a search written
+  against an objective, so the same code evaluates robustness and trains adversarially);
+- `gradient`, `auto_pgd`, `square_search`: the attacks;
+- `functions`: `fgsm`, `pgd`, `apgd`, `square`, `random_noise`;
+- `registry`: `DEFAULT_EVASION_ATTACKS` and `register_evasion_attack` for new attacks.
 """
-
-from keras_safe.security.attacks.auto_pgd import APGD
-from keras_safe.security.attacks.base import ATTACKS, Attack, get_attack, register_attack
-from keras_safe.security.attacks.functions import apgd, fgsm, pgd, random_noise, square
-from keras_safe.security.attacks.gradient import FGSM, PGD, RandomNoise
-from keras_safe.security.attacks.square_search import Square
-
-__all__ = [
-    "APGD",
-    "ATTACKS",
-    "FGSM",
-    "PGD",
-    "Attack",
-    "RandomNoise",
-    "Square",
-    "apgd",
-    "fgsm",
-    "get_attack",
-    "pgd",
-    "random_noise",
-    "register_attack",
-    "square",
-]

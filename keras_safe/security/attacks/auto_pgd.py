@@ -15,7 +15,7 @@ import tensorflow as tf
 
 from keras_safe._validation import check_choice, check_number, fail
 from keras_safe.security import _common
-from keras_safe.security.attacks.base import Attack, register_attack
+from keras_safe.security.attacks.base import Attack
 from keras_safe.security.attacks.gradient import best_of_restarts, loss_gradient
 
 __all__ = ["APGD", "checkpoints"]
@@ -42,7 +42,6 @@ def checkpoints(steps):
     return [w for w in points if 0 < w < steps]
 
 
-@register_attack
 class APGD(Attack):
     """Auto-PGD with the cross-entropy (APGD-CE) or the DLR loss (APGD-DLR, untargeted only).
 
@@ -79,11 +78,14 @@ class APGD(Attack):
         out["checkpoint_period"] = marks
         return out
 
-    @classmethod
-    def _build(cls, call, static):
-        norm, targeted, restarts, loss = static
+    def _objective_loss(self):
+        return self.loss
 
-        def run(x, labels, low, high, seed, dynamic):
+    @classmethod
+    def _build(cls, static):
+        norm, _, restarts, _ = static
+
+        def run(objective, x, low, high, seed, dynamic, start):
             eps = dynamic["epsilon"]
             periods = dynamic["checkpoint_period"]
             shape = [-1] + [1] * (len(x.shape) - 1)
@@ -92,63 +94,72 @@ class APGD(Attack):
                 return tf.reshape(mask, shape)
 
             batch = tf.shape(x)[:1]
-            x_cur = _common.project(
-                _common.random_in_ball(x, eps, norm, seed), x, eps, norm, low, high
-            )
-            x_prev = x_cur
-            eta = tf.fill(batch, 2.0 * eps)
-            f_prev = tf.fill(batch, np.inf)  # no rise counted at the first step
-            f_max = tf.fill(batch, -np.inf)
-            f_max_last = f_max
-            x_max, g_max = x_cur, tf.zeros_like(x)
-            best_adv, ever = x, tf.zeros(batch, tf.bool)
-            count = tf.zeros(batch)
-            reduced_last = tf.zeros(batch, tf.bool)
-            for k in tf.range(dynamic["steps"]):
-                f, z, g = loss_gradient(call, x_cur, labels, targeted, loss)
-                fooled = _common.fooled(z, labels, targeted)
-                best_adv = tf.where(rows(fooled & ~ever), x_cur, best_adv)
-                ever = ever | fooled
-                count += tf.cast(f > f_prev, tf.float32)
-                f_prev = f
-                improved = f > f_max
-                x_max = tf.where(rows(improved), x_cur, x_max)
-                g_max = tf.where(rows(improved), g, g_max)
-                f_max = tf.where(improved, f, f_max)
+            if start is None:
+                start = _common.random_in_ball(x, eps, norm, seed)
+            x_cur = _common.project(start, x, eps, norm, low, high)
+            zeros = tf.zeros(batch)
+            state = {
+                "x_cur": x_cur,
+                "x_prev": x_cur,
+                "eta": tf.fill(batch, 2.0 * eps),
+                "f_prev": tf.fill(batch, np.inf),  # no rise counted at the first step
+                "f_max": tf.fill(batch, -np.inf),
+                "f_max_last": tf.fill(batch, -np.inf),
+                "x_max": x_cur,
+                "g_max": tf.zeros_like(x),
+                "best_adv": x,
+                "ever": tf.zeros(batch, tf.bool),
+                "count": zeros,
+                "reduced_last": tf.zeros(batch, tf.bool),
+            }
+
+            def body(k, s):
+                s = dict(s)
+                f, fooled, g = loss_gradient(objective, s["x_cur"])
+                s["best_adv"] = tf.where(rows(fooled & ~s["ever"]), s["x_cur"], s["best_adv"])
+                s["ever"] = s["ever"] | fooled
+                s["count"] += tf.cast(f > s["f_prev"], tf.float32)
+                s["f_prev"] = f
+                improved = f > s["f_max"]
+                s["x_max"] = tf.where(rows(improved), s["x_cur"], s["x_max"])
+                s["g_max"] = tf.where(rows(improved), g, s["g_max"])
+                s["f_max"] = tf.where(improved, f, s["f_max"])
                 period = periods[k]
                 at_mark = period > 0
-                stalled = ~reduced_last & (f_max <= f_max_last)
-                reduce = at_mark & ((count < _RHO * period) | stalled)
-                eta = tf.where(reduce, eta / 2.0, eta)
-                reduced_last = tf.where(at_mark, reduce, reduced_last)
-                f_max_last = tf.where(at_mark, f_max, f_max_last)
-                count = tf.where(at_mark, tf.zeros_like(count), count)
-                x_cur = tf.where(rows(reduce), x_max, x_cur)
-                x_prev = tf.where(rows(reduce), x_max, x_prev)
-                g = tf.where(rows(reduce), g_max, g)
-                step = tf.reshape(eta, shape) * _common.direction(g, norm)
+                stalled = ~s["reduced_last"] & (s["f_max"] <= s["f_max_last"])
+                reduce = at_mark & ((s["count"] < _RHO * period) | stalled)
+                s["eta"] = tf.where(reduce, s["eta"] / 2.0, s["eta"])
+                s["reduced_last"] = tf.where(at_mark, reduce, s["reduced_last"])
+                s["f_max_last"] = tf.where(at_mark, s["f_max"], s["f_max_last"])
+                s["count"] = tf.where(at_mark, tf.zeros_like(s["count"]), s["count"])
+                x_cur = tf.where(rows(reduce), s["x_max"], s["x_cur"])
+                x_prev = tf.where(rows(reduce), s["x_max"], s["x_prev"])
+                g = tf.where(rows(reduce), s["g_max"], g)
+                step = tf.reshape(s["eta"], shape) * _common.direction(g, norm)
                 z_next = _common.project(x_cur + step, x, eps, norm, low, high)
                 moved = x_cur + _ALPHA * (z_next - x_cur) + (1.0 - _ALPHA) * (x_cur - x_prev)
                 x_next = tf.cond(
                     tf.equal(k, 0),
-                    lambda z_next=z_next: z_next,
-                    lambda moved=moved: _common.project(moved, x, eps, norm, low, high),
+                    lambda: z_next,
+                    lambda: _common.project(moved, x, eps, norm, low, high),
                 )
-                x_prev, x_cur = x_cur, x_next
-            z = call(x_cur)
-            f = _common.objective(z, labels, targeted, loss)
-            fooled = _common.fooled(z, labels, targeted)
-            best_adv = tf.where(rows(fooled & ~ever), x_cur, best_adv)
-            ever = ever | fooled
-            x_max = tf.where(rows(f > f_max), x_cur, x_max)
+                s["x_prev"], s["x_cur"] = x_cur, x_next
+                return k + 1, s
+
+            _, state = tf.while_loop(
+                lambda k, _: k < dynamic["steps"], body, (tf.constant(0), state)
+            )
+            x_cur = state["x_cur"]
+            f, fooled = objective(x_cur)
+            best_adv = tf.where(rows(fooled & ~state["ever"]), x_cur, state["best_adv"])
+            ever = state["ever"] | fooled
+            x_max = tf.where(rows(f > state["f_max"]), x_cur, state["x_max"])
             return tf.where(rows(ever), best_adv, x_max)
 
-        def fn(x, labels, low, high, seed, dynamic):
-            return best_of_restarts(
-                run, call, restarts, targeted, loss, x, labels, low, high, seed, dynamic
-            )
+        def search(objective, x, low, high, seed, dynamic, start=None):
+            return best_of_restarts(run, restarts, objective, x, low, high, seed, dynamic, start)
 
-        return fn
+        return search
 
     def get_config(self):
         config = super().get_config()

@@ -1,11 +1,21 @@
-"""The `Attack` base class, the registry of attacks and the cache of compiled attack graphs.
+"""The `Attack` base class and the cache of compiled attack graphs.
 
 An attack is a small class: its settings are attributes; the settings that shape the graph
 (norm, targeted, number of restarts, ...) come from `_static()`, the numbers that do not
 (epsilon, step size, number of steps) from `_dynamic()` and are fed to the compiled function
-as tensors, so changing epsilon or the step count reuses the compiled graph. `_build` returns
-the per-batch graph function; `generate` batches the data, compiles once per model and
-settings, and reassembles the adversarial inputs.
+as tensors, so changing epsilon or the step count reuses the compiled graph.
+
+`_build(static)` returns the attack's search for one batch, written against an *objective*:
+`objective(x_adv) -> (value, fooled)`, per example the value the attack raises and whether the
+model is fooled already. The same search serves both uses of an attack:
+
+- evaluation (`generate`): the objective is the attack's own loss on the model's logits
+  (cross-entropy, margin or DLR, towards or away from the labels); `generate` batches the
+  data, compiles once per model and settings, and reassembles the adversarial inputs;
+- adversarial training (`perturb`, inside keras_safe's train step): the objective is the
+  training objective's (the model's per-example loss, TRADES' divergence), never fooled.
+
+Loops are `tf.while_loop`s, not AutoGraph: Keras traces its train step without AutoGraph.
 """
 
 import keras
@@ -16,39 +26,7 @@ from keras_safe._validation import check_number, fail
 from keras_safe.security import _common
 from keras_safe.training.state import safe_state
 
-__all__ = ["ATTACKS", "Attack", "get_attack", "register_attack"]
-
-#: Registry: attack name -> class.
-ATTACKS = {}
-
-
-
-def register_attack(cls):
-    """Class decorator adding an `Attack` subclass to `ATTACKS` under its `name`."""
-    if not (isinstance(cls, type) and issubclass(cls, Attack) and cls.name):
-        raise TypeError(f"register_attack expects an Attack subclass with a name, got {cls!r}.")
-    ATTACKS[cls.name] = cls
-    return cls
-
-
-def get_attack(attack, **settings):
-    """An attack object from a name of `ATTACKS` (with `settings`) or an `Attack` itself.
-
-    Example:
-        >>> from keras_safe.security import get_attack
-        >>> get_attack("pgd", epsilon=0.1, steps=10).get_config()["steps"]
-        10
-    """
-    if isinstance(attack, Attack):
-        return attack
-    if not isinstance(attack, str) or attack not in ATTACKS:
-        fail(
-            "attack",
-            attack,
-            f"one of {sorted(ATTACKS)} or an Attack object",
-            "pick a registered attack name.",
-        )
-    return ATTACKS[attack](**settings)
+__all__ = ["Attack"]
 
 
 class Attack:
@@ -108,9 +86,17 @@ class Attack:
         """Numbers fed to the graph as tensors: dict name -> float32/int32 numpy value."""
         return {"epsilon": np.float32(self.epsilon)}
 
+    def _objective_loss(self):
+        """The loss the attack raises in evaluation (`_common.objective`)."""
+        return "ce"
+
     @classmethod
-    def _build(cls, call, static):
-        """Returns `fn(x, labels, low, high, seed, dynamic) -> x_adv` for one batch."""
+    def _build(cls, static):
+        """Returns `search(objective, x, low, high, seed, dynamic, start=None) -> x_adv` for one
+        batch: `objective(x_adv) -> (value [B], fooled [B] bool)`, `low`/`high` the input range
+        (or None), `seed` a `[2]` int32 tensor, `dynamic` the tensors of `_dynamic()`, `start`
+        a starting point that replaces the attack's random start (attacks without one ignore
+        it)."""
         raise NotImplementedError
 
     # -- shared machinery ------------------------------------------------------------------
@@ -122,7 +108,8 @@ class Attack:
         per_model = safe_state(model).attack_graphs
         if key not in per_model:
             call = _common.model_fn(model, kind, dtype)
-            fn = _BatchFunction(type(self)._build(call, self._static()))
+            search = type(self)._build(self._static())
+            fn = _BatchFunction(search, call, self.targeted, self._objective_loss())
             signature = [
                 tf.TensorSpec([None, *x.shape[1:]], tf.float32),
                 tf.TensorSpec([None], tf.int32),
@@ -186,6 +173,34 @@ class Attack:
     def __call__(self, model, x, y=None):
         return self.generate(model, x, y)
 
+    def perturb(self, objective, x, seed=None, start=None):
+        """The attack's search on one batch in the current graph, for `objective`.
+
+        What adversarial training runs inside keras_safe's train step (`make_robust`): the
+        attack's search, with its settings (epsilon, norm, input range, steps, ...), raising
+        `objective` instead of its own loss.
+
+        Args:
+            objective: `objective(x_adv) -> (value, fooled)`: per example (`[B]`) the value to
+                raise and whether the search may stop changing that example (a boolean
+                tensor; all False to keep raising the value).
+            x: the batch, a float32 tensor `[B, ...]`.
+            seed: a `[2]` int32 tensor for the random draws; None draws one (fresh at every
+                run of the graph).
+            start: where an attack with a starting point (PGD, APGD) starts, in place of its
+                random start (TRADES' small Gaussian offset); None: its own start.
+
+        Returns:
+            The adversarial inputs, without a gradient path to `x` or the weights.
+        """
+        if seed is None:
+            seed = tf.random.uniform([2], 0, 2**31 - 1, dtype=tf.int32)
+        low = None if self._low is None else tf.constant(self._low)
+        high = None if self._high is None else tf.constant(self._high)
+        dynamic = {k: tf.constant(v) for k, v in self._dynamic().items()}
+        search = type(self)._build(self._static())
+        return tf.stop_gradient(search(objective, x, low, high, seed, dynamic, start))
+
     def get_config(self):
         """The attack's settings (JSON-friendly)."""
         return {
@@ -209,16 +224,26 @@ class Attack:
 
 
 class _BatchFunction:
-    """The per-batch graph function. A callable object rather than a closure: TensorFlow
-    counts retracing per code object, and one attack compiled for several models or settings
-    is not retracing."""
+    """The per-batch graph function of `generate`: the search on the attack's own objective. A
+    callable object rather than a closure: TensorFlow counts retracing per code object, and one
+    attack compiled for several models or settings is not retracing. (`tf.function` copies the
+    object's attributes onto itself: they must not shadow its own, such as `_call`.)"""
 
-    def __init__(self, build):
-        self._build = build
+    def __init__(self, search, call, targeted, loss):
+        self.attack_search = search
+        self.model_logits = call
+        self.targeted = targeted
+        self.objective_loss = loss
 
     def __call__(self, x, labels, bounds, seed, dynamic):
         low, high = bounds if bounds else (None, None)
-        return self._build(x, labels, low, high, seed, dynamic)
+        call, targeted, loss = self.model_logits, self.targeted, self.objective_loss
+
+        def objective(x_adv):
+            z = call(x_adv)
+            return _common.objective(z, labels, targeted, loss), _common.fooled(z, labels, targeted)
+
+        return self.attack_search(objective, x, low, high, seed, dynamic)
 
 
 def _plain(value):

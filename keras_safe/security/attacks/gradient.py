@@ -5,36 +5,33 @@ import tensorflow as tf
 
 from keras_safe._validation import check_choice, check_number
 from keras_safe.security import _common
-from keras_safe.security.attacks.base import Attack, register_attack
+from keras_safe.security.attacks.base import Attack
 
 __all__ = ["FGSM", "PGD", "RandomNoise", "best_of_restarts", "loss_gradient"]
 
 
-def loss_gradient(call, x, labels, targeted, loss="ce"):
-    """`(objective [B], logits, gradient of the objective w.r.t. x)`; zeros where no gradient."""
+def loss_gradient(objective, x):
+    """`(value [B], fooled [B], gradient of the value w.r.t. x)`; zeros where no gradient."""
     with tf.GradientTape() as tape:
         tape.watch(x)
-        z = call(x)
-        value = _common.objective(z, labels, targeted, loss)
+        value, fooled = objective(x)
     grad = tape.gradient(value, x)
     if grad is None:  # an output with no gradient path (for example rounded outputs)
         grad = tf.zeros_like(x)
-    return value, z, grad
+    return value, fooled, grad
 
 
-def best_of_restarts(run, call, restarts, targeted, loss, x, labels, low, high, seed, dynamic):
+def best_of_restarts(run, restarts, objective, x, low, high, seed, dynamic, start=None):
     """Runs `run` `restarts` times (new seeds) and keeps, per example, the best result.
 
     Best: fools the model, else has the highest objective.
     """
     if restarts == 1:
-        return run(x, labels, low, high, seed, dynamic)
+        return run(objective, x, low, high, seed, dynamic, start)
     best, best_fooled, best_value = None, None, None
     for r in range(restarts):
-        x_adv = run(x, labels, low, high, seed + tf.constant([0, r + 1]), dynamic)
-        z = call(x_adv)
-        fooled = _common.fooled(z, labels, targeted)
-        value = _common.objective(z, labels, targeted, loss)
+        x_adv = run(objective, x, low, high, seed + tf.constant([0, r + 1]), dynamic, start)
+        value, fooled = objective(x_adv)
         if best is None:
             best, best_fooled, best_value = x_adv, fooled, value
             continue
@@ -45,7 +42,6 @@ def best_of_restarts(run, call, restarts, targeted, loss, x, labels, low, high, 
     return best
 
 
-@register_attack
 class FGSM(Attack):
     """Fast gradient sign method (Goodfellow et al. 2015): one step of size epsilon.
 
@@ -57,18 +53,17 @@ class FGSM(Attack):
     name = "fgsm"
 
     @classmethod
-    def _build(cls, call, static):
-        norm, targeted = static
+    def _build(cls, static):
+        norm, _ = static
 
-        def fn(x, labels, low, high, seed, dynamic):
-            _, _, grad = loss_gradient(call, x, labels, targeted)
+        def search(objective, x, low, high, seed, dynamic, start=None):
+            _, _, grad = loss_gradient(objective, x)
             step = dynamic["epsilon"] * _common.direction(grad, norm)
             return _common.project(x + step, x, dynamic["epsilon"], norm, low, high)
 
-        return fn
+        return search
 
 
-@register_attack
 class PGD(Attack):
     """Projected gradient descent (Madry et al. 2018).
 
@@ -121,29 +116,37 @@ class PGD(Attack):
         out["steps"] = np.int32(self.steps)
         return out
 
-    @classmethod
-    def _build(cls, call, static):
-        norm, targeted, random_start, restarts, loss = static
+    def _objective_loss(self):
+        return self.loss
 
-        def run(x, labels, low, high, seed, dynamic):
+    @classmethod
+    def _build(cls, static):
+        norm, _, random_start, restarts, _ = static
+
+        def run(objective, x, low, high, seed, dynamic, start):
             eps, step = dynamic["epsilon"], dynamic["step_size"]
             x_adv = x
-            if random_start:
+            if start is not None:
+                x_adv = _common.project(start, x, eps, norm, low, high)
+            elif random_start:
                 x_adv = _common.project(
                     _common.random_in_ball(x, eps, norm, seed), x, eps, norm, low, high
                 )
-            for _ in tf.range(dynamic["steps"]):
-                _, _, grad = loss_gradient(call, x_adv, labels, targeted, loss)
+
+            def body(i, x_adv):
+                _, _, grad = loss_gradient(objective, x_adv)
                 x_adv = x_adv + step * _common.direction(grad, norm)
-                x_adv = _common.project(x_adv, x, eps, norm, low, high)
+                return i + 1, _common.project(x_adv, x, eps, norm, low, high)
+
+            _, x_adv = tf.while_loop(
+                lambda i, _: i < dynamic["steps"], body, (tf.constant(0), x_adv)
+            )
             return x_adv
 
-        def fn(x, labels, low, high, seed, dynamic):
-            return best_of_restarts(
-                run, call, restarts, targeted, loss, x, labels, low, high, seed, dynamic
-            )
+        def search(objective, x, low, high, seed, dynamic, start=None):
+            return best_of_restarts(run, restarts, objective, x, low, high, seed, dynamic, start)
 
-        return fn
+        return search
 
     def get_config(self):
         config = super().get_config()
@@ -157,7 +160,6 @@ class PGD(Attack):
         return config
 
 
-@register_attack
 class RandomNoise(Attack):
     """Random sign noise of the attack's norm: the baseline every real attack must beat.
 
@@ -170,12 +172,12 @@ class RandomNoise(Attack):
     uses_gradients = False
 
     @classmethod
-    def _build(cls, call, static):
+    def _build(cls, static):
         norm, _ = static
 
-        def fn(x, labels, low, high, seed, dynamic):
+        def search(objective, x, low, high, seed, dynamic, start=None):
             signs = tf.sign(tf.random.stateless_uniform(tf.shape(x), seed, -1.0, 1.0))
             step = dynamic["epsilon"] * _common.direction(signs, norm)
             return _common.project(x + step, x, dynamic["epsilon"], norm, low, high)
 
-        return fn
+        return search

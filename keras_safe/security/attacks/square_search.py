@@ -12,7 +12,7 @@ import tensorflow as tf
 
 from keras_safe._validation import check_number
 from keras_safe.security import _common
-from keras_safe.security.attacks.base import Attack, register_attack
+from keras_safe.security.attacks.base import Attack
 
 __all__ = ["Square"]
 
@@ -21,12 +21,12 @@ __all__ = ["Square"]
 _HALVINGS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
 
 
-@register_attack
 class Square(Attack):
     """Score-based random search in the epsilon ball; accepts a change only if it helps.
 
     The search minimises the logit margin (label's logit minus the best other, or the reverse
-    for a target) and stops changing an example once it is fooled.
+    for a target) and stops changing an example once it is fooled. (Given another objective,
+    in adversarial training, it raises that objective the same way.)
 
     - `norm="linf"`, image inputs `(batch, height, width, channels)`: the Square attack. It
       starts from vertical stripes of `+-epsilon` and at each query redraws `+-epsilon` (one
@@ -63,14 +63,14 @@ class Square(Attack):
         out["p_init"] = np.float32(self.p_init)
         return out
 
+    def _objective_loss(self):
+        return "margin"
+
     @classmethod
-    def _build(cls, call, static):
-        norm, targeted = static
+    def _build(cls, static):
+        norm, _ = static
 
-        def loss(x_adv, labels):
-            return -_common.objective(call(x_adv), labels, targeted, "margin")
-
-        def fn(x, labels, low, high, seed, dynamic):
+        def search(objective, x, low, high, seed, dynamic, start=None):
             eps = dynamic["epsilon"]
             image = len(x.shape) == 4
             shape = tf.shape(x)
@@ -84,10 +84,11 @@ class Square(Attack):
             else:
                 start = _common.random_in_ball(x, eps, norm, seeds[0])
             x_best = _common.project(start, x, eps, norm, low, high)
-            m_best = loss(x_best, labels)
+            v_best, fooled_best = objective(x_best)
             thresholds = tf.constant(_HALVINGS, tf.float32)
             total = tf.cast(dynamic["queries"], tf.float32)
-            for i in tf.range(dynamic["queries"] - 1):
+
+            def body(i, x_best, v_best, fooled_best):
                 key = tf.random.experimental.stateless_fold_in(seeds[1], i)
                 keys = tf.random.experimental.stateless_split(key, 3)
                 progress = tf.cast(i, tf.float32) / total * 10000.0
@@ -107,13 +108,22 @@ class Square(Attack):
                     candidate = delta + tf.sqrt(p) * eps * _common.direction(v, "l2")
                 candidate = tf.ensure_shape(candidate, x.shape)
                 x_new = _common.project(x + candidate, x, eps, norm, low, high)
-                m_new = loss(x_new, labels)
-                accept = (m_best > 0.0) & (m_new < m_best)
+                v_new, fooled_new = objective(x_new)
+                # An example already fooled keeps its point; others take a change that helps.
+                accept = ~fooled_best & (v_new > v_best)
                 x_best = tf.where(tf.reshape(accept, rows), x_new, x_best)
-                m_best = tf.where(accept, m_new, m_best)
+                v_best = tf.where(accept, v_new, v_best)
+                fooled_best = tf.where(accept, fooled_new, fooled_best)
+                return i + 1, x_best, v_best, fooled_best
+
+            _, x_best, _, _ = tf.while_loop(
+                lambda i, *_: i < dynamic["queries"] - 1,
+                body,
+                (tf.constant(0), x_best, v_best, fooled_best),
+            )
             return x_best
 
-        return fn
+        return search
 
     def get_config(self):
         config = super().get_config()

@@ -5,7 +5,7 @@ import pytest
 from sklearn.ensemble import GradientBoostingClassifier
 from sklearn.metrics import roc_auc_score
 
-from keras_safe.audit import learned_scores
+from keras_safe.audit.attacks.learned import learned_scores
 
 
 def _auc(s_in, s_out):

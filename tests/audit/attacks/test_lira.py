@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from keras_safe.audit import lira_scores, membership_inference, train_shadow_models
-from keras_safe.audit.attacks.lira import _balanced_keep
+from keras_safe.audit import membership_inference
+from keras_safe.audit.attacks.lira import _balanced_keep, lira_scores, train_shadow_models
 from tests.audit.conftest import OVERFIT_FIT, make_mlp
 
 

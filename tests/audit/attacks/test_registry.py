@@ -7,13 +7,14 @@ from scipy import stats
 
 from keras_safe.audit import (
     MembershipAttack,
-    attack_families,
-    attack_names,
+    get_membership_attack,
+    membership_attack_families,
+    membership_attack_names,
     membership_inference,
-    register_attack,
-    unregister_attack,
+    register_membership_attack,
+    unregister_membership_attack,
 )
-from keras_safe.audit.attacks.registry import DEFAULT_ATTACKS, get_attack, resolve_attacks
+from keras_safe.audit.attacks.registry import DEFAULT_ATTACKS, resolve_attacks
 from keras_safe.callbacks import MembershipInferenceAudit
 from tests.audit.conftest import make_mlp
 
@@ -21,17 +22,15 @@ from tests.audit.conftest import make_mlp
 @pytest.fixture
 def registry_guard():
     """Restores the registry after a test that registers attacks."""
-    before = {name: get_attack(name) for name in attack_names()}
     yield
-    for name in attack_names():
-        if name not in before:
-            unregister_attack(name)
-    for attack_class in before.values():
-        register_attack(attack_class, replace=True)
+    for name in membership_attack_names():
+        if get_membership_attack(name) not in DEFAULT_ATTACKS:
+            unregister_membership_attack(name)
+    assert membership_attack_names() == tuple(a.name for a in DEFAULT_ATTACKS)
 
 
 def test_builtin_names_order_and_families():
-    assert attack_names()[:7] == (
+    assert membership_attack_names()[:7] == (
         "loss",
         "confidence",
         "entropy",
@@ -40,8 +39,8 @@ def test_builtin_names_order_and_families():
         "lira_online",
         "lira_offline",
     )
-    assert [a.name for a in DEFAULT_ATTACKS] == list(attack_names()[:7])
-    assert attack_families()["lira"] == ("lira_online", "lira_offline")
+    assert [a.name for a in DEFAULT_ATTACKS] == list(membership_attack_names()[:7])
+    assert membership_attack_families()["lira"] == ("lira_online", "lira_offline")
     flags = {a.name: (a.needs_classifier, a.trains_models) for a in DEFAULT_ATTACKS}
     assert flags["loss"] == (False, False) and flags["learned"] == (True, False)
     assert flags["lira_online"] == flags["lira_offline"] == (True, True)
@@ -83,8 +82,8 @@ class _Margin(MembershipAttack):
 
 def test_a_registered_attack_runs_in_the_audit_and_the_callback(overfit, registry_guard):
     model, members, non_members = overfit
-    assert register_attack(_Margin) is _Margin
-    assert "margin" in attack_names()
+    assert register_membership_attack(_Margin) is _Margin
+    assert "margin" in membership_attack_names()
     report = membership_inference(
         model, members, non_members, attacks=("loss", "margin"), slices=False
     )
@@ -98,7 +97,7 @@ def test_a_registered_attack_runs_in_the_audit_and_the_callback(overfit, registr
     history = fresh.fit(*members, epochs=1, verbose=0, callbacks=[audit])
     assert 0.0 <= history.history["mia_auc"][0] <= 1.0
     assert list(audit.reports[0][1].summary()) == ["margin"]
-    unregister_attack("margin")
+    unregister_membership_attack("margin")
     with pytest.raises(ValueError, match="got 'margin'"):
         membership_inference(model, members, non_members, attacks=("margin",))
 
@@ -106,7 +105,7 @@ def test_a_registered_attack_runs_in_the_audit_and_the_callback(overfit, registr
 def test_flags_are_enforced(overfit, registry_guard):
     model, members, non_members = overfit
 
-    @register_attack
+    @register_membership_attack
     class Costly(MembershipAttack):
         name = "costly"
         family = "expensive"
@@ -121,7 +120,7 @@ def test_flags_are_enforced(overfit, registry_guard):
     np.testing.assert_array_equal(report.scores["costly"][0], report.features["loss"][0] * -1)
     regression = keras.Sequential([keras.Input((64,)), keras.layers.Dense(1)])
     regression.compile("sgd", "mse")
-    register_attack(_Margin)
+    register_membership_attack(_Margin)
     targets = np.linspace(-1.0, 1.0, 150)
     with pytest.raises(ValueError, match="classifier.*got 'margin'"):
         membership_inference(
@@ -151,17 +150,21 @@ def test_registration_contract(registry_guard):
             return None
 
     with pytest.raises(ValueError, match="`attack_class` must be a class that defines score"):
-        register_attack(NoScore)
+        register_membership_attack(NoScore)
     with pytest.raises(ValueError, match="`attack_class.name` must be a non-empty string"):
-        register_attack(Nameless)
+        register_membership_attack(Nameless)
     with pytest.raises(ValueError, match="not also an attack family"):
-        register_attack(Clash)
+        register_membership_attack(Clash)
     with pytest.raises(ValueError, match="not also an attack family"):
-        register_attack(FamilyClash)
+        register_membership_attack(FamilyClash)
     with pytest.raises(ValueError, match="`attack_class` must be a subclass"):
-        register_attack(object)
-    with pytest.raises(ValueError, match="a name not registered yet.*replace=True"):
-        register_attack(DEFAULT_ATTACKS[0])
-    register_attack(DEFAULT_ATTACKS[0], replace=True)
-    with pytest.raises(ValueError, match="`name` must be a registered attack"):
-        unregister_attack("never_registered")
+        register_membership_attack(object)
+    with pytest.raises(ValueError, match="not registered yet.*replace=True"):
+        register_membership_attack(DEFAULT_ATTACKS[0])
+    register_membership_attack(DEFAULT_ATTACKS[0], replace=True)
+    unregister_membership_attack(DEFAULT_ATTACKS[0].name)  # the built-in one is back
+    assert get_membership_attack("loss") is DEFAULT_ATTACKS[0]
+    with pytest.raises(ValueError, match="built-in ones cannot be removed"):
+        unregister_membership_attack("loss")
+    with pytest.raises(ValueError, match="`name` must be a membership attack registered"):
+        unregister_membership_attack("never_registered")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import keras_safe
-from keras_safe.privacy.per_example import TapRule, summed_form
+from keras_safe.privacy.per_example import PerExampleRule, summed_form
 
 L = keras.layers
 RNG = np.random.default_rng(7)
@@ -28,7 +28,7 @@ class Scale(L.Layer):
         return x * self.w
 
 
-class ScaleRule(TapRule):
+class ScaleRule(PerExampleRule):
     @staticmethod
     def supports(layer):
         return type(layer) is Scale
@@ -157,9 +157,9 @@ INTEGER_INPUTS = {"embedding_short": 4, "embedding_long": 5, "embedding_lora": 5
 
 @pytest.fixture
 def scale_rule():
-    keras_safe.privacy.register_tap(ScaleRule)
+    keras_safe.privacy.register_rule(ScaleRule)
     yield
-    keras_safe.privacy.per_example.unregister_tap(ScaleRule)
+    keras_safe.privacy.unregister_rule(ScaleRule)
 
 
 def _model(name):

@@ -7,7 +7,7 @@ import tensorflow as tf
 
 import keras_safe
 from keras_safe._validation import PrivacyError
-from keras_safe.privacy.per_example import clipped_gradient_sum
+from keras_safe.privacy.per_example.clipping import clipped_gradient_sum
 from tests.privacy.per_example.common import (
     RNG,
     B,
@@ -101,7 +101,7 @@ def test_jacobian_path_agrees_with_rules():
 
     variables = model.trainable_variables
     tapped, _, _, tapped_norms = clipped_gradient_sum(model, variables, forward, 0.5)
-    full, _, _, full_norms = clipped_gradient_sum(model, variables, forward, 0.5, use_taps=False)
+    full, _, _, full_norms = clipped_gradient_sum(model, variables, forward, 0.5, use_rules=False)
     np.testing.assert_allclose(tapped_norms, full_norms, rtol=1e-4)
     for a, b in zip(tapped, full):
         np.testing.assert_allclose(a, b, atol=1e-5)

@@ -85,13 +85,13 @@ def test_the_vectorized_jacobian_is_what_got_grouped_convolutions_wrong():
     loss_fn = PerExampleLoss(model)
 
     @tf.function
-    def norms(use_taps):
+    def norms(use_rules):
         def forward():
             pred = model(x, training=True)
             return loss_fn(y, pred), pred
 
-        return keras_safe.privacy.per_example.clipped_gradient_sum(
-            model, variables, forward, 1e6, use_taps=use_taps
+        return keras_safe.privacy.per_example.clipping.clipped_gradient_sum(
+            model, variables, forward, 1e6, use_rules=use_rules
         )[3]
 
     def unit_loss(xu, yu, _):
@@ -111,7 +111,7 @@ def test_verify_picks_the_loop_for_a_grouped_convolution_without_a_rule():
     model = classifier([MyConv(4, 3, groups=2, padding="same")], (5, 5, 4))
     model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     x, y = RNG.normal(size=(4, 5, 5, 4)), labels(count=4)
-    found = keras_safe.privacy.per_example.verify(model, PerExampleLoss(model), x, y)
+    found = keras_safe.privacy.per_example.verification.verify(model, PerExampleLoss(model), x, y)
     assert found.fallback == "loop"
     assert any("my_conv" in path for path in found.fallback_variables)
     check = keras_safe.testing.assert_dp_matches_reference(model, x, y)

@@ -8,7 +8,8 @@ import tensorflow as tf
 import keras_safe
 from keras_safe._validation import ArgumentError, PrivacyError
 from keras_safe.privacy.losses import PerExampleLoss
-from keras_safe.privacy.per_example import clipping, fallback, reference, verify
+from keras_safe.privacy.per_example import clipping, fallback, reference
+from keras_safe.privacy.per_example.verification import verify
 
 RNG = np.random.default_rng(11)
 

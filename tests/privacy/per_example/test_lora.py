@@ -12,13 +12,13 @@ import pytest
 import tensorflow as tf
 
 import keras_safe
-from keras_safe.privacy.per_example import (
+from keras_safe.privacy.per_example.registry import find_rule
+from keras_safe.privacy.per_example.rules import (
     DenseRule,
     EinsumDenseRule,
     LoRADenseRule,
     LoRAEinsumDenseRule,
     LoRAEmbeddingRule,
-    find_rule,
 )
 from keras_safe.privacy.per_example.rules.lora import einsum_layout, low_rank_forms
 from tests.privacy.per_example.common import RNG, B, assert_fit_matches_reference, labels

@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 
 import keras_safe
-from keras_safe.privacy.per_example import clipped_gradient_sum
+from keras_safe.privacy.per_example.clipping import clipped_gradient_sum
 
 LR, CLIP = 1.0, 1.0
 

@@ -7,17 +7,19 @@ import pytest
 import keras_safe
 from keras_safe._validation import ArgumentError, PrivacyError
 from keras_safe.privacy.losses import PerExampleLoss
-from keras_safe.privacy.per_example import (
+from keras_safe.privacy.per_example import PerExampleRule, summed_form
+from keras_safe.privacy.per_example.registry import (
     DEFAULT_RULES,
-    DenseRule,
-    TapRule,
     find_rule,
-    register_tap,
-    registered_rules,
-    summed_form,
-    unregister_tap,
-    verify,
+    get_rule,
+    is_builtin,
+    lookup_order,
+    register_rule,
+    rule_names,
+    unregister_rule,
 )
+from keras_safe.privacy.per_example.rules import DenseRule
+from keras_safe.privacy.per_example.verification import verify
 
 RNG = np.random.default_rng(5)
 
@@ -30,7 +32,7 @@ class Scale(keras.layers.Layer):
         return x * self.w
 
 
-class ScaleRule(TapRule):
+class ScaleRule(PerExampleRule):
     @staticmethod
     def supports(layer):
         return type(layer) is Scale
@@ -59,13 +61,13 @@ def registered():
     added = []
 
     def add(rule):
-        added.append(register_tap(rule))
+        added.append(register_rule(rule))
         return rule
 
     yield add
     for rule in added:
-        if rule in registered_rules()[: -len(DEFAULT_RULES)]:
-            unregister_tap(rule)
+        if rule in lookup_order()[: -len(DEFAULT_RULES)]:
+            unregister_rule(rule)
 
 
 def _model():
@@ -77,7 +79,7 @@ def _model():
 
 
 def test_default_rules_are_an_explicit_ordered_list():
-    assert registered_rules() == DEFAULT_RULES
+    assert lookup_order() == DEFAULT_RULES
     assert find_rule(keras.layers.Dense(2)) is DenseRule
     assert find_rule(keras.layers.Flatten()) is None
 
@@ -88,22 +90,43 @@ def test_registered_rules_come_first_latest_first(registered):
 
     registered(ScaleRule)
     registered(DenseAgain)
-    assert registered_rules()[:2] == (DenseAgain, ScaleRule)
+    assert lookup_order()[:2] == (DenseAgain, ScaleRule)
     assert find_rule(keras.layers.Dense(2)) is DenseAgain  # a user rule can take over
-    registered(ScaleRule)  # registering again moves it to the front
-    assert registered_rules()[:2] == (ScaleRule, DenseAgain)
+    with pytest.raises(ArgumentError, match="not registered yet.*replace=True"):
+        register_rule(ScaleRule)  # nothing is replaced silently
+    register_rule(ScaleRule, replace=True)  # on purpose: it moves to the front
+    assert lookup_order()[:2] == (ScaleRule, DenseAgain)
 
 
-def test_register_tap_names_a_missing_method():
+def test_a_rule_registered_under_a_built_in_name_replaces_it_until_unregistered():
+    class DenseRule(PerExampleRule):  # the built-in rule's name, on purpose
+        supports = staticmethod(lambda layer: False)
+        forward = forms = staticmethod(lambda *args: None)
+
+    with pytest.raises(ArgumentError, match="not registered yet"):
+        register_rule(DenseRule)
+    register_rule(DenseRule, replace=True)
+    try:
+        assert find_rule(keras.layers.Dense(2)) is None  # the built-in one is not tried
+        assert not is_builtin(get_rule("DenseRule"))
+    finally:
+        unregister_rule("DenseRule")
+    assert find_rule(keras.layers.Dense(2)) is get_rule("DenseRule") is DEFAULT_RULES[0]
+    assert rule_names()[: len(DEFAULT_RULES)] == tuple(r.__name__ for r in DEFAULT_RULES)
+
+
+def test_register_rule_names_a_missing_method():
     class Incomplete:
         @staticmethod
         def supports(layer):
             return False
 
     with pytest.raises(ArgumentError, match="`rule` must be .*Fix: define forward, forms"):
-        register_tap(Incomplete)
-    with pytest.raises(ArgumentError, match="`rule` must be a rule added by register_tap"):
-        unregister_tap(ScaleRule)
+        register_rule(Incomplete)
+    with pytest.raises(ArgumentError, match="registered with keras_safe.privacy.register_rule"):
+        unregister_rule(ScaleRule)
+    with pytest.raises(ArgumentError, match="built-in ones cannot be removed"):
+        unregister_rule("DenseRule")
 
 
 def test_a_registered_rule_is_verified_and_used(registered):

@@ -1,7 +1,7 @@
 """The built-in per-example gradient rules, one module per layer family."""
 
 from keras_safe.privacy.per_example.rules.activation import PReLURule
-from keras_safe.privacy.per_example.rules.base import TapRule
+from keras_safe.privacy.per_example.rules.base import PerExampleRule
 from keras_safe.privacy.per_example.rules.conv import (
     ConvRule,
     ConvTransposeRule,
@@ -40,5 +40,5 @@ __all__ = [
     "PReLURule",
     "SeparableConvRule",
     "SimpleRNNCellRule",
-    "TapRule",
+    "PerExampleRule",
 ]

@@ -5,12 +5,12 @@ import keras
 
 from keras_safe.privacy.per_example.forms import summed_form
 from keras_safe.privacy.per_example.numerics import working
-from keras_safe.privacy.per_example.rules.base import TapRule, plain_keras_call
+from keras_safe.privacy.per_example.rules.base import PerExampleRule, plain_keras_call
 
 __all__ = ["PReLURule"]
 
 
-class PReLURule(TapRule):
+class PReLURule(PerExampleRule):
     """`keras.layers.PReLU` (any `shared_axes`)."""
 
     @staticmethod

@@ -4,18 +4,18 @@ import math
 
 import keras
 
-__all__ = ["TapRule", "as_sequence", "finish", "plain_keras_call", "positions", "rule_name"]
+__all__ = ["PerExampleRule", "as_sequence", "finish", "plain_keras_call", "positions", "rule_name"]
 
 
-class TapRule:
-    """A per-example gradient rule ("tap") for one kind of layer.
+class PerExampleRule:
+    """A per-example gradient rule for one kind of layer.
 
     While the DP forward pass runs, every layer a rule supports runs the rule's `forward` in
     place of its own `call`; `forward` records what the per-example gradients of the layer's
     weights need. After one backward pass, `forms` turns each record into gradient forms
     (`keras_safe.privacy.per_example.forms`), from which keras_safe takes each example's norm
     and the sum of the clipped gradients. Register a rule with
-    `keras_safe.privacy.register_tap`; its contract is written there.
+    `keras_safe.privacy.register_rule`; its contract is written there.
 
     Subclasses define the three static methods below. `name` (default: the class name) is
     used in messages.

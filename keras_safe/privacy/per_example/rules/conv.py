@@ -22,7 +22,7 @@ from keras_safe.privacy.per_example.numerics import (
     working,
 )
 from keras_safe.privacy.per_example.rules.base import (
-    TapRule,
+    PerExampleRule,
     finish,
     plain_keras_call,
     positions,
@@ -69,7 +69,7 @@ def _grouped(p, g, groups, taps):
     return p, g
 
 
-class ConvRule(TapRule):
+class ConvRule(PerExampleRule):
     """`Conv1D`, `Conv2D`, `Conv3D` (channels last), grouped or not, any padding (causal too),
     strides and dilation."""
 
@@ -127,7 +127,7 @@ class ConvRule(TapRule):
         return forms
 
 
-class DepthwiseConvRule(TapRule):
+class DepthwiseConvRule(PerExampleRule):
     """`DepthwiseConv1D`, `DepthwiseConv2D` (channels last): one group per input channel."""
 
     @staticmethod
@@ -171,7 +171,7 @@ def _depthwise_form(layer, kernel, inputs, g):
     return OuterProductGrad(kernel, a, g_groups, kernel.shape, bound)
 
 
-class SeparableConvRule(TapRule):
+class SeparableConvRule(PerExampleRule):
     """`SeparableConv1D`, `SeparableConv2D` (channels last): depthwise, then pointwise."""
 
     @staticmethod
@@ -213,7 +213,7 @@ class SeparableConvRule(TapRule):
         return forms
 
 
-class ConvTransposeRule(TapRule):
+class ConvTransposeRule(PerExampleRule):
     """`Conv1DTranspose`, `Conv2DTranspose`, `Conv3DTranspose` (channels last, no
     `output_padding`): the kernel gradient pairs patches of the output gradient with the
     inputs."""

@@ -5,7 +5,12 @@ import tensorflow as tf
 
 from keras_safe.privacy.per_example.forms import MaterialisedGrad, OuterProductGrad, summed_form
 from keras_safe.privacy.per_example.numerics import gamma, static_size, unit_roundoff, working
-from keras_safe.privacy.per_example.rules.base import TapRule, as_sequence, finish, plain_keras_call
+from keras_safe.privacy.per_example.rules.base import (
+    PerExampleRule,
+    as_sequence,
+    finish,
+    plain_keras_call,
+)
 
 __all__ = ["DenseRule", "bias_form"]
 
@@ -23,7 +28,7 @@ def bias_form(variable, g, g_norm_bound=None):
     return MaterialisedGrad(variable, keras.ops.sum(working(g), axis=1), error * g_norm_bound)
 
 
-class DenseRule(TapRule):
+class DenseRule(PerExampleRule):
     """`keras.layers.Dense` on inputs of any rank (a sequence of T positions per example)."""
 
     @staticmethod

@@ -5,7 +5,7 @@ import tensorflow as tf
 
 from keras_safe.privacy.per_example.forms import MaterialisedGrad, summed_form
 from keras_safe.privacy.per_example.numerics import gamma, unit_roundoff, working
-from keras_safe.privacy.per_example.rules.base import TapRule, finish, plain_keras_call
+from keras_safe.privacy.per_example.rules.base import PerExampleRule, finish, plain_keras_call
 
 __all__ = ["EinsumDenseRule", "einsum_bias_form"]
 
@@ -16,7 +16,7 @@ def _parts(layer):
     return ins, ker, out
 
 
-class EinsumDenseRule(TapRule):
+class EinsumDenseRule(PerExampleRule):
     """`keras.layers.EinsumDense` whose equation has the batch letter first in the input and
     output and not in the kernel (no ellipsis)."""
 

@@ -3,12 +3,12 @@
 import keras
 
 from keras_safe.privacy.per_example.embedding_form import EmbeddingGrad
-from keras_safe.privacy.per_example.rules.base import TapRule, plain_keras_call, positions
+from keras_safe.privacy.per_example.rules.base import PerExampleRule, plain_keras_call, positions
 
 __all__ = ["EmbeddingRule"]
 
 
-class EmbeddingRule(TapRule):
+class EmbeddingRule(PerExampleRule):
     """`keras.layers.Embedding` (ids of any shape; repeated ids within an example add up)."""
 
     @staticmethod

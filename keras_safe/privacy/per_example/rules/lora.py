@@ -29,7 +29,7 @@ import tensorflow as tf
 from keras_safe.privacy.per_example.embedding_form import EmbeddingGrad
 from keras_safe.privacy.per_example.forms import GradientForm, OuterProductGrad
 from keras_safe.privacy.per_example.numerics import U64, f64, gamma, unit_roundoff, working
-from keras_safe.privacy.per_example.rules.base import TapRule, as_sequence, positions
+from keras_safe.privacy.per_example.rules.base import PerExampleRule, as_sequence, positions
 from keras_safe.privacy.per_example.rules.dense import DenseRule, bias_form
 from keras_safe.privacy.per_example.rules.einsum_dense import EinsumDenseRule, einsum_bias_form
 from keras_safe.privacy.per_example.rules.embedding import EmbeddingRule
@@ -171,7 +171,7 @@ def low_rank_forms(kernel, lora_a, lora_b, scale, first, second):
     return forms
 
 
-class LoRADenseRule(TapRule):
+class LoRADenseRule(PerExampleRule):
     """`keras.layers.Dense` with LoRA enabled, frozen base kernel or not."""
 
     @staticmethod
@@ -247,7 +247,7 @@ def _transposed(t, perm):
     return t if perm == sorted(perm) else tf.transpose(t, perm)
 
 
-class LoRAEinsumDenseRule(TapRule):
+class LoRAEinsumDenseRule(PerExampleRule):
     """`keras.layers.EinsumDense` with LoRA enabled (so MultiHeadAttention projections),
     for the equations `einsum_layout` maps onto an outer product."""
 
@@ -283,7 +283,7 @@ class LoRAEinsumDenseRule(TapRule):
         return forms
 
 
-class LoRAEmbeddingRule(TapRule):
+class LoRAEmbeddingRule(PerExampleRule):
     """`keras.layers.Embedding` with LoRA enabled, frozen table or not."""
 
     @staticmethod

@@ -9,7 +9,7 @@ import keras
 
 from keras_safe.privacy.per_example.forms import summed_form
 from keras_safe.privacy.per_example.numerics import working
-from keras_safe.privacy.per_example.rules.base import TapRule, plain_keras_call
+from keras_safe.privacy.per_example.rules.base import PerExampleRule, plain_keras_call
 
 __all__ = ["GroupNormRule", "LayerNormRule"]
 
@@ -65,7 +65,7 @@ def _float32(x):
     return x if x.dtype == "float64" else keras.ops.cast(x, "float32")
 
 
-class LayerNormRule(TapRule):
+class LayerNormRule(PerExampleRule):
     """`keras.layers.LayerNormalization` without `rms_scaling`."""
 
     @staticmethod
@@ -86,7 +86,7 @@ class LayerNormRule(TapRule):
         return _affine_forms(layer, normalized, dz, _param_axes(layer, len(dz.shape)))
 
 
-class GroupNormRule(TapRule):
+class GroupNormRule(PerExampleRule):
     """`keras.layers.GroupNormalization`."""
 
     @staticmethod

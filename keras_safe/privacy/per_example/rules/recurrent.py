@@ -1,4 +1,4 @@
-"""Recurrent cells: SimpleRNN, LSTM and GRU cells tapped at every time step.
+"""Recurrent cells: SimpleRNN, LSTM and GRU cells recorded at every time step.
 
 The recurrent layers run unrolled while the DP forward pass records (see `install.unrolled`), so
 each step's cell call records its input `x_t`, previous state `h_{t-1}` and pre-activation; the
@@ -9,7 +9,7 @@ products over time, joined across the steps.
 import keras
 
 from keras_safe.privacy.per_example.forms import OuterProductGrad
-from keras_safe.privacy.per_example.rules.base import TapRule, plain_keras_call
+from keras_safe.privacy.per_example.rules.base import PerExampleRule, plain_keras_call
 
 __all__ = ["GRUCellRule", "LSTMCellRule", "SimpleRNNCellRule"]
 
@@ -47,7 +47,7 @@ def _recurrent_forms(layer, saved, d_inputs, d_state, bias=True):
     return forms
 
 
-class SimpleRNNCellRule(TapRule):
+class SimpleRNNCellRule(PerExampleRule):
     """`h_t = act(x_t K + b + h_{t-1} U)`: one pre-activation, two outer products."""
 
     @staticmethod
@@ -70,7 +70,7 @@ class SimpleRNNCellRule(TapRule):
         return _recurrent_forms(layer, saved, dz, dz)
 
 
-class LSTMCellRule(TapRule):
+class LSTMCellRule(PerExampleRule):
     """Keras's LSTM cell: `z = x_t K + h_{t-1} U + b`, gates i, f, c, o from `z`."""
 
     @staticmethod
@@ -96,7 +96,7 @@ class LSTMCellRule(TapRule):
         return _recurrent_forms(layer, saved, dz, dz)
 
 
-class GRUCellRule(TapRule):
+class GRUCellRule(PerExampleRule):
     """Keras's GRU cell. With `reset_after=True` (the default) two pre-activations, from the
     inputs and from the state; with `reset_after=False` the candidate's recurrent product
     reads the reset state `r * h_{t-1}`, so the recurrent kernel's gradient is an outer product

@@ -1,10 +1,12 @@
-"""Verifying a private model on its first examples before it trains.
+"""Before a private model's first step: verifying it on its first examples, once.
 
-`keras_safe.privacy.per_example.verify` checks, on a few real examples, that examples do not
-interact and that variables without a built-in rule (the Jacobian fallback, user rules) get the
-per-example gradients a one-example-at-a-time computation gives; it picks the fallback mode
-that agrees, or refuses. Private `fit`, `train_on_batch` and an eager `dp_gradients` call run it
-once per model and loss; a train step traced for a model that was never verified refuses.
+`keras_safe.privacy.per_example.verification.verify` checks, on a few real examples, that
+examples do not interact and that variables without a built-in rule (the Jacobian fallback,
+user rules) get the per-example gradients a one-example-at-a-time computation gives; it picks
+the fallback mode that agrees, or refuses. Private `fit`, `train_on_batch` and an eager
+`dp_gradients` call run it once per model and loss; a train step traced for a model that was
+never verified refuses. (The check itself is `privacy.per_example.verification`; this module
+decides when it runs and remembers that it did, in the model's `SafeState`.)
 """
 
 import keras
@@ -15,7 +17,7 @@ from keras_safe._validation import PrivacyError
 from keras_safe.optimizers.dp import find_dp_optimizer
 from keras_safe.privacy.losses import PerExampleLoss
 from keras_safe.privacy.model_checks import check_supported
-from keras_safe.privacy.per_example import verify
+from keras_safe.privacy.per_example.verification import verify
 from keras_safe.training import ownership, state
 
 __all__ = ["ensure_verified", "first_examples", "require_verified", "verify_model"]
@@ -70,7 +72,7 @@ def verify_model(model, x, y=None, sample_weight=None):
     yourself before a custom, compiled training loop that uses `dp_gradients`.
 
     Returns:
-        The `keras_safe.privacy.per_example.Verification`.
+        The `keras_safe.privacy.per_example.verification.Verification`.
 
     Raises:
         keras_safe._validation.PrivacyError: if examples interact or a variable's per-example
