@@ -91,7 +91,8 @@ class DPOptimizer(OptimizerWrapper):
     non-privately.
 
     Args:
-        optimizer: the Keras optimizer to wrap (instance or name, e.g. `"sgd"`).
+        inner_optimizer: the Keras optimizer to wrap (instance or name, e.g. `"sgd"`), as
+            Keras's `LossScaleOptimizer` names it.
         l2_norm_clip: clipping bound C on each example's gradient L2 norm (> 0).
         noise_multiplier: noise standard deviation as a multiple of C (>= 0). Give this or
             `target_epsilon`.
@@ -160,7 +161,7 @@ class DPOptimizer(OptimizerWrapper):
 
     def __init__(
         self,
-        optimizer,
+        inner_optimizer=None,
         l2_norm_clip=1.0,
         noise_multiplier=None,
         num_microbatches=None,
@@ -177,6 +178,13 @@ class DPOptimizer(OptimizerWrapper):
         name=None,
         **kwargs,
     ):
+        if "optimizer" in kwargs:
+            fail(
+                "optimizer",
+                kwargs["optimizer"],
+                "given as inner_optimizer (Keras's name for the optimizer a wrapper wraps)",
+                "pass DPOptimizer(inner_optimizer=...) or the optimizer first.",
+            )
         if kwargs:
             fail(
                 "kwargs",
@@ -185,9 +193,9 @@ class DPOptimizer(OptimizerWrapper):
                 "set optimizer options (learning rate, weight decay, gradient accumulation...) "
                 "on the wrapped optimizer instead.",
             )
-        inner = keras.optimizers.get(optimizer)
+        inner = keras.optimizers.get(inner_optimizer)
         if isinstance(inner, DPOptimizer) or not isinstance(inner, keras.optimizers.Optimizer):
-            fail("optimizer", optimizer, "a (non-DP) Keras optimizer or its name")
+            fail("inner_optimizer", inner_optimizer, "a (non-DP) Keras optimizer or its name")
         super().__init__(inner, name=name or f"DP{type(inner).__name__}")
         self.l2_norm_clip = check_number("l2_norm_clip", l2_norm_clip, low=0, low_inclusive=False)
         self.num_microbatches = check_number(
@@ -485,7 +493,7 @@ class DPOptimizer(OptimizerWrapper):
     def get_config(self):
         return {
             "name": self.name,
-            "optimizer": keras.saving.serialize_keras_object(self.inner_optimizer),
+            "inner_optimizer": keras.saving.serialize_keras_object(self.inner_optimizer),
             **self._dp_config(),
         }
 

@@ -90,7 +90,8 @@ class OptimizerWrapper(keras.optimizers.Optimizer):
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
-        """Rebuilds the wrapper from `get_config()` (its `"optimizer"` is the inner optimizer).
+        """Rebuilds the wrapper from `get_config()` (its `"inner_optimizer"` is the inner
+        optimizer; configs of keras_safe 0.2.0 and before call it `"optimizer"`).
 
         Args:
             config: the dict returned by `get_config` (not modified).
@@ -100,7 +101,8 @@ class OptimizerWrapper(keras.optimizers.Optimizer):
             A new wrapper.
         """
         config = dict(config)
-        inner = keras.saving.deserialize_keras_object(
-            config.pop("optimizer"), custom_objects=custom_objects
-        )
+        saved = config.pop("inner_optimizer") if "inner_optimizer" in config else None
+        if saved is None:
+            saved = config.pop("optimizer")
+        inner = keras.saving.deserialize_keras_object(saved, custom_objects=custom_objects)
         return cls(inner, **config)

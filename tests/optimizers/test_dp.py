@@ -192,6 +192,19 @@ def test_configs_round_trip_and_models_save_in_a_fresh_process():
     assert_saves_in_fresh_process(cases, fit_after_load=targets)
 
 
+def test_the_wrapped_optimizer_is_inner_optimizer_and_0_2_0_configs_load():
+    optimizer = DPOptimizer(inner_optimizer="adam", l2_norm_clip=2.0, noise_multiplier=1.3)
+    config = optimizer.get_config()
+    assert config["inner_optimizer"]["class_name"] == "Adam" and "optimizer" not in config
+    legacy = {**config, "optimizer": config["inner_optimizer"]}
+    del legacy["inner_optimizer"]  # keras_safe 0.2.0 named it "optimizer"
+    loaded = DPOptimizer.from_config(legacy)
+    assert isinstance(loaded.inner_optimizer, keras.optimizers.Adam)
+    assert loaded.get_config() == config
+    with pytest.raises(ValueError, match="`optimizer` must be given as inner_optimizer"):
+        DPOptimizer(optimizer="adam", noise_multiplier=1.0)
+
+
 def test_learning_rate_callbacks_reach_the_wrapped_optimizer():
     optimizer = DPSGD(0.1, l2_norm_clip=1.0, noise_multiplier=1.0)
     model = _private(_linear(4, 2), optimizer)

@@ -113,8 +113,8 @@ class GradientClip(OptimizerWrapper):
     its noise was drawn.
 
     Args:
-        optimizer: the `keras.optimizers.Optimizer` to wrap (the "inner" optimizer), or a
-            name or config that `keras.optimizers.get` accepts.
+        inner_optimizer: the `keras.optimizers.Optimizer` to wrap, or a name or config that
+            `keras.optimizers.get` accepts (Keras's `LossScaleOptimizer` names it the same).
         mode: one of `"global_norm"`, `"per_layer"`, `"adaptive"`, `"agc"`.
         clip_norm: threshold for `"global_norm"` (a positive float or `"auto"`),
             `"per_layer"` (a positive float) and initial threshold of `"adaptive"`.
@@ -151,7 +151,7 @@ class GradientClip(OptimizerWrapper):
 
     def __init__(
         self,
-        optimizer,
+        inner_optimizer=None,
         mode="global_norm",
         clip_norm=None,
         group=None,
@@ -165,6 +165,13 @@ class GradientClip(OptimizerWrapper):
         name=None,
         **kwargs,
     ):
+        if "optimizer" in kwargs:
+            fail(
+                "optimizer",
+                kwargs["optimizer"],
+                "given as inner_optimizer (Keras's name for the optimizer a wrapper wraps)",
+                "pass GradientClip(inner_optimizer=...) or the optimizer first.",
+            )
         for key in sorted(kwargs):
             fail(
                 key,
@@ -187,7 +194,7 @@ class GradientClip(OptimizerWrapper):
         )
         if skip_non_finite not in (True, False):
             fail("skip_non_finite", skip_non_finite, "True or False")
-        super().__init__(_inner(optimizer), name=name)
+        super().__init__(_inner(inner_optimizer), name=name)
         self.mode = mode
         self.rule = rule
         self.skip_non_finite = bool(skip_non_finite)
@@ -397,7 +404,7 @@ class GradientClip(OptimizerWrapper):
         """
         return {
             "name": self.name,
-            "optimizer": keras.saving.serialize_keras_object(self.inner_optimizer),
+            "inner_optimizer": keras.saving.serialize_keras_object(self.inner_optimizer),
             "mode": self.mode,
             **self.rule.get_config(),
             "skip_non_finite": self.skip_non_finite,
@@ -412,14 +419,14 @@ def _inner(optimizer):
             inner = keras.optimizers.get(inner)
         except (ValueError, TypeError):
             fail(
-                "optimizer",
+                "inner_optimizer",
                 optimizer,
                 "a keras.optimizers.Optimizer or a name such as 'sgd'",
                 "pass e.g. GradientClip(keras.optimizers.SGD(0.1)).",
             )
     if isinstance(inner, keras.optimizers.LossScaleOptimizer):
         fail(
-            "optimizer",
+            "inner_optimizer",
             type(inner).__name__,
             "an optimizer other than a LossScaleOptimizer (GradientClip would clip the scaled "
             "gradients)",

@@ -132,8 +132,10 @@ def test_bad_arguments_raise_clear_errors(kwargs, match):
 def test_rejects_loss_scale_optimizer_and_non_optimizers():
     with pytest.raises(ValueError, match="LossScaleOptimizer.*Fix: wrap the other way round"):
         GradientClip(keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD()))
-    with pytest.raises(ValueError, match="`optimizer` must be a keras.optimizers.Optimizer"):
+    with pytest.raises(ValueError, match="`inner_optimizer` must be a keras.optimizers.Optimizer"):
         GradientClip(42)
+    with pytest.raises(ValueError, match="`optimizer` must be given as inner_optimizer"):
+        GradientClip(optimizer=keras.optimizers.SGD())
 
 
 def test_apply_without_variables_before_build_names_the_fix():
@@ -155,7 +157,7 @@ def test_config_round_trip(mode, kwargs):
     assert clone.skip_non_finite is False
     assert clone.get_config() == {
         "name": optimizer.name,
-        "optimizer": keras.saving.serialize_keras_object(optimizer.inner_optimizer),
+        "inner_optimizer": keras.saving.serialize_keras_object(optimizer.inner_optimizer),
         "mode": mode,
         **clone.rule.get_config(),
         "skip_non_finite": False,
