@@ -146,10 +146,10 @@ def _per_example_loss(model, loss_fn, outputs, y, from_logits):
 
 def _float64(y_pred):
     """`y_pred` in float64 with its Keras mask (which `PerExampleLoss` reads) kept."""
-    mask = getattr(y_pred, "_keras_mask", None)
+    mask = getattr(y_pred, "_keras_mask", None)  # keras-internal: keras-mask
     cast = tf.cast(y_pred, tf.float64)
     if mask is not None:
-        cast._keras_mask = mask
+        cast._keras_mask = mask  # keras-internal: keras-mask
     return cast
 
 

@@ -243,7 +243,7 @@ class PrivacyBudget(keras.callbacks.Callback):
     # -- internals ---------------------------------------------------------------------------
 
     def _ledger(self):
-        model = getattr(self, "_model", None)
+        model = getattr(self, "_model", None)  # keras-internal: callback-model
         return None if model is None else get_ledger(model)
 
     def _resolve_delta(self):

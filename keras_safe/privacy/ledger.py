@@ -633,4 +633,5 @@ def set_ledger(model, ledger):
     """Makes `ledger` the privacy ledger `model` charges and saves (the one place it is set)."""
     # Set past Keras's attribute tracking: the ledger is not a layer of the model and its
     # variables are not model weights, but saving still finds it by the attribute.
+    # keras-internal: untracked-attribute, saved-attribute
     object.__setattr__(model, LEDGER_ATTRIBUTE, ledger)

@@ -136,7 +136,7 @@ def _resolve(loss):
 
 
 def _per_example(fn, y_true, y_pred, sample_weight):
-    mask = getattr(y_pred, "_keras_mask", None)
+    mask = getattr(y_pred, "_keras_mask", None)  # keras-internal: keras-mask
     y_pred = tf.convert_to_tensor(y_pred)
     y_true = _match_target_rank(tf.cast(tf.convert_to_tensor(y_true), y_pred.dtype), y_pred)
     values = tf.convert_to_tensor(fn(y_true, y_pred))

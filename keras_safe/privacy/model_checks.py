@@ -86,7 +86,7 @@ def all_layers(model):
 
 def _attribute_layers(layer):
     found = []
-    for value in vars(layer).values():
+    for value in vars(layer).values():  # keras-internal: layer-attributes
         for item in value if isinstance(value, (list, tuple)) else [value]:
             if isinstance(item, keras.layers.Layer):
                 found.append(item)

@@ -87,5 +87,5 @@ def set_stages(model, stages):
         )
     safe_state(model).stages = tuple(stages)
     if isinstance(model, keras.Model):
-        model.train_function = None
+        model.train_function = None  # keras-internal: train-function
     return model

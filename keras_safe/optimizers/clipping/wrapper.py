@@ -301,7 +301,7 @@ class GradientClip(OptimizerWrapper):
                     "given when GradientClip.apply runs before the optimizer is built",
                     "call optimizer.build(model.trainable_variables) first or pass them.",
                 )
-            trainable_variables = self._trainable_variables
+            trainable_variables = self._trainable_variables  # keras-internal: optimizer-variables
         trainable_variables = list(trainable_variables)
         if len(grads) != len(trainable_variables):
             fail(

@@ -75,12 +75,12 @@ def installed_rules(rules, records, excluded, sentinel):
                         **kwargs,
                     )
 
-            object.__setattr__(layer, "call", recording_call)
+            object.__setattr__(layer, "call", recording_call)  # keras-internal: layer-call-patch
             installed.append(layer)
         yield
     finally:
         for layer in installed:
-            object.__delattr__(layer, "call")
+            object.__delattr__(layer, "call")  # keras-internal: layer-call-patch
 
 
 @contextlib.contextmanager
@@ -100,18 +100,18 @@ def unrolled(rnn_layers):
                 steps = keras.tree.flatten(sequences)[0].shape[1]
                 if _layer.unroll or steps is None or steps > MAX_UNROLL:
                     return _original(sequences, *args, **kwargs)
-                object.__setattr__(_layer, "unroll", True)
+                object.__setattr__(_layer, "unroll", True)  # keras-internal: rnn-unroll
                 try:
                     return _original(sequences, *args, **kwargs)
                 finally:
-                    object.__setattr__(_layer, "unroll", False)
+                    object.__setattr__(_layer, "unroll", False)  # keras-internal: rnn-unroll
 
-            object.__setattr__(layer, "call", unrolled_call)
+            object.__setattr__(layer, "call", unrolled_call)  # keras-internal: layer-call-patch
             installed.append(layer)
         yield
     finally:
         for layer in installed:
-            object.__delattr__(layer, "call")
+            object.__delattr__(layer, "call")  # keras-internal: layer-call-patch
 
 
 def exclude_unusable_layers(rules, records, excluded, sentinel, losses):

@@ -51,7 +51,7 @@ def plain_keras_call(layer, cls):
         and type(layer).call is cls.call
         and not getattr(layer, "lora_enabled", False)
         and getattr(layer, "quantization_mode", None) is None
-        and not getattr(layer, "_remat_mode", None)
+        and not getattr(layer, "_remat_mode", None)  # keras-internal: remat-mode
     )
 
 

@@ -97,7 +97,7 @@ def _stock_lora(layer, cls, kernel, adapters):
         and getattr(type(layer), kernel, None) is getattr(cls, kernel)
         and getattr(layer, "lora_enabled", False) is True
         and getattr(layer, "quantization_mode", None) is None
-        and not getattr(layer, "_remat_mode", None)
+        and not getattr(layer, "_remat_mode", None)  # keras-internal: remat-mode
         and _named(layer, kernel) is not None
         and all(getattr(layer, a, None) is not None for a in adapters)
     )
