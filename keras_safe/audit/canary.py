@@ -157,6 +157,78 @@ def _with_labels(y_like, labels, num_classes):
     return labels.astype(y_like.dtype).reshape((-1,) + y_like.shape[1:])
 
 
+def _check_fractions(guess_fractions):
+    """`guess_fractions` as a tuple of floats in (0, 1], or an `ArgumentError`."""
+    try:
+        fractions = tuple(float(f) for f in guess_fractions)
+        ok = bool(fractions) and all(0.0 < f <= 1.0 for f in fractions)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        fail(
+            "guess_fractions",
+            guess_fractions,
+            "a non-empty sequence of fractions in (0, 1]",
+            "pass for example (0.05, 0.1, 0.2, 0.5, 1.0).",
+        )
+    return fractions
+
+
+def _make_canaries(rng, x, y, m, num_classes, canary_type):
+    """`m` canaries and the data they join: `(canary_x, canary_y, base_x, base_y)`.
+
+    `"mislabel"`: training examples given a random wrong label, their originals removed from
+    the base data; `"random"`: Gaussian inputs with the data's per-feature mean and spread and
+    random labels, beside all of the data.
+    """
+    n = len(y)
+    labels = class_labels(y, num_classes)
+    if canary_type == "mislabel":
+        chosen = rng.choice(n, size=m, replace=False)
+        rest = np.setdiff1d(np.arange(n), chosen)
+        canary_x = x[chosen]
+        canary_labels = (labels[chosen] + rng.integers(1, num_classes, size=m)) % num_classes
+        base_x, base_y = x[rest], y[rest]
+    else:
+        flat = x.reshape(n, -1).astype(np.float64)
+        noise = rng.normal(size=(m, flat.shape[1])) * flat.std(axis=0) + flat.mean(axis=0)
+        canary_x = noise.reshape((m,) + x.shape[1:]).astype(x.dtype)
+        canary_labels = rng.integers(0, num_classes, size=m)
+        base_x, base_y = x, y
+    return canary_x, _with_labels(y, canary_labels, num_classes), base_x, base_y
+
+
+def _guessing_tests(scores, included, fractions, delta, confidence_level):
+    """One hypothesis test per guessing plan: the top-scored canaries guessed IN (and, in the
+    two-sided plans, the bottom-scored OUT), each with its epsilon lower bound at a share of
+    the significance level (Bonferroni over the plans)."""
+    m = len(scores)
+    order = np.argsort(-scores, kind="stable")
+    plans = []
+    for fraction in fractions:
+        k = max(1, int(round(fraction * m)))
+        plans.append((int(math.ceil(k / 2)), k // 2))  # top IN, bottom OUT
+        plans.append((k, 0))  # IN guesses only
+    plans = list(dict.fromkeys(plans))
+    significance = (1.0 - float(confidence_level)) / len(plans)
+    tests = []
+    for k_in, k_out in plans:
+        guess_in, guess_out = order[:k_in], order[m - k_out :] if k_out else order[:0]
+        correct = int(included[guess_in].sum() + (~included[guess_out]).sum())
+        guesses = k_in + k_out
+        bound = guessing_epsilon_lower_bound(m, guesses, correct, delta, significance)
+        tests.append(
+            {
+                "num_guesses": guesses,
+                "guesses_in": k_in,
+                "guesses_out": k_out,
+                "num_correct": correct,
+                "epsilon_lower_bound": bound,
+            }
+        )
+    return tests
+
+
 def canary_audit(
     model_factory,
     x,
@@ -237,18 +309,7 @@ def canary_audit(
         integer=True,
         fix=f"pass between 2 and {min(limit, n - 1)} canaries (the data has {n} examples).",
     )
-    try:
-        fractions = tuple(float(f) for f in guess_fractions)
-        ok = bool(fractions) and all(0.0 < f <= 1.0 for f in fractions)
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
-        fail(
-            "guess_fractions",
-            guess_fractions,
-            "a non-empty sequence of fractions in (0, 1]",
-            "pass for example (0.05, 0.1, 0.2, 0.5, 1.0).",
-        )
+    fractions = _check_fractions(guess_fractions)
     confidence_level = check_probability("confidence_level", confidence_level)
     if delta is not None:
         delta = check_number("delta", delta, low=0.0, high=1.0, high_inclusive=False)
@@ -264,20 +325,7 @@ def canary_audit(
     fit_kwargs.setdefault("verbose", 0)
     rng = np.random.default_rng(seed)
 
-    labels = class_labels(y, num_classes)
-    if canary_type == "mislabel":
-        chosen = rng.choice(n, size=m, replace=False)
-        rest = np.setdiff1d(np.arange(n), chosen)
-        canary_x = x[chosen]
-        canary_labels = (labels[chosen] + rng.integers(1, num_classes, size=m)) % num_classes
-        base_x, base_y = x[rest], y[rest]
-    else:
-        flat = x.reshape(n, -1).astype(np.float64)
-        noise = rng.normal(size=(m, flat.shape[1])) * flat.std(axis=0) + flat.mean(axis=0)
-        canary_x = noise.reshape((m,) + x.shape[1:]).astype(x.dtype)
-        canary_labels = rng.integers(0, num_classes, size=m)
-        base_x, base_y = x, y
-    canary_y = _with_labels(y, canary_labels, num_classes)
+    canary_x, canary_y, base_x, base_y = _make_canaries(rng, x, y, m, num_classes, canary_type)
     included = rng.random(m) < 0.5
 
     def train(train_x, train_y):
@@ -299,29 +347,7 @@ def canary_audit(
     if delta is None:
         delta = audit_delta(audited)
 
-    order = np.argsort(-scores, kind="stable")
-    plans = []
-    for fraction in fractions:
-        k = max(1, int(round(fraction * m)))
-        plans.append((int(math.ceil(k / 2)), k // 2))  # top IN, bottom OUT
-        plans.append((k, 0))  # IN guesses only
-    plans = list(dict.fromkeys(plans))
-    significance = (1.0 - float(confidence_level)) / len(plans)
-    tests = []
-    for k_in, k_out in plans:
-        guess_in, guess_out = order[:k_in], order[m - k_out :] if k_out else order[:0]
-        correct = int(included[guess_in].sum() + (~included[guess_out]).sum())
-        guesses = k_in + k_out
-        bound = guessing_epsilon_lower_bound(m, guesses, correct, delta, significance)
-        tests.append(
-            {
-                "num_guesses": guesses,
-                "guesses_in": k_in,
-                "guesses_out": k_out,
-                "num_correct": correct,
-                "epsilon_lower_bound": bound,
-            }
-        )
+    tests = _guessing_tests(scores, included, fractions, delta, confidence_level)
     best = max(t["epsilon_lower_bound"] for t in tests)
     if included.all() or not included.any():
         auc = 0.5
