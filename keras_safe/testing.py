@@ -200,6 +200,30 @@ def assert_dp_matches_reference(
     A wrong rule (say, `forms` forgetting the sum over positions) fails the check, and `fit`
     refuses to train with it (`PrivacyError`).
     """
+    count = _check_arguments(model, x, num_microbatches)
+    variables = model.trainable_variables
+    units = reference.unit_slices(count, num_microbatches)
+    grads, _ = reference.gradients_alone(
+        model, variables, _reference_loss(model, training), x, y, sample_weight, units
+    )
+    ref_norms = np.array([np.sqrt(sum(float(np.sum(g**2)) for g in unit)) for unit in grads])
+    clip = float(np.median(ref_norms)) if l2_norm_clip is None else float(l2_norm_clip)
+    clip = clip if clip > 0 else 1.0
+    expected, _ = reference.clip_and_sum(grads, clip)
+    atol = 1e-6 * clip * len(units) if atol is None else atol
+    data = (x, y, sample_weight)
+    ours, sums, norms, mode = _keras_safe_sums(
+        model, data, num_microbatches, clip, training, fallback
+    )
+    worst = _compare_sums(variables, sums, expected, rtol, atol, clip, mode)
+    _check_norms(norms, ref_norms, sensitivity_rtol)
+    sensitivity = _sensitivity(ours, sums, data, units, num_microbatches, clip, sensitivity_rtol)
+    used = mode if any(source is None for source in ours.sources) else None
+    return ReferenceCheck(clip, worst, sensitivity, used)
+
+
+def _check_arguments(model, x, num_microbatches):
+    """The number of examples in `x`, once the model and `num_microbatches` are checked."""
     if getattr(model, "loss", None) is None:
         fail(
             "model",
@@ -217,16 +241,13 @@ def assert_dp_matches_reference(
                 f"a divisor of the number of examples ({count})",
                 "pass a batch whose size it divides.",
             )
-    variables = model.trainable_variables
-    units = reference.unit_slices(count, num_microbatches)
-    grads, _ = reference.gradients_alone(
-        model, variables, _reference_loss(model, training), x, y, sample_weight, units
-    )
-    ref_norms = np.array([np.sqrt(sum(float(np.sum(g**2)) for g in unit)) for unit in grads])
-    clip = float(np.median(ref_norms)) if l2_norm_clip is None else float(l2_norm_clip)
-    clip = clip if clip > 0 else 1.0
-    expected, _ = reference.clip_and_sum(grads, clip)
-    atol = 1e-6 * clip * len(units) if atol is None else atol
+    return count
+
+
+def _keras_safe_sums(model, data, num_microbatches, clip, training, fallback):
+    """keras_safe's clipped sums and per-example norms, with the fallback mode `fit` would use:
+    `(summer, sums, norms, mode)`."""
+    x, y, sample_weight = data
 
     def verified_mode():
         try:
@@ -256,7 +277,11 @@ def assert_dp_matches_reference(
         if mode != "vectorized":
             ours = _KerasSafeSum(model, clip, training, mode)
             sums, norms = ours(x, y, sample_weight, num_microbatches)
+    return ours, sums, norms, mode
 
+
+def _compare_sums(variables, sums, expected, rtol, atol, clip, mode):
+    """Check 1: each variable's sum against the reference's; returns the largest relative gap."""
     worst = 0.0
     for v, got, want in zip(variables, sums, expected):
         gap = float(np.linalg.norm(got - want))
@@ -268,6 +293,11 @@ def assert_dp_matches_reference(
                 f"{rtol * scale + atol:.3g}; clip {clip:.3g}, fallback {mode})."
             )
         worst = max(worst, gap / max(scale, atol / rtol if rtol > 0 else 1e-30))
+    return worst
+
+
+def _check_norms(norms, ref_norms, sensitivity_rtol):
+    """Check 2: no per-example norm below the reference's."""
     low = norms < ref_norms * (1 - sensitivity_rtol)
     if np.any(low):
         i = int(np.argmax(low))
@@ -276,10 +306,15 @@ def assert_dp_matches_reference(
             f"{ref_norms[i]:.8g}: an underestimated norm lets the example move the sum by more "
             "than the clip bound."
         )
+
+
+def _sensitivity(ours, full, data, units, num_microbatches, clip, sensitivity_rtol):
+    """Check 3: removing each unit moves the clipped sum by at most the clip bound; returns
+    the largest move, in units of the clip bound."""
+    count = reference.example_count(data[0])
     sensitivity = 0.0
-    full = sums
     for j, part in enumerate(units):
-        rest = [_without(d, part, count) for d in (x, y, sample_weight)]
+        rest = [_without(d, part, count) for d in data]
         smaller = None if num_microbatches is None else num_microbatches - 1
         if smaller == 0:
             break
@@ -291,5 +326,4 @@ def assert_dp_matches_reference(
                 f"clip bound {clip:.8g} (x {moved / clip:.6f})."
             )
         sensitivity = max(sensitivity, float(moved / clip))
-    used = mode if any(source is None for source in ours.sources) else None
-    return ReferenceCheck(clip, worst, sensitivity, used)
+    return sensitivity
