@@ -29,6 +29,8 @@ __all__ = ["run"]
 
 # The L-inf budget of the evasion attack (inputs in [0, 1]) and of the adversarial training.
 ROBUST_EPSILON = 0.1
+# The batch size of the three models' training, and the delta of the DP model and the audits.
+BATCH_SIZE, DELTA = 64, 1e-4
 
 
 def _data(seed):
@@ -73,76 +75,11 @@ def run(epochs=60, target_epsilon=3.0, output="demo_output", seed=0, verbose=Tru
     keras.utils.set_random_seed(seed)
     x_train, y_train, x_test, y_test = _data(seed)
     n = len(x_train)
-    batch_size, delta = 64, 1e-4
-    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    results = {}
-
-    plain = _model()
-    plain.compile(optimizer=keras.optimizers.Adam(1e-3), loss=loss, metrics=["accuracy"])
-    plain.fit(x_train, y_train, batch_size=batch_size, epochs=epochs, verbose=0)
-    results["plain"] = {"model": plain, "epsilon": None}
-
-    keras.utils.set_random_seed(seed)
-    private = _model()
-    optimizer = DPSGD(
-        learning_rate=0.25,
-        l2_norm_clip=0.5,
-        target_epsilon=target_epsilon,
-        num_examples=n,
-        batch_size=batch_size,
-        epochs=epochs,
-        delta=delta,
-    )
-    private.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"])
-    make_private(private)
-    batches = poisson_batches(x_train, y_train, batch_size=batch_size, epochs=epochs)
-    budget = PrivacyBudget(delta=delta, verbose=0)
-    private.fit(batches, epochs=1, callbacks=[budget], shuffle=False, verbose=0)
-    results["DP-SGD"] = {"model": private, "epsilon": budget.epsilon}
-
-    # PGD adversarial training (Madry et al. 2018) at the evaluation budget, fewer epochs: each
-    # step also runs the attack.
-    keras.utils.set_random_seed(seed)
-    robust = _model()
-    robust.compile(optimizer=keras.optimizers.Adam(1e-3), loss=loss, metrics=["accuracy"])
-    make_robust(robust, ROBUST_EPSILON, steps=5, clip_min=0.0, clip_max=1.0)
-    robust.fit(x_train, y_train, batch_size=batch_size, epochs=max(1, epochs // 3), verbose=0)
-    results["PGD-AT"] = {"model": robust, "epsilon": None}
-
-    rows = []
-    reports = {}
+    results = _train(x_train, y_train, epochs, target_epsilon, seed)
+    rows, reports = [], {}
     for name, entry in results.items():
-        model = entry["model"]
-        accuracy = float(model.evaluate(x_test, y_test, verbose=0)[1])
-        attack = PGD(ROBUST_EPSILON, steps=20, clip_min=0.0, clip_max=1.0)
-        robust_accuracy = accuracy_under_attack(model, x_test, y_test, attack)
-        robust_accuracy = robust_accuracy["adversarial_accuracy"]
-        report = membership_inference(
-            model,
-            members=(x_train, y_train),
-            non_members=(x_test, y_test),
-            attacks=("loss", "confidence"),
-            slices=False,
-            delta=delta,
-        )
-        reports[name] = report
-        summary = report.summary()
-        best = max(summary.values(), key=lambda figures: figures["auc"])
-        rows.append(
-            {
-                "model": name,
-                "test_accuracy": accuracy,
-                "pgd_accuracy": robust_accuracy,
-                "epsilon": entry["epsilon"],
-                "delta": delta if entry["epsilon"] is not None else None,
-                "noise_multiplier": optimizer.noise_multiplier if name == "DP-SGD" else None,
-                "mia_auc": best["auc"],
-                "mia_tpr_at_1%_fpr": best["tpr_at_1%_fpr"],
-                "mia_epsilon_lower_bound": best["epsilon_lower_bound"],
-                "attacks": summary,
-            }
-        )
-
+        row, reports[name] = _audit(name, entry, (x_train, y_train), (x_test, y_test))
+        rows.append(row)
     os.makedirs(output, exist_ok=True)
     seconds = time.perf_counter() - started
     table = _table_lines(rows, n, len(x_test), epochs)
@@ -170,6 +107,85 @@ def run(epochs=60, target_epsilon=3.0, output="demo_output", seed=0, verbose=Tru
         print(f"report: {report}" + (f", ROC plot: {plot}" if plot else ""))
         print(f"done in {seconds:.0f} s")
     return 0
+
+
+def _train(x_train, y_train, epochs, target_epsilon, seed):
+    """The three models, each from the same initial weights: `{name: {"model", "epsilon",
+    "noise_multiplier"}}` for the plain, the DP-SGD and the PGD-trained model."""
+    n = len(x_train)
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    results = {}
+
+    plain = _model()
+    plain.compile(optimizer=keras.optimizers.Adam(1e-3), loss=loss, metrics=["accuracy"])
+    plain.fit(x_train, y_train, batch_size=BATCH_SIZE, epochs=epochs, verbose=0)
+    results["plain"] = {"model": plain, "epsilon": None, "noise_multiplier": None}
+
+    keras.utils.set_random_seed(seed)
+    private = _model()
+    optimizer = DPSGD(
+        learning_rate=0.25,
+        l2_norm_clip=0.5,
+        target_epsilon=target_epsilon,
+        num_examples=n,
+        batch_size=BATCH_SIZE,
+        epochs=epochs,
+        delta=DELTA,
+    )
+    private.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"])
+    make_private(private)
+    batches = poisson_batches(x_train, y_train, batch_size=BATCH_SIZE, epochs=epochs)
+    budget = PrivacyBudget(delta=DELTA, verbose=0)
+    private.fit(batches, epochs=1, callbacks=[budget], shuffle=False, verbose=0)
+    results["DP-SGD"] = {
+        "model": private,
+        "epsilon": budget.epsilon,
+        "noise_multiplier": optimizer.noise_multiplier,
+    }
+
+    # PGD adversarial training (Madry et al. 2018) at the evaluation budget, fewer epochs: each
+    # step also runs the attack.
+    keras.utils.set_random_seed(seed)
+    robust = _model()
+    robust.compile(optimizer=keras.optimizers.Adam(1e-3), loss=loss, metrics=["accuracy"])
+    make_robust(robust, ROBUST_EPSILON, steps=5, clip_min=0.0, clip_max=1.0)
+    robust.fit(x_train, y_train, batch_size=BATCH_SIZE, epochs=max(1, epochs // 3), verbose=0)
+    results["PGD-AT"] = {"model": robust, "epsilon": None, "noise_multiplier": None}
+    return results
+
+
+def _audit(name, entry, train, test):
+    """One model's row of the table (test accuracy, accuracy under PGD, the stronger of the
+    loss and confidence attacks) and its membership-inference report."""
+    model = entry["model"]
+    x_test, y_test = test
+    accuracy = float(model.evaluate(x_test, y_test, verbose=0)[1])
+    attack = PGD(ROBUST_EPSILON, steps=20, clip_min=0.0, clip_max=1.0)
+    robust_accuracy = accuracy_under_attack(model, x_test, y_test, attack)
+    robust_accuracy = robust_accuracy["adversarial_accuracy"]
+    report = membership_inference(
+        model,
+        members=train,
+        non_members=test,
+        attacks=("loss", "confidence"),
+        slices=False,
+        delta=DELTA,
+    )
+    summary = report.summary()
+    best = max(summary.values(), key=lambda figures: figures["auc"])
+    row = {
+        "model": name,
+        "test_accuracy": accuracy,
+        "pgd_accuracy": robust_accuracy,
+        "epsilon": entry["epsilon"],
+        "delta": DELTA if entry["epsilon"] is not None else None,
+        "noise_multiplier": entry["noise_multiplier"],
+        "mia_auc": best["auc"],
+        "mia_tpr_at_1%_fpr": best["tpr_at_1%_fpr"],
+        "mia_epsilon_lower_bound": best["epsilon_lower_bound"],
+        "attacks": summary,
+    }
+    return row, report
 
 
 def _plot(reports, path):
