@@ -46,7 +46,7 @@ def _leaves(structure):
 
 
 @tf.autograph.experimental.do_not_convert
-def check_step(inputs, losses, ops, model_name="the model"):
+def check_step(inputs, losses, ops, model_name="the model", batch_size_private=False):
     """Raises `PrivacyError` unless the step's per-example losses are provably row-wise.
 
     Args:
@@ -56,6 +56,8 @@ def check_step(inputs, losses, ops, model_name="the model"):
         ops: the graph ops of the step's forward pass, in creation order (everything from the
             data to the losses; ops outside the list count as constants).
         model_name: the model's name, for the message.
+        batch_size_private: whether the number of rows is private (Poisson batches that are not
+            padded to a fixed size): then it may set layouts but not enter the examples' values.
 
     Raises:
         keras_safe._validation.PrivacyError: naming each op that mixes examples, writes a
@@ -65,7 +67,7 @@ def check_step(inputs, losses, ops, model_name="the model"):
     if not leaves:
         return
     batch = leaves[0].shape[0] if leaves[0].shape.rank else None
-    analysis = Analysis(batch)
+    analysis = Analysis(batch, batch_size_private=batch_size_private)
     for tensor in leaves:
         if tensor.shape.rank:
             analysis.set(tensor, Rows(0))

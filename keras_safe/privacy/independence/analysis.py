@@ -77,6 +77,101 @@ _SYMBOLIC = {
 }
 _MAX_LOOP_PASSES = 8
 
+_PYTHON = {"PyFunc", "PyFuncStateless", "EagerPyFunc"}
+# Function calls and control flow: their bodies are analysed (their effects there).
+_FUNCTIONS = {
+    "If",
+    "StatelessIf",
+    "Case",
+    "StatelessCase",
+    "While",
+    "StatelessWhile",
+    "PartitionedCall",
+    "StatefulPartitionedCall",
+}
+# Stateful ops that only read state: a lookup in a table or a variable, with the data as keys.
+_READS = {
+    "ReadVariableOp",
+    "ResourceGather",
+    "ResourceGatherNd",
+    "LookupTableFindV2",
+    "LookupTableSizeV2",
+    "VarIsInitializedOp",
+    "VariableShape",
+}
+# Ops whose outputs are shapes of their inputs.
+_SHAPE_OF = {"Shape", "ShapeN", "Size"}
+# Ops whose outputs hold no value of their inputs (only shapes, or fresh random draws).
+_SHAPE_ONLY_OUTPUTS = {"ZerosLike", "OnesLike", "Rank"} | set(rules.RANDOM)
+# For each op type, the inputs that are shapes, axes, sizes or indices of positions: a value
+# there computed from the number of rows sets a layout, not the examples' values.
+_SHAPE_INPUTS = {
+    "Reshape": (1,),
+    "Fill": (0,),
+    "Tile": (1,),
+    "BroadcastTo": (1,),
+    "StridedSlice": (1, 2, 3),
+    "Slice": (1, 2),
+    "Pad": (1,),
+    "PadV2": (1,),
+    "MirrorPad": (1,),
+    "ExpandDims": (1,),
+    "Transpose": (1,),
+    "Sum": (1,),
+    "Mean": (1,),
+    "Max": (1,),
+    "Min": (1,),
+    "Prod": (1,),
+    "All": (1,),
+    "Any": (1,),
+    "ArgMax": (1,),
+    "ArgMin": (1,),
+    "Split": (0,),
+    "SplitV": (1, 2),
+    "OneHot": (1,),
+    "Cumsum": (1,),
+    "GatherV2": (2,),
+    "TensorListFromTensor": (1,),
+    "TensorListStack": (1,),
+    "TensorListReserve": (0, 1),
+    "TensorListGetItem": (1, 2),
+    "TensorListSetItem": (1,),
+    "EmptyTensorList": (0, 1),
+    "Range": (0, 1, 2),
+    "BroadcastGradientArgs": (0, 1),
+}
+
+
+def _batch_free(symbolic):
+    """True for a symbolic shape value known without the number of rows (ints only)."""
+    if symbolic is None:
+        return False
+    entries = symbolic if isinstance(symbolic, list) else [symbolic]
+    return all(isinstance(e, int) and not isinstance(e, bool) for e in entries)
+
+
+def _shape_inputs(op):
+    if op.type == "ConcatV2":
+        return (len(op.inputs) - 1,)
+    if op.type in rules.RANDOM:
+        return tuple(range(len(op.inputs)))
+    return _SHAPE_INPUTS.get(op.type, ())
+
+
+def _side_effect(op):
+    """What an op does besides computing its outputs ('' for a pure op or a read)."""
+    if op.type in _FUNCTIONS or op.type in _READS:
+        return ""
+    if _is_write(op):
+        return "a variable write"
+    if op.type in _SINKS:
+        return "the data leaves the graph"
+    try:
+        stateful = op.op_def.is_stateful
+    except (AttributeError, ValueError):
+        stateful = True
+    return f"the stateful op {op.type}" if stateful else ""
+
 
 def _is_write(op):
     return op.type in _WRITES or op.type.startswith(_WRITE_PREFIXES)
@@ -101,10 +196,16 @@ class Analysis:
         batch_size: the static batch size, or None when it is known only at run time.
     """
 
-    def __init__(self, batch_size=None, _parent=None):
+    def __init__(self, batch_size=None, batch_size_private=False, _parent=None):
         self.batch_size = batch_size
+        # Whether the number of rows is itself private (Poisson batches, not padded): values
+        # computed from it (`sized`) must not enter the examples' arithmetic.
+        self.batch_size_private = batch_size_private
         self.values = {}
         self.symbols = {}
+        self.sized = set()
+        # Inside a branch or loop that the data chose: every effect there depends on the data.
+        self.tainted = False if _parent is None else _parent.tainted
         self.writes = [] if _parent is None else _parent.writes
         self.custom_gradients = [] if _parent is None else _parent.custom_gradients
 
@@ -149,16 +250,30 @@ class Analysis:
         data = any(v is not None for v in ins)
         if op.type in _SYMBOLIC:
             self._symbolic(op, ins)
-        if _is_write(op):
-            if any(is_data(v) for v in ins[1:]):
-                self.writes.append((op, "writes a variable with a value computed from the data"))
+        if op.type in _PYTHON:
+            # Python code run by the step can read or keep anything (the data included).
+            self.writes.append((op, "runs Python code inside the train step"))
+        effect = _side_effect(op)
+        if effect and (data or self.tainted):
+            reason = (
+                "writes a variable" if effect == "a variable write"
+                else "changes state or leaves the graph (" + effect + ")"
+            )
+            reason += " with a value computed from the data" if data else ""
+            reason += " under a branch or loop the data chose" if self.tainted else ""
+            self.writes.append((op, reason))
+        if effect and op.type not in RULES:
+            if data:  # what a stateful op returns from the data is nobody's row alone
+                for tensor in op.outputs:
+                    self.set(tensor, mixed(op, f"is a stateful {op.type} op fed by the data"))
             return
-        if op.type in _SINKS:
-            if data:
-                self.writes.append((op, "passes the data out of the graph"))
-            if op.type not in ("PyFunc", "PyFuncStateless", "EagerPyFunc"):
-                return
-        if not data or op.type in rules.SHAPE_FREE:
+        if op.type in rules.SHAPE_FREE:
+            self._size(op, ins)
+            return
+        if not data and op.type not in _FUNCTIONS:
+            self._size(op, ins)
+            if self.tainted and "_gradient_op_type" in op.node_def.attr:
+                self.custom_gradients.append(op)
             return
         if "_gradient_op_type" in op.node_def.attr:
             self.custom_gradients.append(op)
@@ -168,19 +283,78 @@ class Analysis:
             outs = [mixed(op, reason)] * len(op.outputs)
         else:
             outs = rule(self, op, ins)
+        sized = op.type not in _FUNCTIONS and self._sized_value_input(op)
+        if sized:
+            outs = [
+                mixed(op, "computes with the number of examples in the batch, which Poisson "
+                "sampling makes private")
+            ] * len(op.outputs)
         for tensor, value in zip(op.outputs, outs):
             self.set(tensor, value)
 
-    def _child(self):
-        return Analysis(self.batch_size, _parent=self)
+    # -- the batch size as a value ------------------------------------------------------------
 
-    def call(self, graph, values):
-        """Runs `graph` with its inputs set to `values`; returns its outputs' values."""
-        child = self._child()
-        for tensor, value in zip(graph.inputs, values):
+    def _size(self, op, ins):
+        """Marks the outputs of `op` that carry the (private) number of rows as values."""
+        if not self.batch_size_private:
+            return
+        if op.type in _SHAPE_OF:
+            if any(
+                isinstance(v, Rows) and (dims(t) is None or dims(t)[v.axis] is None)
+                for t, v in zip(op.inputs, ins)
+            ):
+                for tensor in op.outputs:
+                    self.sized.add(tensor.ref())
+            return
+        if op.type in _SHAPE_ONLY_OUTPUTS:
+            return
+        shape_inputs = _shape_inputs(op)
+        if any(
+            t.ref() in self.sized and i not in shape_inputs for i, t in enumerate(op.inputs)
+        ):
+            for tensor in op.outputs:
+                # Shape arithmetic that drops the batch's entry (a shape's [1:]) is a constant.
+                if not _batch_free(self.static(tensor)):
+                    self.sized.add(tensor.ref())
+
+    def _sized_value_input(self, op):
+        if not self.batch_size_private:
+            return False
+        shape_inputs = _shape_inputs(op)
+        return any(
+            t.ref() in self.sized and i not in shape_inputs for i, t in enumerate(op.inputs)
+        )
+
+    def _child(self, tainted=False):
+        child = Analysis(self.batch_size, self.batch_size_private, _parent=self)
+        child.tainted = self.tainted or tainted
+        return child
+
+    def call(self, graph, values, outer=(), tainted=False, sized=None):
+        """Runs `graph` with its inputs set to `values` (with the symbolic shapes of the `outer`
+        tensors they stand for, and `sized` flags: which inputs carry the batch size; by default
+        the `outer` tensors' own); returns `(values, sized)` of its outputs."""
+        child = self._child(tainted)
+        if sized is None:
+            sized = [t.ref() in self.sized for t in outer]
+        for i, (tensor, value) in enumerate(zip(graph.inputs, values)):
             child.set(tensor, value)
+            if i < len(outer):
+                found = self.static(outer[i])
+                if found is not None:
+                    child.symbols[tensor.ref()] = found
+            if i < len(sized) and sized[i]:
+                child.sized.add(tensor.ref())
         child.run(graph.get_operations())
-        return [child.value(t) for t in graph.outputs]
+        return (
+            [child.value(t) for t in graph.outputs],
+            [t.ref() in child.sized for t in graph.outputs],
+        )
+
+    def mark_sized(self, tensors, flags):
+        for tensor, flag in zip(tensors, flags):
+            if flag:
+                self.sized.add(tensor.ref())
 
     # -- symbolic shapes -------------------------------------------------------------------------
 
@@ -341,44 +515,52 @@ def _broadcast_reductions(s0, s1):
 # -- control flow -----------------------------------------------------------------------------
 
 
-def _branches(ctx, op, ins, graphs, selector):
-    if is_data(ins[0]):
-        return [mixed(op, "chooses a branch from the data")] * len(op.outputs)
+def _branches(ctx, op, ins, graphs):
     if any(g is None for g in graphs):
         return [mixed(op, "a branch keras_safe cannot read")] * len(op.outputs)
-    outs = None
+    chosen_by_data = is_data(ins[0])
+    outs, sized = None, [False] * len(op.outputs)
     for graph in graphs:
-        found = ctx.call(graph, ins[1:])
+        found, found_sized = ctx.call(graph, ins[1:], op.inputs[1:], tainted=chosen_by_data)
         outs = found if outs is None else [join(a, b, op) for a, b in zip(outs, found)]
-    del selector
+        sized = [a or b for a, b in zip(sized, found_sized)]
+    ctx.mark_sized(op.outputs, sized)
+    if chosen_by_data:
+        return [mixed(op, "chooses a branch from the data")] * len(op.outputs)
     return outs
 
 
 def if_rule(ctx, op, ins):
     graphs = [getattr(op, "_true_graph", None), getattr(op, "_false_graph", None)]
-    return _branches(ctx, op, ins, graphs, "If")
+    return _branches(ctx, op, ins, graphs)
 
 
 def case_rule(ctx, op, ins):
     count = len(op.get_attr("branches"))
     graphs = [getattr(op, f"_branch_graph_{i}", None) for i in range(count)]
-    return _branches(ctx, op, ins, graphs, "Case")
+    return _branches(ctx, op, ins, graphs)
 
 
 def while_rule(ctx, op, ins):
     cond, body = getattr(op, "_cond_graph", None), getattr(op, "_body_graph", None)
     if cond is None or body is None:
         return [mixed(op, "a loop keras_safe cannot read")] * len(op.outputs)
-    values = list(ins)
+    values, sized = list(ins), [t.ref() in ctx.sized for t in op.inputs]
     for _ in range(_MAX_LOOP_PASSES):
-        (pred,) = ctx.call(cond, values)[:1]
+        (pred,), _ = ctx.call(cond, values, op.inputs, sized=sized)
         if is_data(pred):
-            return [mixed(op, "repeats a number of times computed from the data")] * len(op.outputs)
-        after = ctx.call(body, values)
+            # The data sets the trip count: every effect in the loop depends on it.
+            ctx.call(body, values, op.inputs, tainted=True, sized=sized)
+            return [mixed(op, "repeats a number of times computed from the data")] * len(
+                op.outputs
+            )
+        after, after_sized = ctx.call(body, values, op.inputs, sized=sized)
         joined = [join(a, b, op) for a, b in zip(values, after)]
-        if joined == values:
+        joined_sized = [a or b for a, b in zip(sized, after_sized)]
+        if joined == values and joined_sized == sized:
+            ctx.mark_sized(op.outputs, sized)
             return values
-        values = joined
+        values, sized = joined, joined_sized
     return [mixed(op, "a loop whose layout does not settle")] * len(op.outputs)
 
 
@@ -386,7 +568,9 @@ def call_rule(ctx, op, ins):
     graph = _function_graph(op, op.get_attr("f").name)
     if graph is None:
         return [mixed(op, "calls a function keras_safe cannot read")] * len(op.outputs)
-    return ctx.call(graph, ins)
+    values, sized = ctx.call(graph, ins, op.inputs)
+    ctx.mark_sized(op.outputs, sized)
+    return values
 
 
 def _broadcast_to(ctx, op, ins):
@@ -415,6 +599,9 @@ RULES.update(
         "ArgMax": rules.arg_reduction,
         "ArgMin": rules.arg_reduction,
         "Softmax": lambda c, o, i: rules.along_axis(c, o, i, last=True),
+        "RGBToHSV": lambda c, o, i: rules.along_axis(c, o, i, last=True),
+        "HSVToRGB": lambda c, o, i: rules.along_axis(c, o, i, last=True),
+        "DenseBincount": rules.bincount,
         "LogSoftmax": lambda c, o, i: rules.along_axis(c, o, i, last=True),
         "TopKV2": lambda c, o, i: rules.along_axis(c, o, i, last=True),
         "Cumsum": lambda c, o, i: rules.along_axis(c, o, i, axis_index=1),

@@ -18,7 +18,7 @@ from keras_safe.privacy.independence.values import (
     rank,
 )
 
-__all__ = ["ELEMENTWISE", "LEADING_AXIS", "REDUCTIONS", "SHAPE_FREE", "UNARY"]
+__all__ = ["ELEMENTWISE", "LEADING_AXIS", "RANDOM", "REDUCTIONS", "SHAPE_FREE", "UNARY"]
 
 # Ops whose outputs never depend on the values of their inputs (only shapes, or nothing).
 SHAPE_FREE = {
@@ -31,12 +31,19 @@ SHAPE_FREE = {
     "TensorListLength",
     "TensorListElementShape",
     "NoOp",
-    "Assert",
-    "PrintV2",
-    "StringFormat",
     "VarIsInitializedOp",
     "BroadcastGradientArgs",
 }
+
+# Random draws: their values depend on the seed and the shape asked for, never on the data.
+RANDOM = {
+    "StatelessRandomUniformV2", "StatelessRandomNormalV2", "StatelessTruncatedNormalV2",
+    "StatelessRandomUniformIntV2", "StatelessRandomUniformFullIntV2", "StatelessRandomUniform",
+    "StatelessRandomNormal", "StatelessTruncatedNormal", "StatelessRandomUniformInt",
+    "StatelessRandomGetKeyCounter", "StatelessRandomGetKeyCounterAlg", "StatelessRandomGetAlg",
+    "RandomUniform", "RandomStandardNormal", "TruncatedNormal", "RandomUniformInt",
+    "StatelessRandomBinomial",
+}  # fmt: skip
 
 UNARY = {
     "Identity", "Snapshot", "StopGradient", "PreventGradient", "CheckNumerics",
@@ -46,7 +53,7 @@ UNARY = {
     "Erfc", "Erfinv", "Floor", "Ceil", "Round", "Rint", "IsNan", "IsFinite", "IsInf",
     "LogicalNot", "Sinh", "Cosh", "Asin", "Acos", "Atan", "Asinh", "Acosh", "Atanh", "Lgamma",
     "Digamma", "Real", "Imag", "Angle", "Conj", "ComplexAbs", "Invert", "Bucketize",
-    "ClipByValue", "QuantizeAndDequantizeV2", "FakeQuantWithMinMaxArgs", "Ndtri",
+    "ClipByValue", "FakeQuantWithMinMaxArgs", "Ndtri",
 }  # fmt: skip
 
 ELEMENTWISE = {
@@ -63,32 +70,45 @@ ELEMENTWISE = {
 REDUCTIONS = {"Sum", "Mean", "Max", "Min", "Prod", "All", "Any", "EuclideanNorm"}
 
 # Ops that treat every entry of axis 0 as a separate item (images, sequences, patches).
+# Ops that treat every entry of axis 0 as a separate item (images, sequences, patches): the
+# inputs that carry those items (the others, filters and sizes, must not hold data).
 LEADING_AXIS = {
-    "Conv2D": (0, (1,)),
-    "Conv3D": (0, (1,)),
-    "Conv2DBackpropInput": (2, (1,)),
-    "Conv3DBackpropInputV2": (2, (1,)),
-    "DepthwiseConv2dNative": (0, (1,)),
-    "DepthwiseConv2dNativeBackpropInput": (2, (1,)),
-    "MaxPool": (0, ()),
-    "MaxPoolV2": (0, ()),
-    "MaxPool3D": (0, ()),
-    "AvgPool": (0, ()),
-    "AvgPool3D": (0, ()),
-    "LRN": (0, ()),
-    "ResizeBilinear": (0, ()),
-    "ResizeNearestNeighbor": (0, ()),
-    "ResizeBicubic": (0, ()),
-    "ResizeArea": (0, ()),
-    "ExtractImagePatches": (0, ()),
-    "ExtractVolumePatches": (0, ()),
-    "DepthToSpace": (0, ()),
-    "SpaceToDepth": (0, ()),
-    "Dilation2D": (0, (1,)),
-    "MaxPoolGrad": (2, (0, 1)),
-    "MaxPoolGradV2": (2, (0, 1)),
-    "AvgPoolGrad": (1, ()),
+    "Conv2D": (0,),
+    "Conv3D": (0,),
+    "Conv2DBackpropInput": (2,),
+    "Conv3DBackpropInputV2": (2,),
+    "DepthwiseConv2dNative": (0,),
+    "DepthwiseConv2dNativeBackpropInput": (2,),
+    "MaxPool": (0,),
+    "MaxPoolV2": (0,),
+    "MaxPool3D": (0,),
+    "AvgPool": (0,),
+    "AvgPool3D": (0,),
+    "LRN": (0,),
+    "ResizeBilinear": (0,),
+    "ResizeNearestNeighbor": (0,),
+    "ResizeBicubic": (0,),
+    "ResizeArea": (0,),
+    "ExtractImagePatches": (0,),
+    "ExtractVolumePatches": (0,),
+    "DepthToSpace": (0,),
+    "SpaceToDepth": (0,),
+    "Dilation2D": (0,),
+    "MaxPoolGrad": (0, 1, 2),
+    "MaxPoolGradV2": (0, 1, 2),
+    "MaxPool3DGrad": (0, 1, 2),
+    "AvgPoolGrad": (1,),
+    "AvgPool3DGrad": (1,),
+    "ResizeBilinearGrad": (0, 1),
+    "ResizeNearestNeighborGrad": (0,),
+    # Image augmentation: one transform per image (the transforms are random draws, not data).
+    "ImageProjectiveTransformV3": (0,),
+    "ImageProjectiveTransformV2": (0,),
+    "AdjustContrastv2": (0,),
+    "AdjustHue": (0,),
+    "AdjustSaturation": (0,),
 }
+
 
 
 def _outputs(op, value):
@@ -223,14 +243,34 @@ def shape_free(ctx, op, ins):
 
 
 def leading_axis(ctx, op, ins):
-    data_index, params = LEADING_AXIS[op.type]
-    if any(is_data(ins[i]) for i in range(len(ins)) if i != data_index):
+    items = LEADING_AXIS[op.type]
+    if any(is_data(v) for i, v in enumerate(ins) if i not in items):
         return _outputs(op, mixed(op, "a filter or parameter computed from the data"))
-    v = ins[data_index]
-    if not isinstance(v, Rows):
-        return _outputs(op, v)
-    if v.axis != 0:
-        return _outputs(op, mixed(op, "the batch axis is not the leading axis"))
+    found = None
+    for i in items:
+        v = ins[i]
+        if not is_data(v):
+            continue
+        if not isinstance(v, Rows):
+            return _outputs(op, v if isinstance(v, Mixed) else mixed(op, "a list"))
+        if v.axis != 0 or (found is not None and v != found):
+            return _outputs(op, mixed(op, "the batch axis is not the leading axis"))
+        found = v
+    return _outputs(op, found)
+
+
+def bincount(ctx, op, ins):
+    """`DenseBincount` of a `[B, T]` input counts per row; of a vector, over the batch."""
+    v = ins[0]
+    if any(is_data(w) for w in ins[1:2]):
+        return _outputs(op, mixed(op, "a size computed from the data"))
+    if v is None:
+        return _outputs(op, ins[2] if len(ins) > 2 else None)
+    if not isinstance(v, Rows) or v.axis != 0 or rank(op.inputs[0]) != 2:
+        return _outputs(op, mixed(op, "counts values across the examples"))
+    weights = ins[2] if len(ins) > 2 else None
+    if is_data(weights) and weights != v:
+        return _outputs(op, mixed(op, "weights rows of other examples"))
     return _outputs(op, v)
 
 
