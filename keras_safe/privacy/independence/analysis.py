@@ -256,7 +256,8 @@ class Analysis:
         effect = _side_effect(op)
         if effect and (data or self.tainted):
             reason = (
-                "writes a variable" if effect == "a variable write"
+                "writes a variable"
+                if effect == "a variable write"
                 else "changes state or leaves the graph (" + effect + ")"
             )
             reason += " with a value computed from the data" if data else ""
@@ -286,8 +287,11 @@ class Analysis:
         sized = op.type not in _FUNCTIONS and self._sized_value_input(op)
         if sized:
             outs = [
-                mixed(op, "computes with the number of examples in the batch, which Poisson "
-                "sampling makes private")
+                mixed(
+                    op,
+                    "computes with the number of examples in the batch, which Poisson "
+                    "sampling makes private",
+                )
             ] * len(op.outputs)
         for tensor, value in zip(op.outputs, outs):
             self.set(tensor, value)
@@ -309,9 +313,7 @@ class Analysis:
         if op.type in _SHAPE_ONLY_OUTPUTS:
             return
         shape_inputs = _shape_inputs(op)
-        if any(
-            t.ref() in self.sized and i not in shape_inputs for i, t in enumerate(op.inputs)
-        ):
+        if any(t.ref() in self.sized and i not in shape_inputs for i, t in enumerate(op.inputs)):
             for tensor in op.outputs:
                 # Shape arithmetic that drops the batch's entry (a shape's [1:]) is a constant.
                 if not _batch_free(self.static(tensor)):
@@ -321,9 +323,7 @@ class Analysis:
         if not self.batch_size_private:
             return False
         shape_inputs = _shape_inputs(op)
-        return any(
-            t.ref() in self.sized and i not in shape_inputs for i, t in enumerate(op.inputs)
-        )
+        return any(t.ref() in self.sized and i not in shape_inputs for i, t in enumerate(op.inputs))
 
     def _child(self, tainted=False):
         child = Analysis(self.batch_size, self.batch_size_private, _parent=self)
@@ -551,9 +551,7 @@ def while_rule(ctx, op, ins):
         if is_data(pred):
             # The data sets the trip count: every effect in the loop depends on it.
             ctx.call(body, values, op.inputs, tainted=True, sized=sized)
-            return [mixed(op, "repeats a number of times computed from the data")] * len(
-                op.outputs
-            )
+            return [mixed(op, "repeats a number of times computed from the data")] * len(op.outputs)
         after, after_sized = ctx.call(body, values, op.inputs, sized=sized)
         joined = [join(a, b, op) for a, b in zip(values, after)]
         joined_sized = [a or b for a, b in zip(sized, after_sized)]

@@ -110,7 +110,6 @@ LEADING_AXIS = {
 }
 
 
-
 def _outputs(op, value):
     return [value] * len(op.outputs)
 
