@@ -203,7 +203,7 @@ def _ledger_statement(ledger, delta, accountant):
             if not s["shuffled"]
             else f"shuffled batches ({s['events']} Gaussian mechanisms, no amplification)"
         )
-        seeded = ", seeded noise (not private)" if s["seeded"] else ""
+        seeded = ", seeded noise or sampling (not private)" if s["seeded"] else ""
         lines.append(
             f"  - {s['steps']} steps over {s['num_examples']} examples, {how}, accounted noise "
             f"multiplier {s['noise_multiplier']:.6g}{seeded}"
@@ -255,8 +255,9 @@ def _ledger_statement(ledger, delta, accountant):
     if ledger.seeded:
         paragraphs.append(
             _fill(
-                "Some steps drew their noise from a seed given by the user: whoever knows it can "
-                "regenerate the noise, so the guarantee does not hold for this model."
+                "Some steps drew their noise or their batches from a seed given by the user: "
+                "whoever knows it can regenerate the noise or tell which examples each batch "
+                "held, so the guarantee does not hold for this model."
             )
         )
     paragraphs.append(_fill(_ASSUMPTIONS))

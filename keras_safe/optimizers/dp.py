@@ -371,7 +371,8 @@ class DPOptimizer(OptimizerWrapper):
     def privatize(self, clipped_sums, denominator, variables, gate=None):
         """Adds the calibrated Gaussian noise to clipped gradient sums and averages them.
 
-        The returned tensors are recorded as this step's DP release
+        Called by keras_safe's train step only, which records what it finally releases (these
+        tensors, once the charge and the checks are in place) as the step's DP release
         (`keras_safe.optimizers.provenance`); `apply` accepts no other gradient tensors.
 
         Under a `tf.distribute` strategy with R replicas in sync (each passing the clipped sum of
@@ -429,7 +430,7 @@ class DPOptimizer(OptimizerWrapper):
             scale = scale * tf.cast(gate, tf.float32)
         noisy = [tf.cast(total * scale, v.dtype) for total, v in zip(sums, variables)]
         self._noise_draws.assign_add(1)
-        return provenance.mark_released(noisy)
+        return noisy
 
     def _snapped_release(self, sums, sizes, stddev):
         """`secure_noise`: the sums snapped to a power-of-two grid plus rounded Gaussian noise,

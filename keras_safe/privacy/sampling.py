@@ -30,7 +30,8 @@ class PoissonInfo:
 
     `max_batch_size` is the padded rows of one shard's sample; a batch holds `shards` of them.
     `steps` is the batches of one pass over the dataset; `fresh_each_iteration`: each pass
-    draws new samples (the batches `fit` on arrays makes, one pass per epoch).
+    draws new samples (the batches `fit` on arrays makes, one pass per epoch); `seeded`: the
+    samples come from a seed given by the user.
     `pad_to_multiple_of`: None when every batch is padded to `max_batch_size`, else the
     multiple a batch's rows are padded to.
     """
@@ -43,6 +44,7 @@ class PoissonInfo:
     shards: int = 1
     pad_to_multiple_of: int = None
     fresh_each_iteration: bool = False
+    seeded: bool = False
 
 
 def poisson_info(dataset):
@@ -251,6 +253,7 @@ def _build(
     if steps_per_epoch is not None:
         per_epoch = check_number("steps_per_epoch", steps_per_epoch, low=1, integer=True)
     steps = math.ceil(epochs * per_epoch - 1e-9)
+    seeded = seed is not None
     if seed is None:
         seed = secrets.randbits(62)
     weights = (
@@ -303,7 +306,7 @@ def _build(
         )
         dataset = dataset.with_options(options)
     info = PoissonInfo(
-        n, batch_size, rows, steps, per_epoch, len(sizes), multiple, fresh_each_iteration
+        n, batch_size, rows, steps, per_epoch, len(sizes), multiple, fresh_each_iteration, seeded
     )
     object.__setattr__(dataset, _INFO, info)
     return dataset

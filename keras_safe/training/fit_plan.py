@@ -81,7 +81,12 @@ def describe_data(x, batch_size=None, validation_split=0.0, steps_per_epoch=None
     info = poisson_info(x)
     if info is not None:
         return state.DataSettings(
-            info.num_examples, info.batch_size, steps_per_epoch or info.steps, poisson=True
+            info.num_examples,
+            info.batch_size,
+            steps_per_epoch or info.steps,
+            poisson=True,
+            padded=info.pad_to_multiple_of is None,
+            seeded=info.seeded,
         )
     if isinstance(x, tf.data.Dataset):
         cardinality = int(x.cardinality())
@@ -241,14 +246,7 @@ def plan_fit(
             cannot cover (`keras_safe.training.distribution.check_fit_data`).
         keras_safe._validation.ArgumentError: declared settings that differ from the data.
     """
-    dp = find_dp_optimizer(getattr(model, "optimizer", None))
-    if dp is None:
-        raise PrivacyError(
-            f"{model.name} was made private, but it is compiled with "
-            f"{type(getattr(model, 'optimizer', None)).__name__}, which is not a keras_safe DP "
-            "optimizer: fit would train without clipping and noise. Fix: compile with "
-            "keras_safe.optimizers.DPSGD(...), DPAdam(...) or DPOptimizer(your_optimizer, ...)."
-        )
+    dp = state.require_dp_optimizer(model)
     fixed = is_array_data(x)  # arrays reach here only in Keras's own batches
     if fixed and not wants_fixed_batches(dp, shuffle):
         raise PrivacyError(
@@ -367,7 +365,9 @@ class PrivacyGuard(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         model = self.model
+        state.safe_state(model).guarded = True  # the steps of this fit train on its data
         dp = find_dp_optimizer(model.optimizer)
+        state.retrace_if_needed(model, dp)
         settings = state.data_settings(model)
         _check_microbatches(dp.num_microbatches, settings)
         schedule = state.current_schedule(model, dp)
@@ -378,7 +378,7 @@ class PrivacyGuard(keras.callbacks.Callback):
         dp.calibrate(schedule, self.epochs, _prior(ledger), delta, accountant)
         self._schedule = state.current_schedule(model, dp)
         self._ledger, self._slot = state.ledger_slot(model, dp, self._schedule)
-        self._seeded = dp.seeded
+        self._seeded = dp.seeded or bool(settings and settings.seeded)
         self._start_nonfinite = self._ledger.nonfinite_examples
         self._start_refused = self._ledger.refused_steps
         self._start_rows = self._rows_and_steps()
@@ -388,16 +388,7 @@ class PrivacyGuard(keras.callbacks.Callback):
         self._last_logs = None
         self._xla = bool(getattr(model, "jit_compile", False))
         if self._ledger.steps_left(self._slot) < 1:
-            target, delta = self._ledger.budget()
-            raise PrivacyError(
-                f"The privacy budget target_epsilon={target:g} (delta={delta:.3g}, "
-                f"{self._ledger.accountant.upper()} accountant) of {model.name} is already "
-                f"spent: it stands at epsilon={self._ledger.epsilon():.4f} after "
-                f"{self._ledger.steps} steps, and one more step ({self._schedule.label}) would "
-                "exceed it. No step was taken. Fix: stop training here, or raise the budget "
-                "with keras_safe.privacy.get_ledger(model).set_budget(...) and state the larger "
-                "epsilon."
-            )
+            raise state.budget_spent(model, self._ledger, self._schedule.label)
         # Keras's fit calls `model.train_function(iterator)` once per execution, after
         # `make_train_function()` and `on_train_begin` (keras/src/backend/tensorflow/trainer.py,
         # `fit`): wrapping it here turns the ledger's in-step refusal into a clean stop.
@@ -436,7 +427,13 @@ class PrivacyGuard(keras.callbacks.Callback):
         return logs if logs is not None else model.get_metrics_result()
 
     def restore(self):
-        """Puts back the train function `on_train_begin` wrapped."""
+        """Puts back the train function `on_train_begin` wrapped, and ends the fit: a shuffled
+        epoch it left unfinished grants no later step (of a custom loop, say) its mechanism."""
+        ledger = getattr(self, "_ledger", None)
+        if ledger is not None and self._schedule.epoch_grant > 1:
+            ledger.close_epoch(self._slot)
+        if self.model is not None:
+            state.safe_state(self.model).guarded = False
         if self._wrapped is not None and getattr(self.model, "train_function", None) == (
             self._guarded
         ):

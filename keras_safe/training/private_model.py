@@ -132,9 +132,8 @@ def private_train_on_batch(model, train_on_batch, *args, **kwargs):
     """`train_on_batch` that refuses, on a private model, a step the budget does not allow."""
     if not state.is_private(model):
         return train_on_batch(*args, **kwargs)
-    dp = find_dp_optimizer(getattr(model, "optimizer", None))
-    if dp is None:
-        fit_plan.plan_fit(model)  # raises the error naming the fix
+    dp = state.require_dp_optimizer(model)
+    state.retrace_if_needed(model, dp)  # a step traced in a fit accounts for the fit's data
     schedule = state.current_schedule(model, dp)
     if dp.needs_calibration:
         fail(
@@ -154,14 +153,7 @@ def private_train_on_batch(model, train_on_batch, *args, **kwargs):
     ledger, slot = state.ledger_slot(model, dp, schedule)
     ledger.close_epoch(slot)  # one batch given by the caller: a mechanism of its own
     if ledger.steps_left(slot) < 1:
-        target, delta = ledger.budget()
-        raise PrivacyError(
-            f"The privacy budget target_epsilon={target:g} (delta={delta:.3g}) of "
-            f"{model.name} is already spent (epsilon={ledger.epsilon():.4f} after "
-            f"{ledger.steps} steps); this step would exceed it. No step was taken. Fix: stop "
-            "training, or raise the budget with keras_safe.privacy.get_ledger(model)."
-            "set_budget(...) and state the larger epsilon."
-        )
+        raise state.budget_spent(model, ledger)
     refused = ledger.refused_steps
     try:
         result = train_on_batch(*args, **kwargs)

@@ -16,6 +16,7 @@ import tensorflow as tf
 
 from keras_safe._validation import PrivacyError
 from keras_safe.accounting.checks import check_delta, default_delta
+from keras_safe.optimizers.dp import find_dp_optimizer
 from keras_safe.privacy.ledger import get_ledger
 
 __all__ = [
@@ -25,11 +26,16 @@ __all__ = [
     "data_settings",
     "fallback_mode",
     "is_private",
+    "budget_spent",
     "budget_stop",
     "ledger_slot",
+    "require_dp_optimizer",
     "require_optimizer_budget",
     "safe_state",
+    "retrace_if_needed",
     "set_data_settings",
+    "step_mode",
+    "step_settings",
     "set_fallback_mode",
     "set_private",
 ]
@@ -42,7 +48,10 @@ class DataSettings:
     """The training data as `fit` sees it: examples, batch size, batches per epoch (None:
     unknown), and what is known of its batches: Poisson samples (`poisson`), or fixed-size
     batches (`fixed`: arrays in Keras's own batches), each epoch of which is one pass over the
-    data (`one_pass`)."""
+    data (`one_pass`). `padded`: every batch has the same number of rows (Poisson samples
+    padded to one size, so the number of rows says nothing of the data); `seeded`: the batches
+    were drawn from a seed given by the user.
+    """
 
     num_examples: int = None
     batch_size: int = None
@@ -50,6 +59,8 @@ class DataSettings:
     poisson: bool = False
     fixed: bool = False
     one_pass: bool = False
+    padded: bool = False
+    seeded: bool = False
 
 
 @dataclasses.dataclass(eq=False)
@@ -64,6 +75,8 @@ class SafeState:
             (`"vectorized"`, `"loop"`, or None before verification).
         verified: what the model was verified with (`training.preflight`), or None.
         guarded: a private `fit` with its `PrivacyGuard` is running.
+        traced_for: the `step_mode` the model's compiled train function was traced in (a
+            `fit` on its data, or batches given by the caller), to rebuild it on a change.
         budget_stop: `(message, printed)` of a `fit` that stopped at the budget, or None.
         eager_step: `(key, function)`: the compiled private step eager calls run.
         attack_graphs: the compiled graphs of the evasion attacks run on it, by settings.
@@ -75,6 +88,7 @@ class SafeState:
     fallback: str = None
     verified: tuple = None
     guarded: bool = False
+    traced_for: tuple = None
     budget_stop: tuple = None
     eager_step: tuple = None
     attack_graphs: dict = dataclasses.field(default_factory=dict)
@@ -127,6 +141,30 @@ def set_data_settings(model, settings):
         model.train_function = None
 
 
+def step_settings(model):
+    """The data settings a step of the model trains under now: those of the running private
+    `fit`; None for batches given by the caller (`train_on_batch`, `dp_gradients`, a custom
+    loop), which keras_safe cannot see drawn."""
+    found = safe_state(model, create=False)
+    return found.data if found.guarded else None
+
+
+def step_mode(model, dp):
+    """What a traced step depends on beyond the model: the step's data settings and the
+    sampling the optimizer declares."""
+    return (step_settings(model), getattr(dp, "sampling", None))
+
+
+def retrace_if_needed(model, dp):
+    """Drops the model's compiled train function when it was traced in another `step_mode`
+    (a `fit` before a `train_on_batch`, or the reverse): its schedule is a constant of it."""
+    found = safe_state(model)
+    if found.traced_for is not None and found.traced_for != step_mode(model, dp):
+        found.traced_for = None
+        if getattr(model, "train_function", None) is not None:
+            model.make_train_function(force=True)
+
+
 def fallback_mode(model):
     """How variables without a rule get per-example gradients ("vectorized", "loop" or None)."""
     return safe_state(model, create=False).fallback
@@ -139,6 +177,39 @@ def set_fallback_mode(model, mode):
         model.train_function = None
 
 
+def require_dp_optimizer(model):
+    """The DP optimizer of a private model's optimizer chain.
+
+    Raises:
+        keras_safe._validation.PrivacyError: when the model has none (it would train without
+            clipping and noise), naming the fix.
+    """
+    dp = find_dp_optimizer(getattr(model, "optimizer", None))
+    if dp is None:
+        raise PrivacyError(
+            f"{model.name} was made private, but it is compiled with "
+            f"{type(getattr(model, 'optimizer', None)).__name__}, which is not a keras_safe DP "
+            "optimizer: it would train without clipping and noise. Fix: compile with "
+            "keras_safe.optimizers.DPSGD(...), DPAdam(...) or DPOptimizer(your_optimizer, ...)."
+        )
+    return dp
+
+
+def budget_spent(model, ledger, step=None):
+    """The `PrivacyError` for a step the budget of `ledger` no longer allows (`step`: what one
+    more step is, for the message)."""
+    target, delta = ledger.budget()
+    step = f" ({step})" if step else ""
+    return PrivacyError(
+        f"The privacy budget target_epsilon={target:g} (delta={delta:.3g}, "
+        f"{ledger.accountant.upper()} accountant) of {model.name} is already spent: it stands "
+        f"at epsilon={ledger.epsilon():.4f} after {ledger.steps} steps, and one more "
+        f"step{step} would exceed it. No step was taken. Fix: stop training here, or raise the "
+        "budget with keras_safe.privacy.get_ledger(model).set_budget(...) and state the larger "
+        "epsilon."
+    )
+
+
 @tf.autograph.experimental.do_not_convert
 def current_schedule(model, dp):
     """The `DPSchedule` of `dp` on the model's data, which must give a known sampling rate.
@@ -147,8 +218,16 @@ def current_schedule(model, dp):
         keras_safe._validation.PrivacyError: when neither `fit` nor the optimizer tells the
             number of examples and the batch size.
     """
-    settings = data_settings(model) or DataSettings()
-    sampling = "poisson" if settings.poisson else "shuffle" if settings.fixed else None
+    settings = step_settings(model)
+    if settings is None:
+        # Batches given by the caller: amplification by sampling only where the optimizer
+        # declares them Poisson samples; else each step is a Gaussian mechanism of its own.
+        # The size of the data and the batch default to those of the model's last fit.
+        last = data_settings(model) or DataSettings()
+        settings = DataSettings(last.num_examples, last.batch_size)
+        sampling = getattr(dp, "sampling", None) or "shuffle"
+    else:
+        sampling = "poisson" if settings.poisson else "shuffle" if settings.fixed else None
     schedule = dp.schedule(
         settings.num_examples,
         settings.batch_size,
@@ -214,7 +293,7 @@ def ledger_slot(model, dp, schedule):
         schedule.accounted_noise,
         schedule.accounted_rate,
         schedule.num_examples,
-        dp.seeded,
+        dp.seeded or getattr(step_settings(model), "seeded", False),
         shuffled=not schedule.poisson,
     )
     return ledger, slot

@@ -81,6 +81,8 @@ def train_step(model, data):
     loss_stage = _loss_stage(model)
     if state.is_private(model):
         x, y, sample_weight, grads, losses, y_pred = _private_step(model, x, y, sample_weight)
+        dp = find_dp_optimizer(getattr(model, "optimizer", None))
+        state.safe_state(model).traced_for = state.step_mode(model, dp)
         if loss_stage is None:
             loss = model.compute_loss(
                 x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
@@ -111,7 +113,7 @@ def train_step(model, data):
         first = next(t for t in keras.tree.flatten(x) if t is not None)
         metric.update_state(loss, sample_weight=tf.shape(first)[0])
     model.optimizer.apply(grads, variables)
-    if sample_weight is not None and getattr(state.data_settings(model), "poisson", False):
+    if sample_weight is not None and getattr(state.step_settings(model), "poisson", False):
         y_pred = _mask_padding(y_pred, sample_weight)
     logs = model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
     for optimizer in optimizer_chain(model.optimizer):
@@ -130,8 +132,13 @@ def _private_step(model, x, y, sample_weight):
     """
     if not tf.executing_eagerly():
         return _traced_private_step(model, x, y, sample_weight)
+    args = tf.nest.map_structure(_as_tensor, (x, y, sample_weight))
+    function = _eager_step(model)
+    # Traced for any number of rows, as fit's step is: with the number fixed in the graph, a
+    # forward pass computing with it (private under Poisson sampling) would escape the proof.
+    function.get_concrete_function(*tf.nest.map_structure(_any_rows, args))
     try:
-        outputs = _eager_step(model)(x, y, sample_weight)
+        outputs = function(*args)
     except tf.errors.InvalidArgumentError as error:
         refusal = step_refusal(error)
         if refusal is None:
@@ -141,6 +148,19 @@ def _private_step(model, x, y, sample_weight):
     return x, y, sample_weight, provenance.mark_released(list(grads)), losses, y_pred
 
 
+def _as_tensor(value):
+    if value is None or isinstance(value, (tf.Tensor, tf.SparseTensor, tf.RaggedTensor)):
+        return value
+    return tf.convert_to_tensor(value)
+
+
+def _any_rows(value):
+    """The spec of `value` with its number of rows left open."""
+    if isinstance(value, tf.Tensor) and value.shape.rank:
+        return tf.TensorSpec([None, *value.shape[1:]], value.dtype)
+    return None if value is None else tf.type_spec_from_value(value)
+
+
 def _eager_step(model):
     """The compiled private step of `model` for eager calls, rebuilt when what it was traced
     with changes (optimizer, data settings, fallback, stages, loss, variables)."""
@@ -148,7 +168,7 @@ def _eager_step(model):
     key = (
         id(model.optimizer),
         None if dp is None else (dp.noise_multiplier, dp.l2_norm_clip, dp.num_microbatches),
-        state.data_settings(model),
+        state.step_mode(model, dp),
         state.fallback_mode(model),
         tuple(id(s) for s in get_stages(model)),
         id(getattr(model, "loss", None)),
@@ -188,10 +208,10 @@ class _Watch:
     def forward_done(self):
         self.stop = len(self.graph.get_operations())
 
-    def check(self, model, losses):
+    def check(self, model, losses, batch_size_private):
         """Refuses (when the step is traced) a step whose examples are not provably apart."""
         ops = self.graph.get_operations()[self.start : self.stop]
-        independence.check_step(self.data, losses, ops, model.name)
+        independence.check_step(self.data, losses, ops, model.name, batch_size_private)
 
 
 # -- the parts ----------------------------------------------------------------------------------
@@ -262,14 +282,7 @@ def _private_gradients(model, x, y, sample_weight, watch, prepared=None):
     Refused when the step is traced if `watch` cannot prove its examples apart; at run time,
     the release waits for the in-step checks of the batch (`_batch_checks`) and the charge.
     """
-    dp = find_dp_optimizer(getattr(model, "optimizer", None))
-    if dp is None:
-        raise PrivacyError(
-            f"{model.name} was made private, but its optimizer "
-            f"({type(getattr(model, 'optimizer', None)).__name__}) is not a keras_safe DP "
-            "optimizer, so the step would train without clipping and noise. Fix: compile with "
-            "keras_safe.optimizers.DPSGD(...), DPAdam(...) or DPOptimizer(your_optimizer, ...)."
-        )
+    dp = state.require_dp_optimizer(model)
     check_supported(model)
     _check_training_setup(model)
     preflight.require_verified(model)
@@ -297,7 +310,9 @@ def _private_gradients(model, x, y, sample_weight, watch, prepared=None):
     clipped, losses, y_pred, norms = clipped_gradient_sum(
         model, variables, forward, dp.l2_norm_clip, num_microbatches=groups, **options
     )
-    watch.check(model, losses)
+    # Under Poisson sampling the number of rows is itself private, unless padded to one size.
+    padded = getattr(state.step_settings(model), "padded", False)
+    watch.check(model, losses, schedule.poisson and not padded)
     # The model's budget and the segment of this schedule, gated in the charge below.
     ownership.settle_ledger(model)  # shared or copied weights answer to one ledger
     ledger, slot = state.ledger_slot(model, dp, schedule)
@@ -318,23 +333,29 @@ def _private_gradients(model, x, y, sample_weight, watch, prepared=None):
     ledger.record_nonfinite(tf.reduce_sum(tf.cast(bad, tf.int64)))
     # The release waits for the charge: a step the ledger refuses releases nothing.
     with tf.control_dependencies([c for c in charged if c is not None]):
-        grads = provenance.mark_released([tf.identity(g) for g in grads])
+        grads = [tf.identity(g) for g in grads]
     regularization = _regularization_gradients(model, variables)
     if regularization is not None:
         # The weight penalty's gradient does not depend on the data: adding it to the release
         # is post-processing, so the sum is a release too.
-        grads = provenance.mark_released([g + r for g, r in zip(grads, regularization)])
-    return grads, losses, y_pred
+        grads = [g + r for g, r in zip(grads, regularization)]
+    # The one place where a step's gradients become its DP release: the only gradient tensors
+    # a DP optimizer applies (an eager call marks the compiled copy's outputs, the same values).
+    return provenance.mark_released(grads), losses, y_pred
 
 
 def _rows(x, sample_weight):
-    """Examples in the batch: rows with a positive weight (Poisson padding has weight 0)."""
+    """Examples in the batch: rows with a nonzero weight in any output's weights (Poisson
+    padding has weight 0 everywhere; a negative or non-finite weight still enters the step)."""
     first = next(t for t in keras.tree.flatten(x) if t is not None)
-    weights = keras.tree.flatten(sample_weight)[0] if sample_weight is not None else None
-    if weights is None:
+    leaves = [w for w in keras.tree.flatten(sample_weight) if w is not None]
+    if not leaves:
         return tf.shape(first)[0]
-    weights = tf.reshape(tf.cast(weights, tf.float32), [tf.shape(first)[0], -1])
-    return tf.reduce_sum(tf.cast(tf.reduce_max(weights, axis=1) > 0, tf.int32))
+    size = tf.shape(first)[0]
+    used = [
+        tf.reduce_any(tf.reshape(tf.cast(w, tf.float32), [size, -1]) != 0, axis=1) for w in leaves
+    ]
+    return tf.reduce_sum(tf.cast(tf.reduce_any(tf.stack(used), axis=0), tf.int32))
 
 
 def _batch_checks(model, x, sample_weight, schedule, dp):
@@ -352,8 +373,10 @@ def _batch_checks(model, x, sample_weight, schedule, dp):
     first = next(t for t in keras.tree.flatten(x) if t is not None)
     physical = tf.shape(first, out_type=tf.int64)[0]
     rows = _sum_over_replicas(_rows(x, sample_weight))
-    poisson = getattr(state.data_settings(model), "poisson", False)
-    if poisson:
+    settings = state.step_settings(model)
+    # Poisson samples keras_safe drew, or the caller's batches it declares Poisson samples.
+    drawn = settings.poisson if settings is not None else dp.sampling == "poisson"
+    if schedule.poisson and drawn:
         limit = default_max_batch_size(schedule.batch_size, schedule.num_examples)
         how = (
             f"a Poisson sample at rate {schedule.sampling_rate:.4g} holds more than {limit} "

@@ -141,7 +141,8 @@ def test_train_on_batch_and_custom_loops_stop_at_the_budget_step():
     x, y = _data()
     target = 2.7
     allowed = _allowed(1.1, Q, target)
-    model = _model(num_examples=N, batch_size=B)
+    # The caller declares its batches Poisson samples (keras_safe cannot see them drawn).
+    model = _model(num_examples=N, batch_size=B, sampling="poisson")
     get_ledger(model).set_budget(target, DELTA)
     for _ in range(allowed):
         model.train_on_batch(x[:B], y[:B])

@@ -1,0 +1,155 @@
+"""Batches keras_safe did not draw: what they are charged, and what they may hold.
+
+`fit` on arrays and `poisson_batches` draw Poisson samples keras_safe can vouch for. A batch
+given by the caller (`train_on_batch`, `dp_gradients`, a custom loop) could be anything, so it
+is a Gaussian mechanism of its own (no amplification by sampling) unless the DP optimizer
+declares `sampling="poisson"`; a fit's shuffled epoch cut short grants no later step; batches
+drawn from a user's seed are marked; rows of any nonzero weight count as examples; and where
+the number of rows is private (Poisson batches without padding) the forward pass may not
+compute with it. Epsilon is compared with dp-accounting called directly.
+"""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_safe._validation import PrivacyError
+from keras_safe.optimizers import DPSGD
+from keras_safe.privacy import dp_gradients, get_ledger, make_private, poisson_batches
+from tests.dp_reference import dp_sgd_epsilon
+from tests.dp_reference import epsilon as reference_epsilon
+
+RNG = np.random.default_rng(27)
+N, B, NOISE, DELTA = 200, 10, 1.1, 1e-3
+X = RNG.normal(size=(N, 4)).astype("float32")
+Y = (X[:, 0] > 0).astype("int32")
+L = keras.layers
+
+
+def _model(*layers, **dp):
+    settings = dict(learning_rate=0.1, l2_norm_clip=1.0, noise_multiplier=NOISE)
+    settings.update(dp)
+    model = keras.Sequential([keras.Input((4,)), *layers, L.Dense(2)])
+    model.compile(
+        optimizer=DPSGD(**settings),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    return make_private(model)
+
+
+def _custom_steps(model, steps):
+    for i in range(steps):
+        rows = slice(i * B, (i + 1) * B)
+        if i % 2:
+            model.train_on_batch(X[rows], Y[rows])
+        else:
+            grads = dp_gradients(model, X[rows], Y[rows])
+            model.optimizer.apply(grads, model.trainable_variables)
+
+
+def test_caller_batches_are_charged_without_amplification_unless_declared_poisson():
+    model = _model(num_examples=N, batch_size=B)
+    _custom_steps(model, 4)
+    ledger = get_ledger(model)
+    assert ledger.steps == 4
+    assert ledger.epsilon(DELTA) == pytest.approx(reference_epsilon(NOISE, 1.0, 4, DELTA))
+    # Declared Poisson samples: the caller's statement, accounted at rate B / N.
+    declared = _model(num_examples=N, batch_size=B, sampling="poisson")
+    _custom_steps(declared, 4)
+    expected = reference_epsilon(NOISE, B / N, 4, DELTA)
+    assert get_ledger(declared).epsilon(DELTA) == pytest.approx(expected)
+    assert expected < 0.5 * ledger.epsilon(DELTA)
+
+
+def test_a_step_after_a_poisson_fit_is_charged_as_a_caller_batch():
+    model = _model()
+    model.fit(X, Y, batch_size=B, epochs=1, verbose=0)
+    ledger = get_ledger(model)
+    fitted = ledger.steps
+    model.train_on_batch(X[:B], Y[:B])  # the fit's compiled step is not reused for it
+    assert ledger.steps == fitted + 1
+    reference = dp_sgd_epsilon([(NOISE, B / N, fitted), (NOISE, 1.0, 1)], DELTA)
+    assert ledger.epsilon(DELTA) == pytest.approx(reference)
+    # ... and the next fit traces its own step again, charged at the fit's rate.
+    model.fit(X, Y, batch_size=B, epochs=1, verbose=0)
+    assert ledger.steps > fitted + 1
+
+
+class StopAt(keras.callbacks.Callback):
+    def __init__(self, batch):
+        super().__init__()
+        self.batch = batch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if batch == self.batch:
+            raise KeyboardInterrupt
+
+
+def test_a_shuffled_epoch_cut_short_grants_no_later_step():
+    # A shuffled epoch of fit is one mechanism for all of its steps (each example in one of
+    # them); interrupted after 2 of its 20 steps, the grant must not cover 3 custom steps.
+    model = _model(sampling="shuffle")
+    with pytest.raises(KeyboardInterrupt):
+        model.fit(X, Y, batch_size=B, epochs=1, verbose=0, callbacks=[StopAt(1)])
+    ledger = get_ledger(model)
+    assert ledger.steps == 2
+    for i in range(3):
+        grads = dp_gradients(model, X[i * B : (i + 1) * B], Y[i * B : (i + 1) * B])
+        model.optimizer.apply(grads, model.trainable_variables)
+    assert ledger.steps == 5
+    # One mechanism for the epoch begun, one for each custom step.
+    assert ledger.epsilon(DELTA) == pytest.approx(reference_epsilon(NOISE, 1.0, 4, DELTA))
+
+
+def test_batches_drawn_from_a_users_seed_are_marked_in_the_ledger_and_statement():
+    seeded = _model()
+    seeded.fit(poisson_batches(X, Y, batch_size=B, epochs=1, seed=3), verbose=0)
+    assert get_ledger(seeded).seeded
+    assert "seed given by the user" in get_ledger(seeded).statement(DELTA)
+    secret = _model()
+    secret.fit(poisson_batches(X, Y, batch_size=B, epochs=1), verbose=0)
+    assert not get_ledger(secret).seeded
+
+
+def test_rows_of_negative_weight_count_as_examples():
+    model = _model(num_examples=N, batch_size=B)
+    weights = np.where(np.arange(2 * B) % 2 == 0, 1.0, -1.0).astype("float32")
+    before = [np.array(v) for v in model.trainable_weights]
+    # 2B rows enter the clipped sum (a negative weight flips a gradient, it does not drop it).
+    with pytest.raises(PrivacyError, match="more examples than the accounting allows"):
+        model.train_on_batch(X[: 2 * B], Y[: 2 * B], sample_weight=weights)
+    for b, v in zip(before, model.trainable_weights):
+        np.testing.assert_array_equal(b, np.array(v))
+    assert get_ledger(model).steps == 0
+    # Weights of 0 (padding) do not count: B real rows in 2B are a batch of B.
+    zeros = np.where(np.arange(2 * B) < B, 1.0, 0.0).astype("float32")
+    model.train_on_batch(X[: 2 * B], Y[: 2 * B], sample_weight=zeros)
+    assert get_ledger(model).steps == 1
+
+
+class BatchSizeShift(L.Layer):
+    """Moves every example by the number of rows: one example's presence moves the others."""
+
+    def call(self, x, training=False):
+        b = tf.cast(tf.shape(x)[0], x.dtype)
+        return x + 3.0 * b * tf.constant([1.0, -1.0, 0.5, 0.0]) if training else x
+
+
+def test_the_number_of_rows_of_a_poisson_batch_is_private():
+    # The attack is real: adding one row moves the output of every other row.
+    layer = BatchSizeShift()
+    a = np.array(layer(tf.constant(X[:B]), training=True))
+    b = np.array(layer(tf.constant(X[: B + 1]), training=True))
+    assert np.abs(a - b[:B]).max() > 1.0
+    model = _model(BatchSizeShift())
+    with pytest.raises(PrivacyError, match="number of examples in the batch"):
+        model.fit(X, Y, batch_size=B, epochs=1, verbose=0)  # unpadded Poisson batches
+    assert get_ledger(model).steps == 0
+    declared = _model(BatchSizeShift(), num_examples=N, batch_size=B, sampling="poisson")
+    with pytest.raises(PrivacyError, match="number of examples in the batch"):
+        dp_gradients(declared, X[:B], Y[:B])
+    # Padded to one size, the number of rows is public: the same layer trains.
+    padded = _model(BatchSizeShift())
+    padded.fit(poisson_batches(X, Y, batch_size=B, epochs=1), verbose=0)
+    assert get_ledger(padded).steps > 0
