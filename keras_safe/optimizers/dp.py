@@ -126,8 +126,11 @@ class DPOptimizer(OptimizerWrapper):
             by sampling (each epoch begun is one Gaussian mechanism; see
             `keras_safe.accounting.DPSchedule`) and labelled so in the logs, `PrivacyBudget`'s
             summary and the privacy statement. `fit(..., shuffle=False)` on a private model is
-            the same opt-in, for batches in the data's order. For other inputs it states what
-            the batches are (keras_safe cannot see it).
+            the same opt-in, for batches in the data's order. For batches keras_safe does not
+            draw (`train_on_batch`, `dp_gradients`, custom loops) it states what they are:
+            `"poisson"` declares them Poisson samples of `num_examples` at the expected
+            `batch_size` (accounted with amplification by sampling, on the caller's word);
+            None or `"shuffle"` accounts each such step as a Gaussian mechanism of its own.
         secure_noise: False (default): the Gaussian noise of
             `keras_safe.optimizers.noise.gaussian_noise` (no atoms, 52-bit resolution). True: a
             release that no floating-point effect of the sampler reaches: the clipped sum is
