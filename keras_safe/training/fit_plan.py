@@ -15,7 +15,7 @@ from keras_safe._validation import PrivacyError, fail, step_refusal
 from keras_safe.optimizers.dp import find_dp_optimizer
 from keras_safe.privacy.ledger import BUDGET_SPENT
 from keras_safe.privacy.sampling import default_max_batch_size, epoch_batches, poisson_info
-from keras_safe.training import distribution, preflight, state
+from keras_safe.training import distribution, ownership, preflight, state
 
 __all__ = [
     "PrivacyGuard",
@@ -367,6 +367,7 @@ class PrivacyGuard(keras.callbacks.Callback):
         model = self.model
         state.safe_state(model).guarded = True  # the steps of this fit train on its data
         dp = find_dp_optimizer(model.optimizer)
+        ownership.settle_ledger(model)  # weights shared or copied in since the last step
         state.retrace_if_needed(model, dp)
         settings = state.data_settings(model)
         _check_microbatches(dp.num_microbatches, settings)

@@ -7,9 +7,9 @@ Statistics: a keras_safe preprocessing layer adapted with `dp_epsilon` inside a 
 has its epsilon recorded in the model's ledger (once per `adapt`, so the ledger states one
 total); one adapted on the training data without DP is refused (its exact statistics would be
 released with the model), unless `adapt(..., public=True)` declared the data public. So are
-Keras's `Normalization` adapted on data and lookup layers whose vocabulary came from `adapt`
-(their exact statistics and vocabularies are the training data's); pass them statistics or a
-vocabulary from public data instead.
+Keras's `Normalization` adapted on data, `Discretization` with boundaries from `adapt`, and
+lookup layers whose vocabulary came from `adapt` (their exact statistics, quantiles and
+vocabularies are the training data's); pass them values from public data instead.
 
 Weights: two private models sharing a layer, or a model trained from weights copied out of
 another private model (`keras.models.clone_model` + `set_weights`), train the same weights
@@ -19,12 +19,15 @@ model charge the ledger its weights already answer to:
 - a variable trained under another model's ledger (the same variable object, shared layers):
   the model takes that ledger, if its own has spent nothing; two ledgers that both spent
   something on the same variables are refused;
-- a model whose own ledger has spent nothing and whose variables hold exactly the values of
-  variables trained under another ledger (copied weights): it takes that ledger.
+- a model whose variables hold exactly the values of variables trained under another ledger
+  (copied weights): it takes that ledger if its own has spent nothing, and is refused if it
+  has (weights copied into a model that trained already).
 
-The second rule sees copies made in this process while the source's weights have not moved
-since; a copy made through a file carries the file's ledger instead (`load_model`), and copies
-made any other way are an assumption the README states.
+It runs at the start of every `fit`, `train_on_batch` and eager `dp_gradients` call, so weights
+copied in after a step was traced are seen too. The second rule sees copies made in this
+process while the source's weights have not moved since; a copy made through a file carries
+the file's ledger instead (`load_model`), and copies made any other way are an assumption the
+README states.
 """
 
 import hashlib
@@ -124,7 +127,7 @@ def settle_ledger(model):
     variables = list(model.trainable_variables)
     others = {ledger for ledger in (_owner(v) for v in variables) if ledger is not own}
     others.discard(None)
-    if not others and own.steps == 0:
+    if not others:  # weights copied in, before or after this model trained
         others = _copied_from(variables, own)
     if others:
         if len(others) > 1 or own.steps > 0:
@@ -144,6 +147,13 @@ def settle_ledger(model):
     with tf.init_scope():  # reads the layers' values, also while a step is being traced
         _charge_statistics(model, own)
     return own
+
+
+def _adapted_bins(layer):
+    """True when a Keras `Discretization` took its boundaries from `adapt` (its quantile
+    summary holds data; it is None when `bin_boundaries` were given)."""
+    summary = getattr(layer, "summary", None)
+    return summary is not None and np.size(summary) > 0
 
 
 def _charge_statistics(model, ledger):
@@ -172,6 +182,12 @@ def _charge_statistics(model, ledger):
                     "public data, or use keras_safe.preprocessing.RobustNormalization("
                     "dp_epsilon=..., dp_bounds=...)"
                 )
+        elif isinstance(layer, keras.layers.Discretization) and _adapted_bins(layer):
+            refused.append(
+                f"{layer.name} (keras Discretization) holds bin boundaries adapted on data "
+                "(quantiles of the training data); fix: pass bin_boundaries= chosen from public "
+                "data or domain knowledge"
+            )
         elif isinstance(layer, _LOOKUPS) and getattr(layer, "input_vocabulary", True) is None:
             refused.append(
                 f"{layer.name} ({type(layer).__name__}) holds a vocabulary adapted on data (the "

@@ -150,9 +150,9 @@ def step_settings(model):
 
 
 def step_mode(model, dp):
-    """What a traced step depends on beyond the model: the step's data settings and the
-    sampling the optimizer declares."""
-    return (step_settings(model), getattr(dp, "sampling", None))
+    """What a traced step depends on beyond the model: the step's data settings, the sampling
+    the optimizer declares, and the ledger it charges."""
+    return (step_settings(model), getattr(dp, "sampling", None), id(get_ledger(model)))
 
 
 def retrace_if_needed(model, dp):

@@ -133,6 +133,8 @@ def _private_step(model, x, y, sample_weight):
     if not tf.executing_eagerly():
         return _traced_private_step(model, x, y, sample_weight)
     args = tf.nest.map_structure(_as_tensor, (x, y, sample_weight))
+    if model.trainable_variables:  # (an unbuilt model is built, then settled, when traced)
+        ownership.settle_ledger(model)  # weights shared or copied in since the last step
     function = _eager_step(model)
     # Traced for any number of rows, as fit's step is: with the number fixed in the graph, a
     # forward pass computing with it (private under Poisson sampling) would escape the proof.

@@ -8,6 +8,7 @@ import keras
 import numpy as np
 import pytest
 
+import keras_safe
 from keras_safe._validation import PrivacyError
 from keras_safe.optimizers import DPSGD
 from keras_safe.privacy import get_ledger, make_private
@@ -155,3 +156,35 @@ def test_keras_layers_adapted_on_the_data_are_refused():
     model = _private(keras.Model(inputs, outputs))
     with pytest.raises(PrivacyError, match="vocabulary="):
         model.fit(words, np.array([0, 1]), batch_size=1, verbose=0)
+    # Quantiles of the training data: Discretization's bin boundaries from adapt.
+    binned = keras.layers.Discretization(num_bins=4, output_mode="one_hot")
+    binned.adapt(X[:, 0])
+    inputs = keras.Input((1,))
+    model = _private(keras.Model(inputs, keras.layers.Dense(2)(binned(inputs))))
+    with pytest.raises(PrivacyError, match="bin_boundaries="):
+        model.fit(X[:, :1], Y, batch_size=B, verbose=0)
+    given = keras.layers.Discretization(bin_boundaries=[-1.0, 0.0, 1.0], output_mode="one_hot")
+    model = _private(keras.Model(inputs, keras.layers.Dense(2)(given(inputs))))
+    model.fit(X[:, :1], Y, batch_size=B, verbose=0)
+    assert get_ledger(model).steps > 0
+
+
+def test_weights_copied_into_a_model_that_trained_already_are_refused():
+    # Both models spent privacy; the copy's ledger alone would state only its own steps. The
+    # copy comes after the second model's step was traced, so the check runs at every call.
+    original = _private(keras.Sequential([keras.Input((5,)), keras.layers.Dense(2)]))
+    _train(original)
+    other = _private(keras.models.clone_model(original))
+    other_steps = _train(other).steps
+    other.set_weights(original.get_weights())
+    before = [np.array(v) for v in other.trainable_weights]
+    for call in (
+        lambda: other.fit(X, Y, batch_size=B, verbose=0),
+        lambda: other.train_on_batch(X[:B], Y[:B]),
+        lambda: keras_safe.privacy.dp_gradients(other, X[:B], Y[:B]),
+    ):
+        with pytest.raises(PrivacyError, match="both ledgers have spent"):
+            call()
+        for b, v in zip(before, other.trainable_weights):
+            np.testing.assert_array_equal(b, np.array(v))
+        assert get_ledger(other).steps == other_steps
