@@ -58,6 +58,8 @@ EPSILON = ("tests/optimizers/test_dp.py", "tests/audit/test_canary.py")
 DP_STATS = ("tests/preprocessing/test_dp_stats.py",)
 ENFORCEMENT = ("tests/training/test_enforcement.py",)
 INDEPENDENCE = ("tests/privacy/independence/test_analysis.py",)
+SIDE_EFFECTS = ("tests/privacy/independence/test_side_effects.py",)
+CALLER_BATCHES = ("tests/training/test_caller_batches.py",)
 OWNERSHIP = ("tests/training/test_ownership.py",)
 
 MUTATIONS = (
@@ -105,8 +107,8 @@ MUTATIONS = (
     Mutation(
         "poisson_divisor_drawn_rows",
         "keras_safe/training/train_step.py",
-        "dp.privatize(clipped, schedule.divisor, variables)",
-        "dp.privatize(clipped, _rows(x, sample_weight), variables)",
+        "dp.privatize(clipped, schedule.divisor, variables, gate=allowed)",
+        "dp.privatize(clipped, _rows(x, sample_weight), variables, gate=allowed)",
         NOISE,
         "Poisson batches divided by the examples drawn, not the expected batch size",
     ),
@@ -274,10 +276,66 @@ MUTATIONS = (
     Mutation(
         "data_written_to_variables",
         "keras_safe/privacy/independence/analysis.py",
-        "            if any(is_data(v) for v in ins[1:]):",
-        "            if False:",
+        "        if effect and (data or self.tainted):",
+        "        if effect and self.tainted:",
         ENFORCEMENT,
         "a forward pass may store the data in a variable",
+    ),
+    Mutation(
+        "writes_under_data_chosen_control_flow",
+        "keras_safe/privacy/independence/analysis.py",
+        "        if effect and (data or self.tainted):",
+        "        if effect and data:",
+        SIDE_EFFECTS,
+        "constant writes in a loop or branch the data chose (the data in the trip count) pass",
+    ),
+    Mutation(
+        "stateful_ops_other_than_writes_ignored",
+        "keras_safe/privacy/independence/analysis.py",
+        '    return f"the stateful op {op.type}" if stateful else ""',
+        '    return ""',
+        SIDE_EFFECTS,
+        "hash tables, generators and prints fed by the data pass as pure ops",
+    ),
+    Mutation(
+        "caller_batches_amplified",
+        "keras_safe/training/state.py",
+        'sampling = getattr(dp, "sampling", None) or "shuffle"',
+        'sampling = getattr(dp, "sampling", None) or "poisson"',
+        CALLER_BATCHES,
+        "train_on_batch and custom-loop batches charged as Poisson samples nobody drew",
+    ),
+    Mutation(
+        "interrupted_epoch_grant_kept",
+        "keras_safe/training/fit_plan.py",
+        "        if ledger is not None and self._schedule.epoch_grant > 1:",
+        "        if False:",
+        CALLER_BATCHES,
+        "a shuffled epoch cut short keeps granting later steps its single mechanism",
+    ),
+    Mutation(
+        "negative_weights_not_counted",
+        "keras_safe/training/train_step.py",
+        "tf.cast(w, tf.float32), [size, -1]) != 0, axis=1)",
+        "tf.cast(w, tf.float32), [size, -1]) > 0, axis=1)",
+        CALLER_BATCHES,
+        "rows of negative weight enter the sum but not the batch-size check",
+    ),
+    Mutation(
+        "batch_size_value_public",
+        "keras_safe/training/train_step.py",
+        "    watch.check(model, losses, schedule.poisson and not padded)",
+        "    watch.check(model, losses, False)",
+        CALLER_BATCHES,
+        "the number of rows of an unpadded Poisson batch may enter the examples' values",
+    ),
+    Mutation(
+        "copies_into_trained_models_unseen",
+        "keras_safe/training/ownership.py",
+        "    if not others:  # weights copied in, before or after this model trained",
+        "    if not others and own.steps == 0:",
+        ("tests/training/test_ownership.py",),
+        "weights copied into a model that already spent privacy keep its own ledger",
     ),
     Mutation(
         "batch_rows_unchecked",

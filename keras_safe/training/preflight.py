@@ -20,7 +20,13 @@ from keras_safe.privacy.model_checks import check_supported
 from keras_safe.privacy.per_example.verification import verify
 from keras_safe.training import ownership, state
 
-__all__ = ["ensure_verified", "first_examples", "require_verified", "verify_model"]
+__all__ = [
+    "ensure_verified",
+    "first_examples",
+    "require_dense",
+    "require_verified",
+    "verify_model",
+]
 
 # Examples the verification runs on.
 EXAMPLES = 4
@@ -79,6 +85,7 @@ def verify_model(model, x, y=None, sample_weight=None):
             gradients cannot be computed correctly.
     """
     check_supported(model)  # what the model checks refuse needs no example to see
+    require_dense(model, (x, y, sample_weight))
     _build(model, x)
     dp = find_dp_optimizer(getattr(model, "optimizer", None))
     result = verify(
@@ -92,6 +99,24 @@ def verify_model(model, x, y=None, sample_weight=None):
     state.set_fallback_mode(model, result.fallback)
     state.safe_state(model).verified = _key(model)
     return result
+
+
+def require_dense(model, data):
+    """Refuses sparse and ragged tensors in a private step's data: the proof that examples
+    stay apart, the batch checks and the per-example gradients follow dense rows.
+
+    Raises:
+        keras_safe._validation.PrivacyError: naming the fix.
+    """
+    composite = (tf.SparseTensor, tf.RaggedTensor)
+    if any(isinstance(t, composite) for t in tf.nest.flatten(data)):
+        raise PrivacyError(
+            f"The data of a private step of {model.name} holds a sparse or ragged tensor: "
+            "keras_safe proves that examples stay apart, counts them and clips their gradients "
+            "on dense rows only, so it cannot vouch for this step. Nothing was trained. Fix: "
+            "make the inputs dense before the model (tf.sparse.to_dense, or RaggedTensor."
+            "to_tensor() with padding and a mask, in the data pipeline)."
+        )
 
 
 def _build(model, x):
@@ -119,6 +144,7 @@ def ensure_verified(model, x, y=None, sample_weight=None):
         keras_safe._validation.PrivacyError: when the model needs verifying and the input
             gives no examples to verify on (a generator), or the verification fails.
     """
+    require_dense(model, (x, y, sample_weight))
     ownership.settle_ledger(model)
     if is_verified(model):
         return

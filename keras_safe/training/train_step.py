@@ -191,6 +191,7 @@ def _eager_step(model):
 
 
 def _traced_private_step(model, x, y, sample_weight):
+    preflight.require_dense(model, (x, y, sample_weight))
     watch = _Watch((x, y, sample_weight))
     x, y, sample_weight = _run_data_stages(model, x, y, sample_weight)
     prepared = _prepare(_loss_stage(model), model, x, y, sample_weight)

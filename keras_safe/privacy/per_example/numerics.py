@@ -11,6 +11,8 @@ import math
 import keras
 import tensorflow as tf
 
+from keras_safe._validation import fail
+
 __all__ = [
     "U64",
     "f64",
@@ -42,7 +44,17 @@ def unit_roundoff(dtype, matmul=False):
         True
     """
     name = tf.as_dtype(dtype).name
-    u = {"float16": 2.0**-11, "bfloat16": 2.0**-8, "float32": 2.0**-24, "float64": U64}[name]
+    table = {"float16": 2.0**-11, "bfloat16": 2.0**-8, "float32": 2.0**-24, "float64": U64}
+    if name not in table:
+        fail(
+            "dtype",
+            name,
+            "a floating-point dtype (the per-example gradient norms of a trainable layer are "
+            "computed in the dtype of its inputs)",
+            "cast the layer's integer inputs to float before it, for example with "
+            "keras.layers.Rescaling(1.0) or by giving the Input a float dtype.",
+        )
+    u = table[name]
     if matmul and name == "float32" and _tf32_active():
         return 2.0**-11
     return u
