@@ -418,6 +418,17 @@ def test_public_names_are_exported_once():
     assert exported_twice(ROOT) == []
 
 
+def test_architecture_md_counts_the_public_names():
+    names = [
+        name
+        for package in public_packages(ROOT)
+        for name in _literal(_tree(ROOT, package), "__all__") or []
+    ]
+    text = (ROOT / "ARCHITECTURE.md").read_text()
+    stated = re.search(r"(\d+) public names in all\s+\((\d+) exports", text)
+    assert stated and (int(stated.group(1)), int(stated.group(2))) == (len(set(names)), len(names))
+
+
 def test_documented_aliases_exist():
     for package, name in documented_aliases(ROOT):
         assert name in _literal(_tree(ROOT, package), "__all__"), (package, name)
