@@ -368,7 +368,6 @@ class PrivacyGuard(keras.callbacks.Callback):
         state.safe_state(model).guarded = True  # the steps of this fit train on its data
         dp = find_dp_optimizer(model.optimizer)
         ownership.settle_ledger(model)  # weights shared or copied in since the last step
-        state.retrace_if_needed(model, dp)
         settings = state.data_settings(model)
         _check_microbatches(dp.num_microbatches, settings)
         schedule = state.current_schedule(model, dp)
@@ -390,6 +389,8 @@ class PrivacyGuard(keras.callbacks.Callback):
         self._xla = bool(getattr(model, "jit_compile", False))
         if self._ledger.steps_left(self._slot) < 1:
             raise state.budget_spent(model, self._ledger, self._schedule.label)
+        # The step traced for the noise just calibrated, this fit's data and its ledger.
+        state.retrace_if_needed(model, dp)
         # Keras's fit calls `model.train_function(iterator)` once per execution, after
         # `make_train_function()` and `on_train_begin` (keras/src/backend/tensorflow/trainer.py,
         # `fit`): wrapping it here turns the ledger's in-step refusal into a clean stop.

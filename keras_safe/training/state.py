@@ -150,9 +150,14 @@ def step_settings(model):
 
 
 def step_mode(model, dp):
-    """What a traced step depends on beyond the model: the step's data settings, the sampling
-    the optimizer declares, and the ledger it charges."""
-    return (step_settings(model), getattr(dp, "sampling", None), id(get_ledger(model)))
+    """What a traced step depends on beyond the model: the step's data settings, the DP
+    settings (noise, clipping norm, microbatches, declared sampling), and the ledger it
+    charges; a change of any rebuilds the step, so the step and the ledger agree."""
+    settings = tuple(
+        getattr(dp, name, None)
+        for name in ("noise_multiplier", "l2_norm_clip", "num_microbatches", "sampling")
+    )
+    return (step_settings(model), settings, id(get_ledger(model)))
 
 
 def retrace_if_needed(model, dp):

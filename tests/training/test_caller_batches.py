@@ -178,3 +178,25 @@ def test_sparse_inputs_are_refused_with_the_fix_at_every_entry_point():
         with pytest.raises(PrivacyError, match="sparse or ragged.*Fix: make the inputs dense"):
             call()
     assert get_ledger(model) is None or get_ledger(model).steps == 0
+
+
+def test_a_noise_multiplier_changed_between_fits_is_used_and_charged():
+    # Zero data and a zero-initialised layer: each step's update is the noise / batch alone.
+    n, batch, width = 400, 20, 1024
+    x, y = np.zeros((n, width), "float32"), np.zeros((n, 1), "float32")
+    model = keras.Sequential([keras.Input((width,)), L.Dense(1, kernel_initializer="zeros")])
+    model.compile(
+        optimizer=DPSGD(learning_rate=1.0, l2_norm_clip=1.0, noise_multiplier=2.0), loss="mse"
+    )
+    model = make_private(model)
+
+    def one_step_noise():
+        before = model.get_weights()[0].copy()
+        model.fit(x, y, batch_size=batch, epochs=1, steps_per_epoch=1, verbose=0)
+        return float(np.std(model.get_weights()[0] - before)) * batch
+
+    assert one_step_noise() == pytest.approx(2.0, rel=0.15)
+    model.optimizer.noise_multiplier = 0.5
+    assert one_step_noise() == pytest.approx(0.5, rel=0.15)  # the step was traced again
+    noises = [s["noise_multiplier"] for s in get_ledger(model).segments()]
+    assert noises == [2.0, 0.5]
