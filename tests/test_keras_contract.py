@@ -33,26 +33,7 @@ SELF = {"self", "cls", "super()", "type(self)"}
 # Uses in modules whose marker comments are still to be written, as (file, use, internal): a
 # use of None stands for an assumption no scan can see (a behaviour, not an attribute). Every
 # other use must carry its marker; a new use in these files that is not listed here fails too.
-ALLOWED_UNMARKED = [
-    ("keras_safe/training/private_model.py", "__subclasses__", "functional-class"),
-    ("keras_safe/training/private_model.py", "__class__ =", "class-swap"),
-    ("keras_safe/training/private_model.py", "train_function", "train-function"),
-    ("keras_safe/training/private_model.py", None, "registration-replaces"),
-    ("keras_safe/training/private_model.py", None, "load-order"),
-    ("keras_safe/training/fit_plan.py", "_getframe", "fit-frame"),
-    ("keras_safe/training/fit_plan.py", "train_function", "train-function"),
-    ("keras_safe/training/fit_plan.py", None, "dataset-each-epoch"),
-    ("keras_safe/training/state.py", "object.__setattr__", "untracked-attribute"),
-    ("keras_safe/training/state.py", "train_function", "train-function"),
-    ("keras_safe/training/train_step.py", "_keras_mask", "keras-mask"),
-    ("keras_safe/privacy/sampling.py", "object.__setattr__", "untracked-attribute"),
-    ("keras_safe/privacy/independence/analysis.py", "_get_function", "tf-function-library"),
-    ("keras_safe/privacy/independence/analysis.py", "_true_graph", "tf-control-flow-graphs"),
-    ("keras_safe/privacy/independence/analysis.py", "_false_graph", "tf-control-flow-graphs"),
-    ("keras_safe/privacy/independence/analysis.py", "_branch_graph_{}", "tf-control-flow-graphs"),
-    ("keras_safe/privacy/independence/analysis.py", "_cond_graph", "tf-control-flow-graphs"),
-    ("keras_safe/privacy/independence/analysis.py", "_body_graph", "tf-control-flow-graphs"),
-]
+ALLOWED_UNMARKED = []
 
 
 # -- the scan ----------------------------------------------------------------------------------

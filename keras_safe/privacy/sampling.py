@@ -308,6 +308,7 @@ def _build(
     info = PoissonInfo(
         n, batch_size, rows, steps, per_epoch, len(sizes), multiple, fresh_each_iteration, seeded
     )
+    # keras-internal: untracked-attribute
     object.__setattr__(dataset, _INFO, info)
     return dataset
 

@@ -194,6 +194,7 @@ def poisson_fit_arguments(model, dp, params):
     if fixed_shape and groups and replicas == 1:
         max_rows = -(-default_max_batch_size(batch, rows) // groups) * groups
     params.update(
+        # keras-internal: dataset-each-epoch
         x=epoch_batches(
             x,
             y,
@@ -317,6 +318,7 @@ def find_fit_arguments(model):
     late to see the call's arguments otherwise: it reads the caller's frame of `Model.fit`,
     whose parameter names are Keras's public API.
     """
+    # keras-internal: fit-frame
     frame = sys._getframe(1)
     while frame is not None:
         if frame.f_code.co_name == "fit" and frame.f_locals.get("self") is model:
@@ -394,8 +396,9 @@ class PrivacyGuard(keras.callbacks.Callback):
         # Keras's fit calls `model.train_function(iterator)` once per execution, after
         # `make_train_function()` and `on_train_begin` (keras/src/backend/tensorflow/trainer.py,
         # `fit`): wrapping it here turns the ledger's in-step refusal into a clean stop.
+        # keras-internal: train-function
         self._wrapped = model.train_function
-        model.train_function = self._guarded
+        model.train_function = self._guarded  # keras-internal: train-function
 
     def _guarded(self, iterator):
         try:
@@ -436,10 +439,11 @@ class PrivacyGuard(keras.callbacks.Callback):
             ledger.close_epoch(self._slot)
         if self.model is not None:
             state.safe_state(self.model).guarded = False
+        # keras-internal: train-function
         if self._wrapped is not None and getattr(self.model, "train_function", None) == (
             self._guarded
         ):
-            self.model.train_function = self._wrapped
+            self.model.train_function = self._wrapped  # keras-internal: train-function
         self._wrapped = None
 
     def on_train_end(self, logs=None):

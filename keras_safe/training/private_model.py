@@ -49,6 +49,7 @@ __all__ = [
     "make_private",
 ]
 
+# keras-internal: functional-class
 _FUNCTIONAL = next(c for c in keras.Model.__subclasses__() if c.__name__ == "Functional")
 _CONFIG_KEY = "keras_safe"
 _MODEL_KEY = "model"
@@ -264,6 +265,7 @@ class PrivateModel:
     def get_config(self):  # a registered class needs one; instances are never made
         return {}
 
+    # keras-internal: load-order
     @classmethod
     def from_config(cls, config, custom_objects=None):
         config = dict(config)
@@ -292,6 +294,7 @@ def _private_class(base):
     cls = type(base.__name__, (_PrivateSubclass, base), attributes)
     # Saved under the loader's name; registering the loader again keeps the name's class the
     # loader (registration overwrites; see the module docstring).
+    # keras-internal: registration-replaces
     keras.saving.register_keras_serializable(package="keras_safe", name="PrivateModel")(cls)
     keras.saving.register_keras_serializable(package="keras_safe", name="PrivateModel")(
         PrivateModel
@@ -316,12 +319,16 @@ def install_train_step(model):
         return model
     cls = type(model)
     if cls is keras.Sequential:
+        # keras-internal: class-swap
         model.__class__ = SafeSequential
     elif cls is _FUNCTIONAL:
+        # keras-internal: class-swap
         model.__class__ = SafeFunctional
     else:
+        # keras-internal: class-swap
         model.__class__ = _private_class(cls)
     get_ledger(model, create=True)
+    # keras-internal: train-function
     model.train_function = None
     return model
 
@@ -403,5 +410,6 @@ def make_private(model):
     install_train_step(model)
     if not state.is_private(model):
         state.set_private(model, True)
+        # keras-internal: train-function
         model.train_function = None
     return model

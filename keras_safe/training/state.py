@@ -115,6 +115,7 @@ def safe_state(model, create=True):
             return _NONE
         found = SafeState()
         # Past Keras's attribute tracking: plain Python state, not a layer or a weight.
+        # keras-internal: untracked-attribute
         object.__setattr__(model, STATE_ATTRIBUTE, found)
     return found
 
@@ -138,6 +139,7 @@ def set_data_settings(model, settings):
     found = safe_state(model)
     if found.data != settings:
         found.data = settings
+        # keras-internal: train-function
         model.train_function = None
 
 
@@ -166,6 +168,7 @@ def retrace_if_needed(model, dp):
     found = safe_state(model)
     if found.traced_for is not None and found.traced_for != step_mode(model, dp):
         found.traced_for = None
+        # keras-internal: train-function
         if getattr(model, "train_function", None) is not None:
             model.make_train_function(force=True)
 
@@ -179,6 +182,7 @@ def set_fallback_mode(model, mode):
     found = safe_state(model)
     if found.fallback != mode:
         found.fallback = mode
+        # keras-internal: train-function
         model.train_function = None
 
 

@@ -251,6 +251,7 @@ def _mask_padding(y_pred, sample_weight):
     def mask(output):
         if output is None:
             return None
+        # keras-internal: keras-mask
         previous = getattr(output, "_keras_mask", None)
         output = tf.identity(output)
         rank = output.shape.rank
@@ -259,6 +260,7 @@ def _mask_padding(y_pred, sample_weight):
         if previous is not None:
             row_mask = tf.logical_and(tf.cast(previous, tf.bool), row_mask)
         combined = row_mask
+        # keras-internal: keras-mask
         output._keras_mask = combined  # the attribute Keras reads masks from
         return output
 

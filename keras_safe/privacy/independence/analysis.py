@@ -181,6 +181,7 @@ def _function_graph(op, name):
     """The graph of function `name` called by `op`, looked up in the enclosing graphs."""
     graph = op.graph
     while graph is not None:
+        # keras-internal: tf-function-library
         function = getattr(graph, "_get_function", lambda _: None)(name)
         found = getattr(function, "graph", None) if function is not None else None
         if found is not None:
@@ -531,17 +532,20 @@ def _branches(ctx, op, ins, graphs):
 
 
 def if_rule(ctx, op, ins):
+    # keras-internal: tf-control-flow-graphs
     graphs = [getattr(op, "_true_graph", None), getattr(op, "_false_graph", None)]
     return _branches(ctx, op, ins, graphs)
 
 
 def case_rule(ctx, op, ins):
     count = len(op.get_attr("branches"))
+    # keras-internal: tf-control-flow-graphs
     graphs = [getattr(op, f"_branch_graph_{i}", None) for i in range(count)]
     return _branches(ctx, op, ins, graphs)
 
 
 def while_rule(ctx, op, ins):
+    # keras-internal: tf-control-flow-graphs
     cond, body = getattr(op, "_cond_graph", None), getattr(op, "_body_graph", None)
     if cond is None or body is None:
         return [mixed(op, "a loop keras_safe cannot read")] * len(op.outputs)
