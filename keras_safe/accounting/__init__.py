@@ -20,7 +20,9 @@ from keras_safe.accounting.accountants import (
     RDP_ORDERS,
     accountant_names,
     epsilon_of,
+    get_accountant,
     register_accountant,
+    unregister_accountant,
 )
 from keras_safe.accounting.checks import default_delta
 from keras_safe.accounting.compute import compute_epsilon, noise_multiplier_for_epsilon
@@ -35,7 +37,9 @@ __all__ = [
     "compute_epsilon",
     "default_delta",
     "epsilon_of",
+    "get_accountant",
     "noise_multiplier_for_epsilon",
     "privacy_statement",
     "register_accountant",
+    "unregister_accountant",
 ]
