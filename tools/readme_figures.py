@@ -33,6 +33,15 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 # Figures in the stored outputs of the notebooks: key -> pattern (group 1 is the figure).
 NOTEBOOK_FIGURES = {
+    "notebooks/01_quickstart.ipynb": {
+        "plain_accuracy": r"^plain test accuracy: (\S+)$",
+        "dp_accuracy": r"^DP-SGD test accuracy: (\S+) \(plain",
+        "dp_epsilon": r"^privacy ledger: epsilon (\S+) at delta",
+        "lira_plain_auc": r"^ *plain, lira_online attack: AUC (\S+),",
+        "lira_plain_tpr": r"^ *plain, lira_online attack: AUC \S+, TPR at 1% FPR (\S+)$",
+        "lira_dp_auc": r"^DP-SGD, lira_online attack: AUC (\S+),",
+        "lira_dp_tpr": r"^DP-SGD, lira_online attack: AUC \S+, TPR at 1% FPR (\S+)$",
+    },
     "notebooks/02_preprocessing.ipynb": {
         "plain_accuracy": r"plain Normalization: test accuracy (\S+)",
         "nan_to_zero_accuracy": r"NaN->0 \+ Normalization: test accuracy (\S+)",
@@ -41,11 +50,18 @@ NOTEBOOK_FIGURES = {
         "dp_accuracy": r"DP stack: epsilon spent \S+, test accuracy (\S+)",
     },
     "notebooks/03_privacy_audit.ipynb": {
+        "lira_plain_tpr": r"^ *plain, lira_online *: AUC \S+, TPR at 1% FPR (\S+),",
+        "lira_dp_tpr": r"^DP-SGD, lira_online *: AUC \S+, TPR at 1% FPR (\S+),",
+        "loss_plain_tpr": r"^ *plain, loss attack: AUC \S+, TPR at 1% FPR (\S+)$",
         "canaries": r"^plain:\nCanary audit: (\d+) canaries",
         "canary_plain": r"^plain:\nCanary audit: .*\n +empirical epsilon >= (\S+)",
         "canary_dp_eps1": r"^DP-SGD, eps=1:\nCanary audit: .*\n +empirical epsilon >= (\S+)",
         "canary_dp_eps3": r"^DP-SGD, eps=3:\nCanary audit: .*\n +empirical epsilon >= (\S+)",
         "canary_dp_eps8": r"^DP-SGD, eps=8:\nCanary audit: .*\n +empirical epsilon >= (\S+)",
+    },
+    "notebooks/04_existing_script.ipynb": {
+        "lira_plain_tpr": r"^ *plain, lira_online attack: AUC \S+, TPR at 1% FPR (\S+)$",
+        "lira_dp_tpr": r"^DP-SGD, lira_online attack: AUC \S+, TPR at 1% FPR (\S+)$",
     },
     "notebooks/05_model_security.ipynb": {
         "plain_clean": r"^ +plain: clean accuracy (\S+), under PGD",
