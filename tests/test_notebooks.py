@@ -7,6 +7,7 @@ copy, through the same function `run_all.py` uses, and checks that the stored fi
 """
 
 import ast
+import copy
 import importlib.util
 import os
 import pathlib
@@ -133,6 +134,141 @@ def test_no_seed_in_the_dp_path(path):
     assert seeded == []
 
 
+# -- what the stored outputs must show -----------------------------------------------------------
+
+# Every DP model with a budget prints its ledger in this form (notebooks 1, 3, 4 and 5).
+LEDGER_LINE = re.compile(
+    r"^privacy ledger: epsilon (\S+) at delta (\S+) after (\d+) steps \(budget (\S+)\)$", re.M
+)
+# A ledger's statement (`ledger.statement()`) quotes its steps and epsilon in this line.
+STATEMENT_LINE = re.compile(r"^ +epsilon spent after (\d+) steps: (\S+)$", re.M)
+# The membership attacks of notebooks 1, 3 and 4, per model.
+ATTACK_LINE = re.compile(
+    r"^ *(plain|DP-SGD), (\w+)(?: attack)? *: AUC (\S+), TPR at 1% FPR ([\d.]+)", re.M
+)
+LEDGER_NOTEBOOKS = ["01", "03", "04", "05"]
+MEMBERSHIP_NOTEBOOKS = ["01", "03", "04"]
+
+
+def _printed(notebook):
+    return "\n".join(_stream_text(cell) for cell in _code_cells(notebook))
+
+
+def ledger_problems(notebook):
+    """Ledger lines over their budget, and ledger statements whose steps or epsilon differ
+    from the ledger line printed beside them (to the last printed digit)."""
+    printed = _printed(notebook)
+    lines = LEDGER_LINE.findall(printed)
+    problems = [] if lines else ["no ledger line printed"]
+    for epsilon, _, steps, budget in lines:
+        if float(epsilon) > float(budget):
+            problems.append(f"epsilon {epsilon} after {steps} steps is over the budget {budget}")
+    for steps, epsilon in STATEMENT_LINE.findall(printed):
+        digits = len(epsilon.split(".")[-1])
+        if not any(s == steps and f"{float(e):.{digits}f}" == epsilon for e, _, s, _ in lines):
+            problems.append(f"statement: epsilon {epsilon} after {steps} steps, not the ledger's")
+    return problems
+
+
+def membership_problems(notebook):
+    """LiRA must find the plain model's training examples clearly more often than the DP
+    model's: a TPR at 1% FPR at least 3% and 2.5 times the DP model's (or guessing, 1%), and
+    an AUC at least 0.05 higher."""
+    figures = {
+        (model, attack): (float(auc), float(tpr))
+        for model, attack, auc, tpr in ATTACK_LINE.findall(_printed(notebook))
+    }
+    plain, dp = figures.get(("plain", "lira_online")), figures.get(("DP-SGD", "lira_online"))
+    if plain is None or dp is None:
+        return ["no LiRA figures for both models"]
+    problems = []
+    if plain[1] < 0.03 or plain[1] < 2.5 * max(dp[1], 0.01):
+        problems.append(f"TPR at 1% FPR: plain {plain[1]}, DP-SGD {dp[1]}")
+    if plain[0] < dp[0] + 0.05:
+        problems.append(f"AUC: plain {plain[0]}, DP-SGD {dp[0]}")
+    return problems
+
+
+def inf_legend_problems(notebook):
+    """A printed audit table with `inf` in it is followed by a markdown cell explaining `inf`."""
+    problems = []
+    for index, cell in enumerate(notebook.cells):
+        text = _stream_text(cell) if cell.cell_type == "code" else ""
+        if "eps_est" in text and re.search(r"\binf\b", text):
+            following = notebook.cells[index + 1] if index + 1 < len(notebook.cells) else None
+            if (
+                following is None
+                or following.cell_type != "markdown"
+                or "`inf`" not in (following.source)
+            ):
+                problems.append(f"cell {index}: an audit table with inf and no legend after it")
+    return problems
+
+
+def _stored(prefix):
+    return nbformat.read(next(p for p in NOTEBOOKS if p.name.startswith(prefix)), as_version=4)
+
+
+@pytest.mark.parametrize("prefix", LEDGER_NOTEBOOKS)
+def test_stored_ledgers_stay_within_budget_and_statements_agree(prefix):
+    assert ledger_problems(_stored(prefix)) == []
+
+
+@pytest.mark.parametrize("prefix", MEMBERSHIP_NOTEBOOKS)
+def test_stored_membership_attack_shows_what_dp_changes(prefix):
+    assert membership_problems(_stored(prefix)) == []
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_stored_audit_tables_with_inf_have_a_legend(path):
+    assert inf_legend_problems(nbformat.read(path, as_version=4)) == []
+
+
+def _replace_output(notebook, old, new):
+    """A copy of `notebook` with `old` replaced by `new` in its printed outputs."""
+    notebook = copy.deepcopy(notebook)
+    found = 0
+    for cell in _code_cells(notebook):
+        for output in cell.get("outputs", []):
+            if output.get("output_type") == "stream" and old in output.get("text", ""):
+                output["text"] = output["text"].replace(old, new)
+                found += 1
+    assert found, f"{old!r} is not in the outputs"
+    return notebook
+
+
+def test_output_checks_catch_a_changed_figure():
+    quickstart = _stored("01")
+    printed = _printed(quickstart)
+    epsilon, _, steps, budget = LEDGER_LINE.findall(printed)[0]
+    over = f"{float(budget) + 0.01:.4f}"
+    assert (
+        len(
+            ledger_problems(
+                _replace_output(quickstart, f"epsilon {epsilon} at", f"epsilon {over} at")
+            )
+        )
+        == 2
+    )
+    statement = f"epsilon spent after {steps} steps: {epsilon}"
+    assert ledger_problems(_replace_output(quickstart, statement, statement[:-1] + "9")) == [
+        f"statement: epsilon {epsilon[:-1]}9 after {steps} steps, not the ledger's"
+    ]
+    (line,) = [
+        m.group(0)
+        for m in ATTACK_LINE.finditer(printed)
+        if m.group(1, 2) == ("DP-SGD", "lira_online")
+    ]
+    auc, tpr = ATTACK_LINE.match(line).group(3, 4)
+    leaky = line.replace(f"AUC {auc}", "AUC 0.700").replace(f"FPR {tpr}", "FPR 0.500")
+    assert len(membership_problems(_replace_output(quickstart, line, leaky))) == 2
+    audit = _stored("03")
+    table = next(i for i, c in enumerate(audit.cells) if "eps_est" in _stream_text(c))
+    assert "`inf`" in audit.cells[table + 1].source
+    audit.cells[table + 1].source = audit.cells[table + 1].source.replace("`inf`", "infinity")
+    assert len(inf_legend_problems(audit)) == 1
+
+
 def test_seed_check_finds_a_seeded_call():
     source = "b = keras_safe.privacy.poisson_batches(x, y, batch_size=8, seed=0)\n%pip list"
     calls = [
@@ -194,7 +330,11 @@ def test_runner_lists_readme_figures_that_changed(tmp_path, monkeypatch, capsys)
     (tmp_path / "notebooks").mkdir()
     (tmp_path / "tools").mkdir()
     readme = (ROOT / "README.md").read_text()
-    (tmp_path / "README.md").write_text(readme.replace("0.921<!--", "0.851<!--", 1))
+    figure = re.search(r"(\d\.\d+)<!-- figure: notebooks/", readme)
+    changed = f"{float(figure.group(1)) + 0.07:.{len(figure.group(1)) - 2}f}"
+    (tmp_path / "README.md").write_text(
+        readme[: figure.start()] + changed + readme[figure.end(1) :]
+    )
     for source in set(re.findall(r"figure(?:-block)?: (\S+?)#", readme)):
         (tmp_path / source).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / source).write_bytes((ROOT / source).read_bytes())
