@@ -127,7 +127,8 @@ class DPOptimizer(OptimizerWrapper):
             `keras_safe.accounting.DPSchedule`) and labelled so in the logs, `PrivacyBudget`'s
             summary and the privacy statement. `fit(..., shuffle=False)` on a private model is
             the same opt-in, for batches in the data's order. For batches keras_safe does not
-            draw (`train_on_batch`, `dp_gradients`, custom loops) it states what they are:
+            draw (`train_on_batch`, `dp_gradients`, custom loops, a `tf.data` pipeline of your
+            own) it states what they are:
             `"poisson"` declares them Poisson samples of `num_examples` at the expected
             `batch_size` (accounted with amplification by sampling, on the caller's word);
             None or `"shuffle"` accounts each such step as a Gaussian mechanism of its own.

@@ -199,8 +199,10 @@ class PrivacyLedger(keras.layers.Layer):
             self.refresh_limits()
 
     @tf.autograph.experimental.do_not_convert
-    def charge(self, slot, rows=None):
-        """Adds one step to segment `slot` (graph-safe), gated by the budget; `rows`: examples.
+    def charge(self, slot, rows=None, in_epoch=True):
+        """Adds one step to segment `slot` (graph-safe), gated by the budget; `rows`: examples;
+        `in_epoch`: the step may belong to a shuffled epoch's grant (`open_epoch`); a step of
+        batches the caller gave (False) is always a mechanism of its own and leaves the grant.
 
         Returns a `Charge`: the update ops (the train step makes its release wait for them, so
         a step whose charge fails releases nothing) and `allowed`, a boolean tensor the step
@@ -217,12 +219,16 @@ class PrivacyLedger(keras.layers.Layer):
         limit = tf.gather(tf.convert_to_tensor(self._limit), slot)
         left = tf.gather(tf.convert_to_tensor(self._epoch_left), slot)
         new_mechanism = left <= 0  # a step outside a shuffled epoch already counted
+        if not in_epoch:
+            new_mechanism = tf.constant(True)
         allowed = tf.logical_or(tf.logical_not(new_mechanism), events < limit)
         check = tf.debugging.Assert(allowed, [BUDGET_MESSAGE])
         with tf.control_dependencies([check]):
             taken = tf.cast(allowed, tf.int64)
             counted = one_hot * taken
             next_left = tf.where(left < 0, -left - 1, tf.maximum(left - 1, 0))
+            if not in_epoch:
+                next_left = left
             updates = [
                 self._steps.assign_add(counted),
                 self._events.assign_add(counted * tf.cast(new_mechanism, tf.int64)),

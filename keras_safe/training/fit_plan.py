@@ -366,8 +366,17 @@ class PrivacyGuard(keras.callbacks.Callback):
         self._wrapped = None
 
     def on_train_begin(self, logs=None):
+        found = state.safe_state(self.model)
+        found.guarded = True
+        # The schedule and the traced step of this fit's own steps, which train on its data.
+        found.fit_step = True
+        try:
+            self._begin()
+        finally:
+            found.fit_step = False
+
+    def _begin(self):
         model = self.model
-        state.safe_state(model).guarded = True  # the steps of this fit train on its data
         dp = find_dp_optimizer(model.optimizer)
         ownership.settle_ledger(model)  # weights shared or copied in since the last step
         settings = state.data_settings(model)
@@ -401,12 +410,18 @@ class PrivacyGuard(keras.callbacks.Callback):
         model.train_function = self._guarded  # keras-internal: train-function
 
     def _guarded(self, iterator):
+        # Only the fit's own steps train on its data; a callback's train_on_batch or
+        # dp_gradients in between is a step on batches the caller gave.
+        found = state.safe_state(self.model)
+        found.fit_step = True
         try:
             logs = self._wrapped(iterator)
         except tf.errors.InvalidArgumentError as error:
             if BUDGET_SPENT not in (getattr(error, "message", None) or str(error)):
                 raise
             return self._stop_at_budget()
+        finally:
+            found.fit_step = False
         if self._xla and self._ledger.refused_steps > self._start_refused:
             # Under XLA the assertion does not run: the ledger withheld the release instead.
             return self._stop_at_budget(logs)
@@ -438,7 +453,8 @@ class PrivacyGuard(keras.callbacks.Callback):
         if ledger is not None and self._schedule.epoch_grant > 1:
             ledger.close_epoch(self._slot)
         if self.model is not None:
-            state.safe_state(self.model).guarded = False
+            found = state.safe_state(self.model)
+            found.guarded = found.fit_step = False
         # keras-internal: train-function
         if self._wrapped is not None and getattr(self.model, "train_function", None) == (
             self._guarded

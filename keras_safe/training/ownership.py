@@ -112,7 +112,17 @@ def _copied_from(variables, own):
         for var, ledger, first in candidates:
             if digest != first and np.array_equal(value, _value(var)):
                 found.add(ledger)
-    return found
+    # A ledger with the very history of `own` is `own`'s snapshot (a model saved and loaded
+    # in the same process): the copy's ledger already states what those weights spent.
+    return {ledger for ledger in found if not _same_history(ledger, own)}
+
+
+def _same_history(ledger, other):
+    return (
+        ledger.steps == other.steps
+        and ledger.segments() == other.segments()
+        and ledger.statistics_epsilon == other.statistics_epsilon
+    )
 
 
 @tf.autograph.experimental.do_not_convert

@@ -108,7 +108,7 @@ def require_dense(model, data):
     Raises:
         keras_safe._validation.PrivacyError: naming the fix.
     """
-    composite = (tf.SparseTensor, tf.RaggedTensor)
+    composite = (tf.SparseTensor, tf.RaggedTensor, tf.SparseTensorSpec, tf.RaggedTensorSpec)
     if any(isinstance(t, composite) for t in tf.nest.flatten(data)):
         raise PrivacyError(
             f"The data of a private step of {model.name} holds a sparse or ragged tensor: "
@@ -148,6 +148,8 @@ def ensure_verified(model, x, y=None, sample_weight=None):
     ownership.settle_ledger(model)
     if is_verified(model):
         return
+    if isinstance(x, tf.data.Dataset):
+        require_dense(model, x.element_spec)
     examples = first_examples(x, y, sample_weight)
     if examples is None:
         require_verified(model)

@@ -126,13 +126,30 @@ def private_fit(model, fit, *args, **kwargs):
         raise refusal from None
     finally:
         guard.restore()
-        state.safe_state(model).guarded = False
+        found = state.safe_state(model)
+        found.guarded = found.fit_step = False
 
 
 def private_train_on_batch(model, train_on_batch, *args, **kwargs):
     """`train_on_batch` that refuses, on a private model, a step the budget does not allow."""
     if not state.is_private(model):
         return train_on_batch(*args, **kwargs)
+    found = state.safe_state(model)
+    if found.guarded:
+        # Inside a running fit (from a callback): the caller's batch gets a step of its own,
+        # traced for batches the caller gives; the fit's step is put back after it.
+        # keras-internal: train-function
+        fit_function, fit_traced = model.train_function, found.traced_for
+        model.train_function = None  # keras-internal: train-function
+        try:
+            return _private_train_on_batch(model, train_on_batch, *args, **kwargs)
+        finally:
+            model.train_function = fit_function  # keras-internal: train-function
+            found.traced_for = fit_traced
+    return _private_train_on_batch(model, train_on_batch, *args, **kwargs)
+
+
+def _private_train_on_batch(model, train_on_batch, *args, **kwargs):
     dp = state.require_dp_optimizer(model)
     state.retrace_if_needed(model, dp)  # a step traced in a fit accounts for the fit's data
     schedule = state.current_schedule(model, dp)

@@ -75,6 +75,8 @@ class SafeState:
             (`"vectorized"`, `"loop"`, or None before verification).
         verified: what the model was verified with (`training.preflight`), or None.
         guarded: a private `fit` with its `PrivacyGuard` is running.
+        fit_step: the running fit's own steps are being run (or traced) now: its train function,
+            not a callback's or the user's call in between.
         traced_for: the `step_mode` the model's compiled train function was traced in (a
             `fit` on its data, or batches given by the caller), to rebuild it on a change.
         budget_stop: `(message, printed)` of a `fit` that stopped at the budget, or None.
@@ -88,6 +90,7 @@ class SafeState:
     fallback: str = None
     verified: tuple = None
     guarded: bool = False
+    fit_step: bool = False
     traced_for: tuple = None
     budget_stop: tuple = None
     eager_step: tuple = None
@@ -148,7 +151,7 @@ def step_settings(model):
     `fit`; None for batches given by the caller (`train_on_batch`, `dp_gradients`, a custom
     loop), which keras_safe cannot see drawn."""
     found = safe_state(model, create=False)
-    return found.data if found.guarded else None
+    return found.data if found.fit_step else None
 
 
 def step_mode(model, dp):
@@ -236,7 +239,15 @@ def current_schedule(model, dp):
         settings = DataSettings(last.num_examples, last.batch_size)
         sampling = getattr(dp, "sampling", None) or "shuffle"
     else:
-        sampling = "poisson" if settings.poisson else "shuffle" if settings.fixed else None
+        # Known Poisson samples, Keras's fixed batches of arrays, or a pipeline keras_safe
+        # cannot see drawn: Poisson only where the optimizer declares it.
+        sampling = (
+            "poisson"
+            if settings.poisson
+            else "shuffle"
+            if settings.fixed
+            else getattr(dp, "sampling", None) or "shuffle"
+        )
     schedule = dp.schedule(
         settings.num_examples,
         settings.batch_size,

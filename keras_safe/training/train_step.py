@@ -323,7 +323,8 @@ def _private_gradients(model, x, y, sample_weight, watch, prepared=None):
     ledger, slot = state.ledger_slot(model, dp, schedule)
     checks, batch_ok = _batch_checks(model, x, sample_weight, schedule, dp)
     with tf.control_dependencies(checks):
-        charged = ledger.charge(slot, rows=_rows(x, sample_weight))
+        in_fit = state.step_settings(model) is not None  # else batches the caller gave
+        charged = ledger.charge(slot, rows=_rows(x, sample_weight), in_epoch=in_fit)
     # Where assertions do not run (XLA), a step the budget or the batch checks refuse releases
     # zeros (the gate multiplies the release in the division by the batch size: no extra pass).
     allowed = tf.logical_and(charged.allowed, batch_ok)

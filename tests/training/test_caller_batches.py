@@ -9,6 +9,8 @@ the number of rows is private (Poisson batches without padding) the forward pass
 compute with it. Epsilon is compared with dp-accounting called directly.
 """
 
+import math
+
 import keras
 import numpy as np
 import pytest
@@ -200,3 +202,143 @@ def test_a_noise_multiplier_changed_between_fits_is_used_and_charged():
     assert one_step_noise() == pytest.approx(0.5, rel=0.15)  # the step was traced again
     noises = [s["noise_multiplier"] for s in get_ledger(model).segments()]
     assert noises == [2.0, 0.5]
+
+
+class OneExampleEachBatch(keras.callbacks.Callback):
+    """Trains on the same example between the fit's batches: train_on_batch, then
+    dp_gradients (a caller's steps, whatever the fit samples)."""
+
+    def __init__(self, steps=3):
+        super().__init__()
+        self.steps, self.taken = steps, 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.taken >= 2 * self.steps:
+            return
+        self.taken += 1
+        if self.taken <= self.steps:
+            self.model.train_on_batch(X[:1], Y[:1])
+        else:
+            grads = dp_gradients(self.model, X[:1], Y[:1])
+            self.model.optimizer.apply(grads, self.model.trainable_variables)
+
+
+def test_steps_a_callback_takes_inside_a_poisson_fit_are_caller_batches():
+    model = _model()
+    model.fit(X, Y, batch_size=B, epochs=1, verbose=0, callbacks=[OneExampleEachBatch()])
+    ledger = get_ledger(model)
+    fit_steps = N // B
+    assert ledger.steps == fit_steps + 6
+    expected = dp_sgd_epsilon([(NOISE, B / N, fit_steps), (NOISE, 1.0, 6)], DELTA)
+    assert ledger.epsilon(DELTA) == pytest.approx(expected)
+
+
+class Interrupt(keras.callbacks.Callback):
+    def on_train_batch_end(self, batch, logs=None):
+        if batch == 1:
+            raise KeyboardInterrupt
+
+
+def test_a_privacy_budget_fit_cut_short_leaves_no_fit_accounting_behind():
+    # PrivacyBudget makes the model private inside fit; an error ends the fit without
+    # on_train_end. The caller's steps after it must still be caller batches.
+    model = keras.Sequential([keras.Input((4,)), L.Dense(2)])
+    model.compile(
+        optimizer=DPSGD(learning_rate=0.1, l2_norm_clip=1.0, noise_multiplier=NOISE),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    budget = keras_safe.callbacks.PrivacyBudget(delta=DELTA, verbose=0)
+    with pytest.raises(KeyboardInterrupt):
+        model.fit(
+            poisson_batches(X, Y, batch_size=B, epochs=1), callbacks=[budget, Interrupt()],
+            verbose=0,
+        )  # fmt: skip
+    ledger = get_ledger(model)
+    assert ledger.steps == 2
+    for _ in range(3):
+        model.train_on_batch(X[:1], Y[:1])
+    expected = dp_sgd_epsilon([(NOISE, B / N, 2), (NOISE, 1.0, 3)], DELTA)
+    assert ledger.epsilon(DELTA) == pytest.approx(expected)
+
+
+def test_a_model_saved_and_loaded_in_the_same_process_trains_on_its_own_ledger(tmp_path):
+    original = _model()
+    original.fit(X, Y, batch_size=B, epochs=1, verbose=0)
+    original.save(tmp_path / "m.keras")
+    loaded = keras.saving.load_model(tmp_path / "m.keras")
+    steps = get_ledger(loaded).steps
+    assert steps == get_ledger(original).steps > 0
+    loaded.fit(X, Y, batch_size=B, epochs=1, verbose=0)  # its ledger holds the history
+    assert get_ledger(loaded).steps > steps
+    assert get_ledger(original).steps == steps
+
+
+def _n_rows(name, x):
+    n_float = tf.float32
+    ones = tf.ones_like(x[:, 0])
+    return {
+        "reduce_sum(ones_like)": lambda: tf.reduce_sum(ones),
+        "ones(shape)": lambda: tf.reduce_sum(tf.ones(tf.shape(x))) / 4.0,
+        "range max": lambda: tf.cast(tf.reduce_max(tf.range(tf.shape(x)[0])) + 1, n_float),
+        "cumsum": lambda: tf.reduce_max(tf.cumsum(ones)),
+        "cond on n": lambda: tf.cond(
+            tf.shape(x)[0] % 2 == 0, lambda: tf.constant(0.0), lambda: tf.constant(1.0)
+        ),
+        "while to n": lambda: tf.while_loop(
+            lambda i, k: k < tf.shape(x)[0], lambda i, k: (i + 1.0, k + 1), (0.0, 0)
+        )[0],
+        "where count": lambda: tf.cast(tf.shape(tf.where(ones > 0))[0], n_float),
+        "matmul of ones": lambda: tf.matmul(ones[None, :], ones[:, None])[0, 0],
+        "random mask count": lambda: tf.reduce_sum(
+            tf.cast(tf.random.uniform(tf.shape(ones)) >= 0.0, n_float)
+        ),
+    }[name]()
+
+
+class RowCount(L.Layer):
+    def __init__(self, how, **kwargs):
+        super().__init__(**kwargs)
+        self.how = how
+
+    def call(self, x, training=False):
+        if not training:  # unseen by a check that runs the model in inference mode
+            return x
+        return x * tf.cos(math.pi * _n_rows(self.how, x))  # flips with the number of rows
+
+
+@pytest.mark.parametrize(
+    "how",
+    ["reduce_sum(ones_like)", "ones(shape)", "range max", "cumsum", "cond on n", "while to n",
+     "where count", "matmul of ones", "random mask count"],
+)  # fmt: skip
+def test_the_number_of_rows_laundered_into_values_is_refused(how):
+    layer = RowCount(how)
+    odd = np.array(layer(tf.constant(X[: B + 1]), training=True))
+    even = np.array(layer(tf.constant(X[:B]), training=True))
+    assert np.abs(odd[:B] + even).max() < 1e-5 and np.abs(even).max() > 0.1  # the sign flips
+    model = _model(RowCount(how), num_examples=N, batch_size=B, sampling="poisson")
+    with pytest.raises(PrivacyError, match="examples of a batch stay apart"):
+        dp_gradients(model, X[:B], Y[:B])
+    assert get_ledger(model).steps == 0
+
+
+def test_ordinary_layers_train_on_unpadded_poisson_batches():
+    images = RNG.uniform(size=(N, 6, 6, 2)).astype("float32")
+    tokens = RNG.integers(0, 12, size=(N, 5))
+    for inputs, layers, data in (
+        (keras.Input((6, 6, 2)), [L.Conv2DTranspose(3, 3), L.Flatten()], images),
+        (keras.Input((6, 6, 2)), [L.RandomRotation(0.1), L.RandomZoom(0.1), L.Flatten()], images),
+        (keras.Input((5,)), [L.CategoryEncoding(12, output_mode="count")], tokens),
+        (keras.Input((5,)), [L.Embedding(12, 3, mask_zero=True), L.LSTM(4)], tokens),
+    ):
+        outputs = inputs
+        for layer in [*layers, L.Dense(2)]:
+            outputs = layer(outputs)
+        model = keras.Model(inputs, outputs)
+        model.compile(
+            optimizer=DPSGD(learning_rate=0.1, l2_norm_clip=1.0, noise_multiplier=NOISE),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        )
+        model = make_private(model)
+        model.fit(data, Y, batch_size=B, epochs=1, steps_per_epoch=2, verbose=0)
+        assert get_ledger(model).steps == 2, [type(layer).__name__ for layer in layers]

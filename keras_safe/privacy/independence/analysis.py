@@ -139,6 +139,14 @@ _SHAPE_INPUTS = {
     "EmptyTensorList": (0, 1),
     "Range": (0, 1, 2),
     "BroadcastGradientArgs": (0, 1),
+    # The sizes a transposed convolution (or a convolution's gradient) is computed for.
+    "Conv2DBackpropInput": (0,),
+    "Conv2DBackpropInputV2": (0,),
+    "Conv3DBackpropInputV2": (0,),
+    "DepthwiseConv2dNativeBackpropInput": (0,),
+    "Conv2DBackpropFilter": (1,),
+    "Conv3DBackpropFilterV2": (1,),
+    "DepthwiseConv2dNativeBackpropFilter": (1,),
 }
 
 
@@ -160,7 +168,8 @@ def _shape_inputs(op):
 
 def _side_effect(op):
     """What an op does besides computing its outputs ('' for a pure op or a read)."""
-    if op.type in _FUNCTIONS or op.type in _READS:
+    if op.type in _FUNCTIONS or op.type in _READS or op.type == "Assert":
+        # An assertion changes no state: it stops the step (nothing released) or not.
         return ""
     if _is_write(op):
         return "a variable write"
@@ -255,13 +264,15 @@ class Analysis:
             # Python code run by the step can read or keep anything (the data included).
             self.writes.append((op, "runs Python code inside the train step"))
         effect = _side_effect(op)
-        if effect and (data or self.tainted):
+        counted = self.batch_size_private and any(t.ref() in self.sized for t in op.inputs)
+        if effect and (data or self.tainted or counted):
             reason = (
                 "writes a variable"
                 if effect == "a variable write"
                 else "changes state or leaves the graph (" + effect + ")"
             )
             reason += " with a value computed from the data" if data else ""
+            reason += " with the number of examples in the batch" if counted else ""
             reason += " under a branch or loop the data chose" if self.tainted else ""
             self.writes.append((op, reason))
         if effect and op.type not in RULES:
@@ -269,11 +280,22 @@ class Analysis:
                 for tensor in op.outputs:
                     self.set(tensor, mixed(op, f"is a stateful {op.type} op fed by the data"))
             return
+        if op.type in _SHAPE_OF and any(
+            isinstance(v, Mixed) and (dims(t) is None or None in dims(t))
+            for t, v in zip(op.inputs, ins)
+        ):
+            # The length of a tensor computed across examples (tf.where, boolean_mask) counts
+            # what the examples hold: it is a value of the data, not a layout.
+            for tensor in op.outputs:
+                self.set(tensor, mixed(op, "the shape of a tensor computed across examples"))
+            return
         if op.type in rules.SHAPE_FREE:
             self._size(op, ins)
+            self._rows_without_data(op, ins)
             return
         if not data and op.type not in _FUNCTIONS:
             self._size(op, ins)
+            self._rows_without_data(op, ins)
             if self.tainted and "_gradient_op_type" in op.node_def.attr:
                 self.custom_gradients.append(op)
             return
@@ -319,6 +341,32 @@ class Analysis:
                 # Shape arithmetic that drops the batch's entry (a shape's [1:]) is a constant.
                 if not _batch_free(self.static(tensor)):
                     self.sized.add(tensor.ref())
+
+    def _rows_without_data(self, op, ins):
+        """Under a private number of rows, a tensor as long as the batch holds one entry per
+        example even without the data (`ones_like(x)`, a random mask of `x`'s shape,
+        `tf.range(n)`, zeros of `[n, d]`): summed, counted or compared along that axis it would
+        give the number of rows. Such a tensor gets a row layout (its input's, or rows along its
+        first axis of unknown length), so the rules refuse what crosses it like the data."""
+        if not self.batch_size_private or op.type in _SYMBOLIC:
+            return  # shape arithmetic: followed as sizes (`_size`), not as rows
+        for tensor in op.outputs:
+            if tensor.dtype.name in ("resource", "variant", "string"):
+                continue
+            if self.values.get(tensor.ref()) is not None:
+                continue
+            shape = dims(tensor)
+            same = [
+                v
+                for t, v in zip(op.inputs, ins)
+                if isinstance(v, Rows) and dims(t) is not None and dims(t) == shape
+            ]
+            if same:
+                self.set(tensor, same[0])
+            elif shape is not None and None in shape:
+                self.set(tensor, Rows(shape.index(None)))
+            elif shape is None:
+                self.set(tensor, mixed(op, "a tensor of unknown rank as long as the batch"))
 
     def _sized_value_input(self, op):
         if not self.batch_size_private:
@@ -519,7 +567,8 @@ def _broadcast_reductions(s0, s1):
 def _branches(ctx, op, ins, graphs):
     if any(g is None for g in graphs):
         return [mixed(op, "a branch keras_safe cannot read")] * len(op.outputs)
-    chosen_by_data = is_data(ins[0])
+    # A branch chosen by the data, or by the (private) number of rows, tells it to its effects.
+    chosen_by_data = is_data(ins[0]) or (ctx.batch_size_private and op.inputs[0].ref() in ctx.sized)
     outs, sized = None, [False] * len(op.outputs)
     for graph in graphs:
         found, found_sized = ctx.call(graph, ins[1:], op.inputs[1:], tainted=chosen_by_data)
@@ -527,7 +576,7 @@ def _branches(ctx, op, ins, graphs):
         sized = [a or b for a, b in zip(sized, found_sized)]
     ctx.mark_sized(op.outputs, sized)
     if chosen_by_data:
-        return [mixed(op, "chooses a branch from the data")] * len(op.outputs)
+        return [mixed(op, "chooses a branch from the data or the number of rows")] * len(op.outputs)
     return outs
 
 
@@ -551,11 +600,13 @@ def while_rule(ctx, op, ins):
         return [mixed(op, "a loop keras_safe cannot read")] * len(op.outputs)
     values, sized = list(ins), [t.ref() in ctx.sized for t in op.inputs]
     for _ in range(_MAX_LOOP_PASSES):
-        (pred,), _ = ctx.call(cond, values, op.inputs, sized=sized)
-        if is_data(pred):
+        (pred,), (pred_sized,) = ctx.call(cond, values, op.inputs, sized=sized)
+        if is_data(pred) or (ctx.batch_size_private and pred_sized):
             # The data sets the trip count: every effect in the loop depends on it.
             ctx.call(body, values, op.inputs, tainted=True, sized=sized)
-            return [mixed(op, "repeats a number of times computed from the data")] * len(op.outputs)
+            return [
+                mixed(op, "repeats a number of times computed from the data or the number of rows")
+            ] * len(op.outputs)
         after, after_sized = ctx.call(body, values, op.inputs, sized=sized)
         joined = [join(a, b, op) for a, b in zip(values, after)]
         joined_sized = [a or b for a, b in zip(sized, after_sized)]

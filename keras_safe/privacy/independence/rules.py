@@ -101,9 +101,9 @@ LEADING_AXIS = {
     "AvgPool3DGrad": (1,),
     "ResizeBilinearGrad": (0, 1),
     "ResizeNearestNeighborGrad": (0,),
-    # Image augmentation: one transform per image (the transforms are random draws, not data).
-    "ImageProjectiveTransformV3": (0,),
-    "ImageProjectiveTransformV2": (0,),
+    # Image augmentation: one transform per image (rows of the transforms, or one for all).
+    "ImageProjectiveTransformV3": (0, 1),
+    "ImageProjectiveTransformV2": (0, 1),
     "AdjustContrastv2": (0,),
     "AdjustHue": (0,),
     "AdjustSaturation": (0,),
@@ -258,10 +258,27 @@ def leading_axis(ctx, op, ins):
     return _outputs(op, found)
 
 
+def _clamped_to_constant(ctx, tensor):
+    """True for `minimum(maximum(a, anything), a)` with a constant `a` (`tf.math.bincount`'s
+    size when `minlength == maxlength`, as Keras's `CategoryEncoding` gives it): whatever the
+    data, the value is `a`."""
+    while tensor.op.type in ("Cast", "Identity"):
+        tensor = tensor.op.inputs[0]
+    if tensor.op.type != "Minimum":
+        return False
+    for low, other in (tensor.op.inputs, reversed(tensor.op.inputs)):
+        a = ctx.static(other)
+        if isinstance(a, int) and low.op.type == "Maximum":
+            floors = [ctx.static(t) for t in low.op.inputs]
+            if any(isinstance(f, int) and f >= a for f in floors):
+                return True
+    return False
+
+
 def bincount(ctx, op, ins):
     """`DenseBincount` of a `[B, T]` input counts per row; of a vector, over the batch."""
     v = ins[0]
-    if any(is_data(w) for w in ins[1:2]):
+    if is_data(ins[1]) and not _clamped_to_constant(ctx, op.inputs[1]):
         return _outputs(op, mixed(op, "a size computed from the data"))
     if v is None:
         return _outputs(op, ins[2] if len(ins) > 2 else None)
