@@ -42,7 +42,7 @@ from keras_safe.preprocessing._base import AdaptableFeatureLayer
 from keras_safe.privacy.ledger import get_ledger, set_ledger
 from keras_safe.privacy.model_checks import all_layers
 
-__all__ = ["settle_ledger"]
+__all__ = ["forget_registrations", "settle_ledger"]
 
 _LOOKUPS = (
     keras.layers.StringLookup,
@@ -52,6 +52,13 @@ _LOOKUPS = (
 
 # id(variable) -> (weak reference to the variable, weak reference to its ledger)
 _OWNERS = {}
+
+
+def forget_registrations():
+    """Forgets which variables trained under which ledger in this process (a fresh start, as
+    `keras.backend.clear_session` gives Keras: the test suite calls it between tests, whose
+    models share initial weights through one seed)."""
+    _OWNERS.clear()
 
 
 def _owner(variable):
