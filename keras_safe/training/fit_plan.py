@@ -341,6 +341,27 @@ def find_fit_arguments(model):
     return None
 
 
+class FitStep:
+    """A private fit's compiled step, as the fit leaves it on the model.
+
+    The step's schedule (the fit's data, its sampling rate) is a constant of its trace. Within
+    a fit it runs as it is; called outside one (`model.train_function(...)` by hand), the
+    model's step is traced again for batches the caller gives, and that step runs instead.
+    """
+
+    def __init__(self, model, raw):
+        self.model, self.raw = model, raw
+
+    def __call__(self, iterator):
+        model = self.model
+        if not state.safe_state(model).fit_step:
+            state.retrace_if_needed(model, find_dp_optimizer(model.optimizer))
+            function = model.train_function  # keras-internal: train-function
+            if function is not self:
+                return function(iterator)
+        return self.raw(iterator)
+
+
 class PrivacyGuard(keras.callbacks.Callback):
     """Guards a private `fit` from the model's ledger: the budget, batch sizes, bad examples.
 
@@ -459,7 +480,10 @@ class PrivacyGuard(keras.callbacks.Callback):
         if self._wrapped is not None and getattr(self.model, "train_function", None) == (
             self._guarded
         ):
-            self.model.train_function = self._wrapped  # keras-internal: train-function
+            # Left on the model for the next fit; called by hand outside one, it is traced
+            # again for batches the caller gives.
+            raw = getattr(self._wrapped, "raw", self._wrapped)
+            self.model.train_function = FitStep(self.model, raw)  # keras-internal: train-function
         self._wrapped = None
 
     def on_train_end(self, logs=None):

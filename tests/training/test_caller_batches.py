@@ -342,3 +342,19 @@ def test_ordinary_layers_train_on_unpadded_poisson_batches():
         model = make_private(model)
         model.fit(data, Y, batch_size=B, epochs=1, steps_per_epoch=2, verbose=0)
         assert get_ledger(model).steps == 2, [type(layer).__name__ for layer in layers]
+
+
+def test_the_fit_step_called_by_hand_after_a_fit_is_a_caller_batch():
+    model = _model()
+    model.fit(X, Y, batch_size=B, epochs=1, verbose=0)
+    ledger = get_ledger(model)
+    fitted = ledger.steps
+    model.make_train_function()
+    for _ in range(2):
+        model.train_function(iter([(tf.constant(X[:B]), tf.constant(Y[:B]))]))
+    assert ledger.steps == fitted + 2
+    expected = dp_sgd_epsilon([(NOISE, B / N, fitted), (NOISE, 1.0, 2)], DELTA)
+    assert ledger.epsilon(DELTA) == pytest.approx(expected)
+    model.fit(X, Y, batch_size=B, epochs=1, verbose=0)  # and the next fit is a fit again
+    expected = dp_sgd_epsilon([(NOISE, B / N, 2 * fitted), (NOISE, 1.0, 2)], DELTA)
+    assert ledger.epsilon(DELTA) == pytest.approx(expected)
