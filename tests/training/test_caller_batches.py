@@ -358,3 +358,25 @@ def test_the_fit_step_called_by_hand_after_a_fit_is_a_caller_batch():
     model.fit(X, Y, batch_size=B, epochs=1, verbose=0)  # and the next fit is a fit again
     expected = dp_sgd_epsilon([(NOISE, B / N, 2 * fitted), (NOISE, 1.0, 2)], DELTA)
     assert ledger.epsilon(DELTA) == pytest.approx(expected)
+
+
+def test_a_privacy_budget_fit_on_shuffled_batches_cut_short_grants_no_later_step():
+    # The PrivacyBudget path has no `finally` of keras_safe's around it: the shuffled epoch's
+    # grant stays open after the error, and the caller's steps must not ride on it.
+    model = keras.Sequential([keras.Input((4,)), L.Dense(2)])
+    model.compile(
+        optimizer=DPSGD(
+            learning_rate=0.1, l2_norm_clip=1.0, noise_multiplier=NOISE, sampling="shuffle"
+        ),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    budget = keras_safe.callbacks.PrivacyBudget(delta=DELTA, verbose=0)
+    with pytest.raises(KeyboardInterrupt):
+        model.fit(X, Y, batch_size=B, epochs=1, verbose=0, callbacks=[budget, Interrupt()])
+    ledger = get_ledger(model)
+    assert ledger.steps == 2
+    for i in range(3):
+        grads = dp_gradients(model, X[i * B : (i + 1) * B], Y[i * B : (i + 1) * B])
+        model.optimizer.apply(grads, model.trainable_variables)
+    assert ledger.steps == 5
+    assert ledger.epsilon(DELTA) == pytest.approx(reference_epsilon(NOISE, 1.0, 4, DELTA))
