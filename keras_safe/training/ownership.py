@@ -79,8 +79,11 @@ def _register(variables, ledger):
         if _owner(variable) is ledger:
             continue  # registered already, with the value it first trained from
 
-        def forget(_, key=key):
-            _OWNERS.pop(key, None)
+        def forget(ref, key=key):
+            # Only this variable's entry: its id may already name a newer variable.
+            entry = _OWNERS.get(key)
+            if entry is not None and entry[0] is ref:
+                del _OWNERS[key]
 
         _OWNERS[key] = (weakref.ref(variable, forget), ledger_ref, _digest(_value(variable)))
 
