@@ -89,20 +89,25 @@ class StopAt(keras.callbacks.Callback):
             raise KeyboardInterrupt
 
 
-def test_a_shuffled_epoch_cut_short_grants_no_later_step():
-    # A shuffled epoch of fit is one mechanism for all of its steps (each example in one of
-    # them); interrupted after 2 of its 20 steps, the grant must not cover 3 custom steps.
-    model = _model(sampling="shuffle")
-    with pytest.raises(KeyboardInterrupt):
-        model.fit(X, Y, batch_size=B, epochs=1, verbose=0, callbacks=[StopAt(1)])
+def _assert_the_grant_ends_with_the_fit(model):
+    """After a shuffled fit cut short at its second step, three dp_gradients steps: one
+    mechanism for the epoch begun, one for each caller step."""
     ledger = get_ledger(model)
     assert ledger.steps == 2
     for i in range(3):
         grads = dp_gradients(model, X[i * B : (i + 1) * B], Y[i * B : (i + 1) * B])
         model.optimizer.apply(grads, model.trainable_variables)
     assert ledger.steps == 5
-    # One mechanism for the epoch begun, one for each custom step.
     assert ledger.epsilon(DELTA) == pytest.approx(reference_epsilon(NOISE, 1.0, 4, DELTA))
+
+
+def test_a_shuffled_epoch_cut_short_grants_no_later_step():
+    # A shuffled epoch of fit is one mechanism for all of its steps (each example in one of
+    # them); interrupted after 2 of its 20 steps, the grant must not cover 3 custom steps.
+    model = _model(sampling="shuffle")
+    with pytest.raises(KeyboardInterrupt):
+        model.fit(X, Y, batch_size=B, epochs=1, verbose=0, callbacks=[StopAt(1)])
+    _assert_the_grant_ends_with_the_fit(model)
 
 
 def test_batches_drawn_from_a_users_seed_are_marked_in_the_ledger_and_statement():
@@ -233,12 +238,6 @@ def test_steps_a_callback_takes_inside_a_poisson_fit_are_caller_batches():
     assert ledger.epsilon(DELTA) == pytest.approx(expected)
 
 
-class Interrupt(keras.callbacks.Callback):
-    def on_train_batch_end(self, batch, logs=None):
-        if batch == 1:
-            raise KeyboardInterrupt
-
-
 def test_a_privacy_budget_fit_cut_short_leaves_no_fit_accounting_behind():
     # PrivacyBudget makes the model private inside fit; an error ends the fit without
     # on_train_end. The caller's steps after it must still be caller batches.
@@ -250,7 +249,7 @@ def test_a_privacy_budget_fit_cut_short_leaves_no_fit_accounting_behind():
     budget = keras_safe.callbacks.PrivacyBudget(delta=DELTA, verbose=0)
     with pytest.raises(KeyboardInterrupt):
         model.fit(
-            poisson_batches(X, Y, batch_size=B, epochs=1), callbacks=[budget, Interrupt()],
+            poisson_batches(X, Y, batch_size=B, epochs=1), callbacks=[budget, StopAt(1)],
             verbose=0,
         )  # fmt: skip
     ledger = get_ledger(model)
@@ -372,11 +371,5 @@ def test_a_privacy_budget_fit_on_shuffled_batches_cut_short_grants_no_later_step
     )
     budget = keras_safe.callbacks.PrivacyBudget(delta=DELTA, verbose=0)
     with pytest.raises(KeyboardInterrupt):
-        model.fit(X, Y, batch_size=B, epochs=1, verbose=0, callbacks=[budget, Interrupt()])
-    ledger = get_ledger(model)
-    assert ledger.steps == 2
-    for i in range(3):
-        grads = dp_gradients(model, X[i * B : (i + 1) * B], Y[i * B : (i + 1) * B])
-        model.optimizer.apply(grads, model.trainable_variables)
-    assert ledger.steps == 5
-    assert ledger.epsilon(DELTA) == pytest.approx(reference_epsilon(NOISE, 1.0, 4, DELTA))
+        model.fit(X, Y, batch_size=B, epochs=1, verbose=0, callbacks=[budget, StopAt(1)])
+    _assert_the_grant_ends_with_the_fit(model)
