@@ -222,6 +222,20 @@ def add_epsilon_arguments(parser):
         help="target delta (default: 1/num_examples^1.1)",
     )
     parser.add_argument(
+        "--privacy-unit",
+        choices=("example", "user"),
+        default="example",
+        help="what the guarantee covers: one example (default) or one user with all of their "
+        "examples (then --num-examples and --batch-size count users)",
+    )
+    parser.add_argument(
+        "--examples-per-user",
+        type=int,
+        default=None,
+        help="example-level: the most examples one user has; the statement adds the "
+        "user-level epsilon by group privacy",
+    )
+    parser.add_argument(
         "--accountant",
         choices=accountant_names(),
         default="rdp",
@@ -282,10 +296,19 @@ def run_epsilon(args):
             print(
                 f"epsilon = {epsilon:.3f} at delta = {delta:.3g} ({args.accountant.upper()} "
                 f"accountant, Poisson sampling, {steps} steps at sampling rate "
-                f"{sampling_rate:.6g})"
+                f"{sampling_rate:.6g}; unit of privacy: "
+                + (
+                    "one user (all of their examples))"
+                    if getattr(args, "privacy_unit", "example") == "user"
+                    else "one training example)"
+                )
             )
         print()
-        print(privacy_statement(noise_multiplier=noise, **schedule), end="")
+        unit = {
+            "privacy_unit": getattr(args, "privacy_unit", "example"),
+            "examples_per_user": getattr(args, "examples_per_user", None),
+        }
+        print(privacy_statement(noise_multiplier=noise, **schedule, **unit), end="")
     except ArgumentError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -142,6 +142,22 @@ MUTATIONS = (
         ("tests/privacy/test_sampling_statistics.py",),
         "examples drawn at 0.95 q",
     ),
+    Mutation(
+        "user_rate_x0.95",
+        "keras_safe/privacy/sampling.py",
+        "tf.where(generator.uniform([num_users]) < q)",
+        "tf.where(generator.uniform([num_users]) < 0.95 * q)",
+        ("tests/privacy/test_user_sampling.py",),
+        "users drawn at 0.95 q",
+    ),
+    Mutation(
+        "user_rows_first_k",
+        "keras_safe/privacy/sampling.py",
+        "tf.argsort(slot * 2**bits + noise)",
+        "tf.argsort(slot * 2**bits + 0 * noise)",
+        ("tests/privacy/test_user_sampling.py",),
+        "a sampled user's first k rows instead of a uniform subset",
+    ),
     # -- accounting (accounting/schedule.py, accountants.py) ------------------------------------
     Mutation(
         "sampling_rate_x0.95",

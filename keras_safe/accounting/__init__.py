@@ -11,6 +11,8 @@ TensorFlow, no Keras), so the command line computes epsilon without starting Ten
   or shuffled batches), the noise standard deviation, the divisor and how microbatches and
   gradient accumulation enter the accountant.
 - `statement`: `privacy_statement`, the guarantee in plain language.
+- `group`: `group_epsilon`, `group_epsilon_of_segments`: the epsilon of a person with several
+  examples under example-level training, by group privacy from the RDP curve.
 
 What a model has spent is its privacy ledger (`keras_safe.privacy.ledger`), which composes its
 segments with these accountants.
@@ -26,10 +28,12 @@ from keras_safe.accounting.accountants import (
 )
 from keras_safe.accounting.checks import default_delta
 from keras_safe.accounting.compute import compute_epsilon, noise_multiplier_for_epsilon
-from keras_safe.accounting.schedule import SAMPLINGS, DPSchedule
+from keras_safe.accounting.group import group_epsilon, group_epsilon_of_segments
+from keras_safe.accounting.schedule import PRIVACY_UNITS, SAMPLINGS, DPSchedule
 from keras_safe.accounting.statement import privacy_statement
 
 __all__ = [
+    "PRIVACY_UNITS",
     "RDP_ORDERS",
     "SAMPLINGS",
     "DPSchedule",
@@ -38,6 +42,8 @@ __all__ = [
     "default_delta",
     "epsilon_of",
     "get_accountant",
+    "group_epsilon",
+    "group_epsilon_of_segments",
     "noise_multiplier_for_epsilon",
     "privacy_statement",
     "register_accountant",

@@ -29,6 +29,13 @@ nowhere else.
 - **Gradient accumulation** over `k` batches: each batch is sampled on its own and adds
   `1/sqrt(k)` of the update's noise, so each batch is an accounted step at
   `noise_multiplier / sqrt(k)`.
+- **Users as the unit** (`privacy_unit="user"`): `num_examples` and `batch_size` count users;
+  each step samples users independently at rate `batch_size / num_examples` and clips the sum
+  of each sampled user's gradients (at most `examples_per_user` of their examples) to the
+  clipping norm as one vector, so adding or removing one user (all of their examples) moves
+  the sum by at most the clipping norm: the accountant sees the same Poisson-subsampled
+  Gaussian mechanism, over users (Charles et al. 2024, "Fine-Tuning Large Language Models with
+  User-Level Differential Privacy"; Chua et al. 2024, "Mind the Privacy Unit!").
 - **The release** of one batch: the clipped sum plus Gaussian noise of standard deviation
   `l2_norm_clip * noise_multiplier / sqrt(k)`, divided by the expected batch size (or the
   number of microbatches).
@@ -41,10 +48,24 @@ from keras_safe._validation import check_choice, check_number, check_probability
 from keras_safe.accounting.accountants import calibrate_noise, check_accountant, epsilon_of
 from keras_safe.accounting.checks import check_delta, check_noise, check_target
 
-__all__ = ["SAMPLINGS", "DPSchedule"]
+__all__ = ["PRIVACY_UNITS", "SAMPLINGS", "DPSchedule", "check_privacy_unit"]
 
 SAMPLINGS = ("poisson", "shuffle")
 """How the batches of a run are drawn: Poisson sampling, or shuffled fixed-size batches."""
+
+PRIVACY_UNITS = ("example", "user")
+"""What one guarantee protects: one training example, or one user with all of their examples."""
+
+
+def check_privacy_unit(privacy_unit, name="privacy_unit"):
+    """Checks a privacy unit name and returns it."""
+    return check_choice(
+        name,
+        privacy_unit,
+        PRIVACY_UNITS,
+        "use 'example' (the default: the guarantee covers one training example) or 'user' "
+        "(it covers one user with all of their examples; give user ids with the data).",
+    )
 
 
 def check_sampling(sampling, name="sampling"):
@@ -75,6 +96,10 @@ class DPSchedule:
             pass over the data (each example in at most one of its batches), as in `fit` on
             arrays; otherwise every step is accounted as one mechanism.
         rate: a sampling rate given directly (instead of `batch_size / num_examples`).
+        privacy_unit: `"example"`, or `"user"`: then `num_examples` and `batch_size` count
+            users (see the module's description).
+        examples_per_user: with `"user"`, the most examples of one user in a step (the rows
+            of a user's slot in the batch), when known.
 
     Example:
         >>> s = DPSchedule(noise_multiplier=1.1, num_examples=60000, batch_size=256)
@@ -96,9 +121,31 @@ class DPSchedule:
     sampling: str = "poisson"
     one_pass_epochs: bool = False
     rate: float = None
+    privacy_unit: str = "example"
+    examples_per_user: int = None
 
     def __post_init__(self):
         check_sampling(self.sampling)
+        check_privacy_unit(self.privacy_unit)
+        if self.user_level and self.num_microbatches:
+            fail(
+                "num_microbatches",
+                self.num_microbatches,
+                "None with privacy_unit='user' (each user's examples are clipped together)",
+                "leave num_microbatches out for user-level privacy.",
+            )
+
+    @property
+    def user_level(self):
+        """Whether the unit of privacy is one user with all of their examples."""
+        return self.privacy_unit == "user"
+
+    @property
+    def unit_label(self):
+        """The unit of privacy, in words."""
+        if self.user_level:
+            return "one user (all of their examples)"
+        return "one training example"
 
     # -- construction ----------------------------------------------------------------------------
 
@@ -197,6 +244,7 @@ class DPSchedule:
         steps_per_epoch=None,
         sampling=None,
         one_pass_epochs=False,
+        examples_per_user=None,
     ):
         """The schedule of a DP optimizer, with the data's `num_examples` and `batch_size`.
 
@@ -211,8 +259,13 @@ class DPSchedule:
         declared = {
             "num_examples": getattr(optimizer, "num_examples", None),
             "batch_size": getattr(optimizer, "batch_size", None),
+            "examples_per_user": getattr(optimizer, "examples_per_user", None),
         }
-        actual = {"num_examples": num_examples, "batch_size": batch_size}
+        actual = {
+            "num_examples": num_examples,
+            "batch_size": batch_size,
+            "examples_per_user": examples_per_user,
+        }
         for name in declared:
             if declared[name] is not None and actual[name] is not None:
                 if int(declared[name]) != int(actual[name]):
@@ -233,6 +286,8 @@ class DPSchedule:
             steps_per_epoch=steps_per_epoch,
             sampling=sampling or getattr(optimizer, "sampling", None) or "poisson",
             one_pass_epochs=bool(one_pass_epochs),
+            privacy_unit=getattr(optimizer, "privacy_unit", None) or "example",
+            examples_per_user=actual["examples_per_user"] or declared["examples_per_user"],
         )
 
     # -- the rules -------------------------------------------------------------------------------
@@ -364,7 +419,8 @@ class DPSchedule:
         """How the batches are accounted, in words."""
         if self.poisson:
             rate = self.sampling_rate
-            return "Poisson sampling" + (f" at rate {rate:.6g}" if rate is not None else "")
+            what = "Poisson sampling of users" if self.user_level else "Poisson sampling"
+            return what + (f" at rate {rate:.6g}" if rate is not None else "")
         if self.one_pass_epochs:
             return "shuffled batches, each epoch one Gaussian mechanism (no amplification)"
         return "shuffled batches, each step one Gaussian mechanism (no amplification)"

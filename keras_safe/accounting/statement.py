@@ -9,10 +9,11 @@ registered accountants, as `compute_epsilon`'s do.
 import math
 import textwrap
 
-from keras_safe._validation import fail
+from keras_safe._validation import check_number, fail
 from keras_safe.accounting.accountants import check_accountant, epsilon_of
 from keras_safe.accounting.checks import check_noise, resolve_delta
-from keras_safe.accounting.schedule import DPSchedule, check_sampling
+from keras_safe.accounting.group import MAX_GROUP_SIZE, group_epsilon_of_segments
+from keras_safe.accounting.schedule import DPSchedule, check_privacy_unit, check_sampling
 
 __all__ = ["privacy_statement"]
 
@@ -32,7 +33,24 @@ _UNIT = (
     "any single example can change the distribution of everything training releases, including "
     "every intermediate model and checkpoint, not only the final one. It says nothing about a "
     "person who contributes several examples unless each person has one example: a person with "
-    "k examples is protected only at roughly k times this epsilon (group privacy)."
+    "k examples is protected only by group privacy, at a larger epsilon and delta (give the "
+    "user ids to fit, users=..., for that figure from the RDP curve), or train with "
+    "privacy_unit='user' for a guarantee that covers each user with all of their examples."
+)
+_USER_UNIT = (
+    "Unit of privacy: one user (all of their examples). Each step sampled users, not rows, "
+    "and clipped the sum of each sampled user's per-example gradients (at most "
+    "examples_per_user of their examples) to the clipping norm as one vector, so the guarantee "
+    "bounds how much any single user, with every example they contributed, can change the "
+    "distribution of everything training releases. It holds only if the user ids given with "
+    "the data tell people apart: one person under two ids counts as two users."
+)
+_GROUP_NOTE = (
+    "User-level epsilon of this example-level training by group privacy, for a user with up "
+    "to {k} examples ({source}): {eps:.4f} at delta = "
+    "{delta:.3g}, from the RDP curve of the whole run (Mironov 2017, 'Renyi Differential "
+    "Privacy', Proposition 2, for a group of {power}). Train with privacy_unit='user' for a "
+    "user-level guarantee at the first epsilon."
 )
 _POISSON_NOTE = (
     "(*) Poisson sampling: every example joins each step's batch independently with "
@@ -71,6 +89,8 @@ def privacy_statement(
     sampling_rate=None,
     sampling="poisson",
     ledger=None,
+    privacy_unit="example",
+    examples_per_user=None,
 ):
     """Writes a plain-language report of the privacy guarantee of DP-SGD settings or a ledger.
 
@@ -97,7 +117,13 @@ def privacy_statement(
         steps: number of noisy updates (with `sampling_rate`, instead of batch size/epochs).
         sampling_rate: probability that an example joins a given batch, in (0, 1].
         sampling: `"poisson"` (default) or `"shuffle"`: which figure is this run's.
-        ledger: a `keras_safe.privacy.PrivacyLedger`, to state what a model spent.
+        ledger: a `keras_safe.privacy.PrivacyLedger`, to state what a model spent (its unit
+            and, for example-level training with user ids given to `fit`, the user-level
+            epsilon by group privacy, come from the ledger).
+        privacy_unit: `"example"` (default) or `"user"`: then `num_examples` and `batch_size`
+            count users, and the statement is the user-level one.
+        examples_per_user: with `"example"`, the most examples one user has: the statement
+            adds the user-level epsilon by group privacy (from the RDP curve).
 
     Returns:
         A multi-paragraph string ending with a newline.
@@ -119,6 +145,7 @@ def privacy_statement(
             "noise_multiplier": noise_multiplier,
             "steps": steps,
             "sampling_rate": sampling_rate,
+            "examples_per_user": examples_per_user,
         }
         for name, value in given.items():
             if value is not None:
@@ -131,6 +158,14 @@ def privacy_statement(
         return _ledger_statement(ledger, delta, accountant)
 
     sampling = check_sampling(sampling)
+    user = check_privacy_unit(privacy_unit) == "user"
+    if user and examples_per_user is not None:
+        fail(
+            "examples_per_user",
+            examples_per_user,
+            "left out with privacy_unit='user' (the guarantee covers all of a user's examples)",
+            "leave it out; it gives the group-privacy figure of example-level training.",
+        )
     noise_multiplier = check_noise(noise_multiplier)
     schedule, steps = DPSchedule.from_arguments(
         num_examples, batch_size, epochs, steps, sampling_rate, noise_multiplier, sampling
@@ -149,15 +184,16 @@ def privacy_statement(
     )
     eps_run = schedule.epsilon(steps, delta, accountant)
 
+    units = "users" if user else "examples"
     if batch_size is not None:
         settings = (
-            f"DP-SGD over {num_examples} examples with an expected {batch_size} examples per "
+            f"DP-SGD over {num_examples} {units} with an expected {batch_size} {units} per "
             f"step (sampling rate {rate:.6g}), noise multiplier {noise_multiplier:g}, "
             f"for {epochs:g} epochs ({steps} noisy steps; an epoch is "
             f"{schedule.batches_per_epoch()} steps)."
         )
     else:
-        over = f" over {num_examples} examples" if num_examples is not None else ""
+        over = f" over {num_examples} {units}" if num_examples is not None else ""
         settings = (
             f"DP-SGD{over} with {steps} noisy steps at sampling rate {rate:.6g} "
             f"(about {passes:.4g} epochs), noise multiplier {noise_multiplier:g}."
@@ -172,19 +208,37 @@ def privacy_statement(
     paragraphs = [
         _fill(settings),
         _fill(
-            f"Example-level differential privacy, add-or-remove-one-example adjacency, at "
-            f"delta = {delta:.3g}, computed with {_method(accountant)} accounting.{delta_note}"
+            f"{'User' if user else 'Example'}-level differential privacy, add-or-remove-one-"
+            f"{'user' if user else 'example'} adjacency, at delta = {delta:.3g}, computed with "
+            f"{_method(accountant)} accounting.{delta_note}"
         )
         + "\n"
         + f"    epsilon assuming Poisson sampling (*):                 {eps_poisson:12.3f}\n"
-        + f"    epsilon with each example used once per epoch (**):   {eps_once_per_epoch:12.3f}\n"
+        + f"    epsilon with each {'user' if user else 'example'} used once per epoch (**):"
+        + f"{'      ' if user else '   '}{eps_once_per_epoch:12.3f}\n"
         + this_run,
-        _fill(_UNIT),
-        _fill(_POISSON_NOTE),
-        _fill(_SHUFFLE_NOTE),
-        _fill(_ASSUMPTIONS),
+        _fill(_USER_UNIT if user else _UNIT),
     ]
+    if examples_per_user is not None:
+        paragraphs.append(
+            _fill(_group_note(examples_per_user, [poisson.segment(steps)], delta, "given"))
+        )
+    paragraphs += [_fill(_POISSON_NOTE), _fill(_SHUFFLE_NOTE), _fill(_ASSUMPTIONS)]
     return "\n\n".join(paragraphs) + "\n"
+
+
+def _group_note(most, segments, delta, source):
+    """The group-privacy paragraph for users with up to `most` examples."""
+    most = int(check_number("examples_per_user", most, low=1, integer=True))
+    power = 2 ** math.ceil(math.log2(most))
+    if most > MAX_GROUP_SIZE:
+        return (
+            f"A user with up to {most} examples ({source}) is beyond what group privacy from "
+            f"RDP covers here (groups up to {MAX_GROUP_SIZE}): train with privacy_unit='user' "
+            "for a user-level guarantee."
+        )
+    eps = group_epsilon_of_segments(segments, most, delta)
+    return _GROUP_NOTE.format(k=most, eps=eps, delta=delta, power=power, source=source)
 
 
 def _ledger_statement(ledger, delta, accountant):
@@ -196,6 +250,7 @@ def _ledger_statement(ledger, delta, accountant):
     if not segments:
         return _fill("The privacy ledger holds no noisy step yet: epsilon is 0.") + "\n"
     epsilon = ledger.epsilon(delta, accountant)
+    units = "users" if getattr(ledger, "privacy_unit", None) == "user" else "examples"
     lines = []
     for s in segments:
         how = (
@@ -205,7 +260,7 @@ def _ledger_statement(ledger, delta, accountant):
         )
         seeded = ", seeded noise or sampling (not private)" if s["seeded"] else ""
         lines.append(
-            f"  - {s['steps']} steps over {s['num_examples']} examples, {how}, accounted noise "
+            f"  - {s['steps']} steps over {s['num_examples']} {units}, {how}, accounted noise "
             f"multiplier {s['noise_multiplier']:.6g}{seeded}"
         )
     kinds = {"shuffled" if s["shuffled"] else "Poisson" for s in segments}
@@ -223,6 +278,8 @@ def _ledger_statement(ledger, delta, accountant):
         if statistics
         else ""
     )
+    user = getattr(ledger, "privacy_unit", None) == "user"
+    unit = "user" if user else "example"
     paragraphs = [
         _fill(
             f"DP-SGD as recorded in the model's privacy ledger: {total} noisy steps in "
@@ -231,13 +288,18 @@ def _ledger_statement(ledger, delta, accountant):
         + "\n"
         + "\n".join(lines),
         _fill(
-            "Example-level differential privacy, "
+            f"{unit.capitalize()}-level differential privacy, "
             + (
-                "add-or-remove-one-example adjacency (zero-out adjacency, the number of "
-                "examples public, for steps with microbatches)"
+                f"add-or-remove-one-{unit} adjacency"
+                + (
+                    ""
+                    if user
+                    else " (zero-out adjacency, the number of examples public, for "
+                    "steps with microbatches)"
+                )
                 if kinds == {"Poisson"}
-                else "zero-out adjacency (one example replaced by one that contributes nothing, "
-                "the number of examples public)"
+                else f"zero-out adjacency (one {unit} replaced by one that contributes nothing, "
+                f"the number of {unit}s public)"
             )
             + f", at delta = {delta:.3g}, computed with {_method(accountant)} accounting over "
             "every segment (heterogeneous composition)."
@@ -246,8 +308,13 @@ def _ledger_statement(ledger, delta, accountant):
         + f"    epsilon spent after {total} steps: {epsilon:.4f}"
         + statistics_line
         + budget_line,
-        _fill(_UNIT),
+        _fill(_USER_UNIT if user else _UNIT),
     ]
+    most = getattr(ledger, "max_user_examples", None)
+    if most and not user:
+        segments = [(s["noise_multiplier"], s["sampling_rate"], s["events"]) for s in segments]
+        source = "the most one user has in the data given to fit"
+        paragraphs.append(_fill(_group_note(most, segments, delta, source)))
     if "Poisson" in kinds:
         paragraphs.append(_fill(_POISSON_NOTE))
     if "shuffled" in kinds:

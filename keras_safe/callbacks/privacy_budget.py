@@ -186,7 +186,7 @@ class PrivacyBudget(keras.callbacks.Callback):
             print(
                 f"PrivacyBudget: epsilon={self.epsilon:.4f} at delta={self._delta_used:.3g} "
                 f"after {self.steps} noisy steps ({self._accountant().upper()} accountant, "
-                f"{self._sampling_label()})."
+                f"{self._sampling_label()}; unit of privacy: {self._unit_label()})."
             )
 
     # -- figures ---------------------------------------------------------------------------
@@ -267,9 +267,19 @@ class PrivacyBudget(keras.callbacks.Callback):
             self._announced = True
             print(
                 f"PrivacyBudget: delta not given; using delta = 1/n^1.1 = {delta:.3g} for "
-                f"n = {n} training examples."
+                f"n = {n} "
+                + ("users." if self._unit_label().startswith("one user") else "training examples.")
             )
         return delta
+
+    def _unit_label(self):
+        ledger = self._ledger()
+        if ledger is not None and ledger.privacy_unit == "user":
+            return "one user (all of their examples)"
+        dp = find_dp_optimizer(getattr(self.model, "optimizer", None))
+        if getattr(dp, "privacy_unit", None) == "user":
+            return "one user (all of their examples)"
+        return "one training example"
 
     def _num_examples(self):
         settings = state.data_settings(self.model)

@@ -20,7 +20,7 @@ import tensorflow as tf
 from keras_safe._validation import STEP_REFUSED, PrivacyError, check_choice, check_number, fail
 from keras_safe.accounting import DPSchedule, accountant_names, default_delta, epsilon_of
 from keras_safe.accounting.checks import check_delta
-from keras_safe.accounting.schedule import check_sampling
+from keras_safe.accounting.schedule import check_privacy_unit, check_sampling
 from keras_safe.optimizers import noise, provenance, replicas
 from keras_safe.optimizers.noise import fresh_seed
 from keras_safe.optimizers.wrapper import OptimizerWrapper, innermost, optimizer_chain
@@ -51,6 +51,8 @@ DP_ARGUMENTS = (
     "sampling",
     "noise_calibrated",
     "secure_noise",
+    "privacy_unit",
+    "examples_per_user",
 )
 
 
@@ -140,6 +142,15 @@ class DPOptimizer(OptimizerWrapper):
             and their sum is exact in float64 (`snapped_gaussian_sum`; the factor covers the
             rounding of the sum, by which one example can move it by at most `g sqrt(d)` more).
             About twice the cost of the default noise draw; one device only.
+        privacy_unit: `"example"` (the default: the guarantee covers one training example) or
+            `"user"`: it covers one user with all of their examples. Then `num_examples` and
+            `batch_size` count users, batches carry user ids
+            (`keras_safe.privacy.poisson_batches(x, y, users=ids, examples_per_user=k)`, or
+            `fit(x, y, users=ids)` on arrays), each step samples users (not rows), and the sum
+            of each sampled user's per-example gradients (at most `examples_per_user` of
+            their examples, drawn at random) is clipped to `l2_norm_clip` as one vector.
+        examples_per_user: with `privacy_unit="user"`: the most examples of one user a step
+            uses (the rows of a user's slot in the batch); read from the data when not given.
         noise_calibrated: set in saved configs: True when `noise_multiplier` was calibrated
             from `target_epsilon` (it is calibrated again, for what is left, at the next
             `fit`).
@@ -179,6 +190,8 @@ class DPOptimizer(OptimizerWrapper):
         sampling=None,
         noise_calibrated=False,
         secure_noise=False,
+        privacy_unit="example",
+        examples_per_user=None,
         name=None,
         **kwargs,
     ):
@@ -226,6 +239,26 @@ class DPOptimizer(OptimizerWrapper):
             )
         )
         self.sampling = None if sampling is None else check_sampling(sampling)
+        self.privacy_unit = check_privacy_unit(privacy_unit or "example")
+        self.examples_per_user = check_number(
+            "examples_per_user", examples_per_user, low=1, integer=True, allow_none=True
+        )
+        if self.examples_per_user is not None and self.privacy_unit != "user":
+            fail(
+                "examples_per_user",
+                self.examples_per_user,
+                "given with privacy_unit='user' only",
+                "pass privacy_unit='user' for user-level privacy, or leave examples_per_user "
+                "out (for the user-level epsilon of example-level training, pass users=... to "
+                "fit).",
+            )
+        if self.privacy_unit == "user" and self.num_microbatches:
+            fail(
+                "num_microbatches",
+                self.num_microbatches,
+                "None with privacy_unit='user' (each user's examples are clipped together)",
+                "leave num_microbatches out for user-level privacy.",
+            )
         if self.num_examples and self.batch_size and self.batch_size > self.num_examples:
             fail("batch_size", self.batch_size, f"at most num_examples ({self.num_examples})")
         if seed is not None:
@@ -281,12 +314,15 @@ class DPOptimizer(OptimizerWrapper):
         steps_per_epoch=None,
         sampling=None,
         one_pass_epochs=False,
+        examples_per_user=None,
     ):
         """The `DPSchedule` of this optimizer on data of the given size (declared values are
-        checked against it); `sampling`: what the data is known to be, else this optimizer's."""
+        checked against it); `sampling`: what the data is known to be, else this optimizer's.
+        With `privacy_unit="user"`, sizes count users."""
         return DPSchedule.from_optimizer(
-            self, num_examples, batch_size, steps_per_epoch, sampling, one_pass_epochs
-        )
+            self, num_examples, batch_size, steps_per_epoch, sampling, one_pass_epochs,
+            examples_per_user,
+        )  # fmt: skip
 
     def calibrate(self, schedule, epochs, prior=(), delta=None, accountant=None):
         """Sets (or checks) `noise_multiplier` so that `prior` segments (what the model spent
@@ -493,6 +529,9 @@ class DPOptimizer(OptimizerWrapper):
         config = {key: getattr(self, key) for key in DP_ARGUMENTS}
         if not self.noise_calibrated:
             config.pop("noise_calibrated")
+        if self.privacy_unit == "example":
+            config.pop("privacy_unit")
+            config.pop("examples_per_user")
         return config
 
     def get_config(self):

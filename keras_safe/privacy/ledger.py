@@ -42,6 +42,9 @@ NO_LIMIT = 2**62
 _NAME_LENGTH = 16  # the accountant's name, stored as character codes
 # The variables of a ledger saved before the budget, the accountant and shuffled batches.
 _LEGACY_VARIABLES = 9
+# The variables of a ledger saved before the privacy unit was recorded (the unit: examples).
+_BEFORE_UNITS = 18
+UNITS = ("example", "user")  # stored as 1 and 2; 0: no step charged yet
 
 # How a step refused by the budget is told apart (no quote marks: TensorFlow escapes them).
 BUDGET_SPENT = "the privacy budget in the privacy ledger of the model does not allow it"
@@ -136,6 +139,10 @@ class PrivacyLedger(keras.layers.Layer):
         self._release_ids = weight("statistics_release_ids", "int64")
         self._release_epsilon = weight("statistics_release_epsilon", "float64")
         self._releases_used = weight("statistics_releases_used", "int64", ())
+        # The unit of privacy of every segment (one ledger, one unit), and for example-level
+        # training on data whose user ids were given, the most examples of one user.
+        self._unit = weight("privacy_unit", "int64", ())
+        self._user_examples = weight("max_user_examples", "int64", ())
         self.built = True
         self._cache = {}
         self._active = None
@@ -143,17 +150,28 @@ class PrivacyLedger(keras.layers.Layer):
     # -- writing (the train step) ----------------------------------------------------------------
 
     @tf.autograph.experimental.do_not_convert
-    def slot(self, noise_multiplier, sampling_rate, num_examples, seeded=False, shuffled=False):
+    def slot(
+        self,
+        noise_multiplier,
+        sampling_rate,
+        num_examples,
+        seeded=False,
+        shuffled=False,
+        privacy_unit="example",
+    ):
         """The segment index for these settings, allocated if new, and given the budget's gate.
 
         Runs eagerly even while a train function is being traced (the allocation happens once,
         at trace time); the returned index is then a constant of the traced step.
+        `privacy_unit`: what `num_examples` counts and the guarantee covers (`"example"` or
+        `"user"`); a ledger holds one unit.
 
         Raises:
-            PrivacyError: when the ledger is full.
+            PrivacyError: when the ledger is full, or holds steps of the other unit.
         """
         noise, rate = float(noise_multiplier), float(sampling_rate)
         examples, seeded, shuffled = int(num_examples), int(bool(seeded)), int(bool(shuffled))
+        self._require_unit(privacy_unit)
         with tf.init_scope():
             used = int(self._used.numpy())
             noises, rates = self._noise.numpy(), self._rate.numpy()
@@ -190,6 +208,44 @@ class PrivacyLedger(keras.layers.Layer):
                 index = used
             self.activate(index)
         return index
+
+    def _require_unit(self, privacy_unit):
+        if privacy_unit not in UNITS:
+            fail("privacy_unit", privacy_unit, f"one of {UNITS}")
+        held = self.privacy_unit
+        if held is not None and held != privacy_unit:
+            raise PrivacyError(
+                f"This model's privacy ledger accounts steps that protect one {held}, and this "
+                f"step protects one {privacy_unit}: their guarantees do not compose into one "
+                "statement, so keras_safe does not mix them. Nothing was trained. Fix: train "
+                f"with privacy_unit='{held}' as before, or train a fresh model (or call "
+                "get_ledger(model).reset() on one that never saw the data)."
+            )
+        with tf.init_scope():
+            self._unit.assign(UNITS.index(privacy_unit) + 1)
+
+    @property
+    def privacy_unit(self):
+        """What the ledger's guarantee covers: `"example"` or `"user"` (None before any
+        step; ledgers saved before units were recorded hold examples)."""
+        unit = int(_read(self._unit))
+        if unit:
+            return UNITS[unit - 1]
+        return "example" if self.steps else None
+
+    def record_user_examples(self, count):
+        """Records that one user has up to `count` examples in the data of example-level
+        training (the largest count given so far is kept): the statement then also gives the
+        user-level epsilon by group privacy."""
+        count = int(check_number("count", count, low=1, integer=True))
+        with tf.init_scope():
+            self._user_examples.assign(max(count, int(_read(self._user_examples))))
+        self._cache.clear()
+
+    @property
+    def max_user_examples(self):
+        """The most examples of one user recorded (`record_user_examples`), else None."""
+        return int(_read(self._user_examples)) or None
 
     def activate(self, slot):
         """Gives segment `slot` every further step the budget allows (the other segments
@@ -584,6 +640,11 @@ class PrivacyLedger(keras.layers.Layer):
             for i, variable in enumerate(variables[:_LEGACY_VARIABLES]):
                 variable.assign(store[f"{i}"])
             self._events.assign(_read(self._steps))
+        elif len(store.keys()) == _BEFORE_UNITS:  # saved before units: every step an example's
+            for i, variable in enumerate(variables[:_BEFORE_UNITS]):
+                variable.assign(store[f"{i}"])
+            self._unit.assign(1 if int(np.sum(_read(self._steps))) else 0)
+            self._user_examples.assign(0)
         else:
             super().load_own_variables(store)
         self._cache.clear()

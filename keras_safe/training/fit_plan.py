@@ -13,7 +13,7 @@ import tensorflow as tf
 
 from keras_safe._validation import PrivacyError, fail, step_refusal
 from keras_safe.optimizers.dp import find_dp_optimizer
-from keras_safe.privacy.ledger import BUDGET_SPENT
+from keras_safe.privacy.ledger import BUDGET_SPENT, get_ledger
 from keras_safe.privacy.sampling import default_max_batch_size, epoch_batches, poisson_info
 from keras_safe.training import distribution, ownership, preflight, state
 
@@ -87,6 +87,7 @@ def describe_data(x, batch_size=None, validation_split=0.0, steps_per_epoch=None
             poisson=True,
             padded=info.pad_to_multiple_of is None,
             seeded=info.seeded,
+            examples_per_user=getattr(info, "examples_per_user", None),
         )
     if isinstance(x, tf.data.Dataset):
         cardinality = int(x.cardinality())
@@ -128,14 +129,90 @@ def _class_weights(y, class_weight):
     return np.asarray([table.get(int(c), 1.0) for c in classes.reshape(len(y))], "float32")
 
 
-def poisson_fit_arguments(model, dp, params):
+def check_users(model, dp, params, users):
+    """Checks `fit`'s `users=` (one user id per row of the arrays) against the DP optimizer.
+
+    With `privacy_unit="user"`: arrays need `users` (a dataset carries its ids itself: build it
+    with `keras_safe.privacy.poisson_batches(..., users=...)`), and `examples_per_user` must be
+    declared on the DP optimizer. With example-level privacy, `users` records in the model's
+    ledger the most examples one user has, so that the privacy statement also gives the
+    user-level epsilon by group privacy.
+
+    Raises:
+        keras_safe._validation.ArgumentError: naming `users` or `examples_per_user`.
+    """
+    x = params["x"]
+    user_level = getattr(dp, "privacy_unit", "example") == "user"
+    arrays = is_array_data(x)
+    if users is None:
+        if user_level and arrays:
+            fail(
+                "users",
+                None,
+                "one user id per row of x, since the DP optimizer has privacy_unit='user'",
+                "pass fit(x, y, users=ids), or train on "
+                "keras_safe.privacy.poisson_batches(x, y, users=ids, examples_per_user=k).",
+            )
+        return None
+    if not arrays:
+        fail(
+            "users",
+            "given with a dataset",
+            "given with arrays only (a dataset's batches carry their user ids)",
+            "build the dataset with keras_safe.privacy.poisson_batches(x, y, users=ids, "
+            "examples_per_user=k), or pass arrays to fit.",
+        )
+    ids = np.asarray(users)
+    rows = _rows(x)
+    if ids.ndim != 1 or len(ids) != rows or not np.issubdtype(ids.dtype, np.integer):
+        fail("users", f"shape {ids.shape}, dtype {ids.dtype}", f"{rows} integer ids, one per row")
+    if user_level:
+        if ids.min() < 0:
+            fail(
+                "users",
+                f"ids down to {ids.min()}",
+                "ids >= 0 (-1 marks padding rows in user-level batches)",
+                "renumber them, for example with np.unique(ids, return_inverse=True)[1].",
+            )
+        if wants_fixed_batches(dp, params["shuffle"]):
+            fail(
+                "shuffle",
+                params["shuffle"],
+                "left to the private fit with privacy_unit='user' (it samples users)",
+                "leave shuffle out (and sampling unset on the DP optimizer).",
+            )
+        if not dp.examples_per_user:
+            fail(
+                "examples_per_user",
+                None,
+                "declared on the DP optimizer with privacy_unit='user' for fit on arrays",
+                "pass examples_per_user=k (the most examples of one user a step uses).",
+            )
+        return ids
+    if params["validation_split"]:
+        ids = ids[: _split_at(rows, params["validation_split"])]
+    most = int(np.max(np.unique(ids, return_counts=True)[1]))
+    get_ledger(model, create=True).record_user_examples(most)
+    return None
+
+
+def _user_sampling(dp, users):
+    """`epoch_batches`' user-level arguments (none for example-level sampling)."""
+    if users is None:
+        return {}
+    return {"users": users, "examples_per_user": dp.examples_per_user}
+
+
+def poisson_fit_arguments(model, dp, params, users=None):
     """The arguments of a private `fit` on arrays with the arrays replaced by Poisson batches.
 
     Every epoch of `fit` iterates `keras_safe.privacy.sampling.epoch_batches` once: `ceil(n /
     batch_size)` fresh Poisson samples (or `steps_per_epoch`) at rate `batch_size / n`, the
     batches the reported epsilon assumes. `validation_split` is taken from the arrays as Keras
     takes it (the last fraction), `class_weight` becomes per-example weights, and `shuffle` is
-    set to False (the dataset shuffles by sampling, so Keras has nothing to shuffle).
+    set to False (the dataset shuffles by sampling, so Keras has nothing to shuffle). With
+    `users` (user-level privacy), the batches sample users and lay out each sampled user's
+    examples in a slot of `examples_per_user` rows (`keras_safe.privacy.epoch_batches`).
 
     Batches are not padded to one shape (a dynamic batch dimension, as fast as Keras's own
     batches) except under XLA (`model.jit_compile`) or a strategy with several replicas, where
@@ -170,7 +247,7 @@ def poisson_fit_arguments(model, dp, params):
         def head(part):
             return None if part is None else keras.tree.map_structure(lambda a: a[:at], part)
 
-        x, y, weights = head(x), head(y), head(weights)
+        x, y, weights, users = head(x), head(y), head(weights), head(users)
         rows = at
     _require_examples(rows, split)
     if params["class_weight"] is not None:
@@ -184,7 +261,8 @@ def poisson_fit_arguments(model, dp, params):
         if y is None or len(keras.tree.flatten(y)) != 1:
             fail("class_weight", params["class_weight"], "used with a single target array")
         weights = _class_weights(keras.tree.flatten(y)[0], params["class_weight"])
-    batch = min(int(params["batch_size"] or _KERAS_BATCH_SIZE), rows)
+    units = rows if users is None else len(np.unique(users))
+    batch = min(int(params["batch_size"] or _KERAS_BATCH_SIZE), units)
     strategy = getattr(model, "distribute_strategy", None)
     replicas = int(getattr(strategy, "num_replicas_in_sync", 1) or 1)
     groups = dp.num_microbatches
@@ -204,6 +282,7 @@ def poisson_fit_arguments(model, dp, params):
             max_batch_size=max_rows,
             strategy=strategy if replicas > 1 else None,
             pad_to_multiple_of=multiple,
+            **_user_sampling(dp, users),
         ),
         y=None,
         sample_weight=None,
@@ -532,6 +611,8 @@ class PrivacyGuard(keras.callbacks.Callback):
             )
 
     def _check_batch_sizes(self, first):
+        if self._schedule.user_level:
+            return  # rows are examples, the sampling counts users: checked in the step
         rows, steps = self._rows_and_steps()
         rows -= self._start_rows[0]
         steps -= self._start_rows[1]

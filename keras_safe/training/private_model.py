@@ -80,7 +80,10 @@ def private_fit(model, fit, *args, **kwargs):
     opt-in is given; a `tf.data.Dataset` is passed with `shuffle=False` (Keras would only warn
     that it ignores `shuffle`).
     """
+    users = kwargs.pop("users", None)
     if not state.is_private(model):
+        if users is not None:
+            fail("users", "given", "given to a private model's fit", "call make_private first.")
         return fit(*args, **kwargs)
     bound = _FIT_SIGNATURE.bind(model, *args, **kwargs)
     bound.apply_defaults()
@@ -88,13 +91,14 @@ def private_fit(model, fit, *args, **kwargs):
     params.pop("self")
     dp = find_dp_optimizer(getattr(model, "optimizer", None))
     x = params["x"]
+    users = fit_plan.check_users(model, dp, params, users)  # None for example-level training
     if (
         dp is not None
         and fit_plan.is_array_data(x)
         and not fit_plan.wants_fixed_batches(dp, params["shuffle"])
     ):
         arrays = (x, params["y"], params["sample_weight"])
-        params = fit_plan.poisson_fit_arguments(model, dp, params)
+        params = fit_plan.poisson_fit_arguments(model, dp, params, users)
         # Verified on the arrays' first examples (a weighted sample may hold few of them).
         preflight.ensure_verified(model, *arrays)
     elif isinstance(x, (tf.data.Dataset, tf.distribute.DistributedDataset)):

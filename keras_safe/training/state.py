@@ -50,7 +50,10 @@ class DataSettings:
     batches (`fixed`: arrays in Keras's own batches), each epoch of which is one pass over the
     data (`one_pass`). `padded`: every batch has the same number of rows (Poisson samples
     padded to one size, so the number of rows says nothing of the data); `seeded`: the batches
-    were drawn from a seed given by the user.
+    were drawn from a seed given by the user; `examples_per_user`: user-level batches (slots of
+    that many rows, one user's examples each; `num_examples` and `batch_size` then count
+    users), else None. `max_user_examples`: for example-level training on data whose user ids
+    were given, the most examples one user has (for the user-level epsilon by group privacy).
     """
 
     num_examples: int = None
@@ -61,6 +64,8 @@ class DataSettings:
     one_pass: bool = False
     padded: bool = False
     seeded: bool = False
+    examples_per_user: int = None
+    max_user_examples: int = None
 
 
 @dataclasses.dataclass(eq=False)
@@ -160,7 +165,14 @@ def step_mode(model, dp):
     charges; a change of any rebuilds the step, so the step and the ledger agree."""
     settings = tuple(
         getattr(dp, name, None)
-        for name in ("noise_multiplier", "l2_norm_clip", "num_microbatches", "sampling")
+        for name in (
+            "noise_multiplier",
+            "l2_norm_clip",
+            "num_microbatches",
+            "sampling",
+            "privacy_unit",
+            "examples_per_user",
+        )
     )
     return (step_settings(model), settings, id(get_ledger(model)))
 
@@ -236,7 +248,9 @@ def current_schedule(model, dp):
         # declares them Poisson samples; else each step is a Gaussian mechanism of its own.
         # The size of the data and the batch default to those of the model's last fit.
         last = data_settings(model) or DataSettings()
-        settings = DataSettings(last.num_examples, last.batch_size)
+        settings = DataSettings(
+            last.num_examples, last.batch_size, examples_per_user=last.examples_per_user
+        )
         sampling = getattr(dp, "sampling", None) or "shuffle"
     else:
         # Known Poisson samples, Keras's fixed batches of arrays, or a pipeline keras_safe
@@ -254,6 +268,7 @@ def current_schedule(model, dp):
         settings.steps_per_epoch,
         sampling=sampling,
         one_pass_epochs=settings.one_pass,
+        examples_per_user=settings.examples_per_user,
     )
     if not schedule.known:
         raise PrivacyError(
@@ -315,6 +330,7 @@ def ledger_slot(model, dp, schedule):
         schedule.num_examples,
         dp.seeded or getattr(step_settings(model), "seeded", False),
         shuffled=not schedule.poisson,
+        privacy_unit=schedule.privacy_unit,
     )
     return ledger, slot
 

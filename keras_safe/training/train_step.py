@@ -29,7 +29,7 @@ __all__ = ["dp_gradients", "train_step"]
 
 
 @tf.autograph.experimental.do_not_convert
-def dp_gradients(model, x, y=None, sample_weight=None, return_outputs=False):
+def dp_gradients(model, x, y=None, sample_weight=None, return_outputs=False, users=None):
     """DP-SGD gradients for one batch: clipped per example, noised and averaged.
 
     For custom training loops and custom `train_step`s. Uses the DP optimizer the model is
@@ -45,6 +45,10 @@ def dp_gradients(model, x, y=None, sample_weight=None, return_outputs=False):
         y: the batch's targets.
         sample_weight: optional per-example weights.
         return_outputs: also return `(per_example_losses, y_pred)`.
+        users: with `privacy_unit="user"` on the DP optimizer, the user id of each row: the
+            batch is laid out in slots of `examples_per_user` rows, one user's examples per
+            slot (padding rows of weight 0), as `keras_safe.privacy.poisson_batches(...,
+            users=...)` yields it (its fourth element).
 
     Returns:
         A list of gradients aligned with `model.trainable_variables` (and the outputs).
@@ -68,19 +72,23 @@ def dp_gradients(model, x, y=None, sample_weight=None, return_outputs=False):
     """
     if tf.executing_eagerly():
         preflight.ensure_verified(model, x, y, sample_weight)
-    _, _, _, grads, losses, y_pred = _private_step(model, x, y, sample_weight)
+    _, _, _, grads, losses, y_pred = _private_step(model, x, y, sample_weight, users)
     if return_outputs:
         return grads, (losses, y_pred)
     return grads
 
 
 def train_step(model, data):
-    """One training step of `model` on `data` (Keras's `train_step` contract)."""
+    """One training step of `model` on `data` (Keras's `train_step` contract; a fourth element,
+    the rows' user ids, for user-level privacy)."""
+    data, users = split_users(data)
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
     variables = model.trainable_variables
     loss_stage = _loss_stage(model)
     if state.is_private(model):
-        x, y, sample_weight, grads, losses, y_pred = _private_step(model, x, y, sample_weight)
+        x, y, sample_weight, grads, losses, y_pred = _private_step(
+            model, x, y, sample_weight, users
+        )
         dp = find_dp_optimizer(getattr(model, "optimizer", None))
         state.safe_state(model).traced_for = state.step_mode(model, dp)
         if loss_stage is None:
@@ -91,6 +99,12 @@ def train_step(model, data):
         else:
             loss = _stage_loss(model, losses)
     else:
+        if users is not None:
+            raise PrivacyError(
+                f"{model.name} got batches with user ids (a fourth element), but it is not "
+                "private, so nothing would use them. Fix: make it private with a DP optimizer "
+                "with privacy_unit='user' (keras_safe.privacy.make_private), or drop the ids."
+            )
         x, y, sample_weight = _run_data_stages(model, x, y, sample_weight)
         prepared = _prepare(loss_stage, model, x, y, sample_weight)
         with tf.GradientTape() as tape:
@@ -122,7 +136,15 @@ def train_step(model, data):
     return distribution.logs_for_fit(logs)
 
 
-def _private_step(model, x, y, sample_weight):
+def split_users(data):
+    """`(data, users)`: a batch `(x, y, sample_weight, users)` of a user-level dataset split
+    into Keras's three elements and the rows' user ids (None for any other batch)."""
+    if isinstance(data, (tuple, list)) and len(data) == 4:
+        return tuple(data[:3]), data[3]
+    return data, None
+
+
+def _private_step(model, x, y, sample_weight, users=None):
     """The data stages and the DP release of one batch: `(x, y, sample_weight, grads, losses,
     y_pred)`, with the batch as the stages left it.
 
@@ -131,8 +153,8 @@ def _private_step(model, x, y, sample_weight):
     step, traced again when what it was traced with changes.
     """
     if not tf.executing_eagerly():
-        return _traced_private_step(model, x, y, sample_weight)
-    args = tf.nest.map_structure(_as_tensor, (x, y, sample_weight))
+        return _traced_private_step(model, x, y, sample_weight, users)
+    args = tf.nest.map_structure(_as_tensor, (x, y, sample_weight, users))
     if model.trainable_variables:  # (an unbuilt model is built, then settled, when traced)
         ownership.settle_ledger(model)  # weights shared or copied in since the last step
     function = _eager_step(model)
@@ -182,7 +204,9 @@ def _eager_step(model):
         # Without AutoGraph, as Keras's own train step runs (Keras is not converted): the step
         # has no Python control flow on tensors, and converting keras_safe's code took seconds.
         function = tf.function(
-            lambda x, y, sample_weight: _traced_private_step(model, x, y, sample_weight),
+            lambda x, y, sample_weight, users: _traced_private_step(
+                model, x, y, sample_weight, users
+            ),
             reduce_retracing=True,
             autograph=False,
         )
@@ -190,12 +214,12 @@ def _eager_step(model):
     return cached[1]
 
 
-def _traced_private_step(model, x, y, sample_weight):
-    preflight.require_dense(model, (x, y, sample_weight))
+def _traced_private_step(model, x, y, sample_weight, users=None):
+    preflight.require_dense(model, (x, y, sample_weight, users))
     watch = _Watch((x, y, sample_weight))
     x, y, sample_weight = _run_data_stages(model, x, y, sample_weight)
     prepared = _prepare(_loss_stage(model), model, x, y, sample_weight)
-    grads, losses, y_pred = _private_gradients(model, x, y, sample_weight, watch, prepared)
+    grads, losses, y_pred = _private_gradients(model, x, y, sample_weight, watch, prepared, users)
     return x, y, sample_weight, grads, losses, y_pred
 
 
@@ -281,7 +305,7 @@ def _stage_loss(model, losses):
     return loss
 
 
-def _private_gradients(model, x, y, sample_weight, watch, prepared=None):
+def _private_gradients(model, x, y, sample_weight, watch, prepared=None, users=None):
     """The DP release of one batch, with the ledger charged; `(grads, losses, y_pred)`.
 
     Refused when the step is traced if `watch` cannot prove its examples apart; at run time,
@@ -310,10 +334,17 @@ def _private_gradients(model, x, y, sample_weight, watch, prepared=None):
     fallback = state.fallback_mode(model)
     if fallback is not None:
         options["fallback"] = fallback
-    _check_microbatches(x, groups)
+    per_user = user_slots(model, schedule, users, sample_weight)
+    _check_microbatches(x, groups or per_user)
     distribution.check_batch_is_split(x)
     clipped, losses, y_pred, norms = clipped_gradient_sum(
-        model, variables, forward, dp.l2_norm_clip, num_microbatches=groups, **options
+        model,
+        variables,
+        forward,
+        dp.l2_norm_clip,
+        num_microbatches=groups,
+        examples_per_user=per_user,
+        **options,
     )
     # Under Poisson sampling the number of rows is itself private, unless padded to one size.
     padded = getattr(state.step_settings(model), "padded", False)
@@ -321,7 +352,7 @@ def _private_gradients(model, x, y, sample_weight, watch, prepared=None):
     # The model's budget and the segment of this schedule, gated in the charge below.
     ownership.settle_ledger(model)  # shared or copied weights answer to one ledger
     ledger, slot = state.ledger_slot(model, dp, schedule)
-    checks, batch_ok = _batch_checks(model, x, sample_weight, schedule, dp)
+    checks, batch_ok = _batch_checks(model, x, sample_weight, schedule, dp, users)
     with tf.control_dependencies(checks):
         in_fit = state.step_settings(model) is not None  # else batches the caller gave
         charged = ledger.charge(slot, rows=_rows(x, sample_weight), in_epoch=in_fit)
@@ -333,9 +364,10 @@ def _private_gradients(model, x, y, sample_weight, watch, prepared=None):
     # Only real examples count: padding rows (weight 0) repeat an example's data.
     bad = ~tf.math.is_finite(norms)
     if sample_weight is not None and not groups:
+        # A unit (an example, or a user's slot) counts when any of its rows has a weight.
         weights = tf.cast(keras.tree.flatten(sample_weight)[0], tf.float32)
         weights = tf.reshape(weights, [tf.shape(bad)[0], -1])
-        bad = tf.logical_and(bad, tf.reduce_max(weights, axis=1) > 0)
+        bad = tf.logical_and(bad, tf.reduce_max(tf.abs(weights), axis=1) > 0)
     ledger.record_nonfinite(tf.reduce_sum(tf.cast(bad, tf.int64)))
     # The release waits for the charge: a step the ledger refuses releases nothing.
     with tf.control_dependencies([c for c in charged if c is not None]):
@@ -354,17 +386,115 @@ def _rows(x, sample_weight):
     """Examples in the batch: rows with a nonzero weight in any output's weights (Poisson
     padding has weight 0 everywhere; a negative or non-finite weight still enters the step)."""
     first = next(t for t in keras.tree.flatten(x) if t is not None)
+    return tf.reduce_sum(tf.cast(_row_used(first, sample_weight), tf.int32))
+
+
+def user_slots(model, schedule, users, sample_weight):
+    """The rows of a user's slot for a user-level step (None for an example-level one).
+
+    Raises:
+        keras_safe._validation.PrivacyError: user ids without user-level privacy, user-level
+            privacy without user ids or weights (which mark a slot's padding rows), or an
+            unknown slot size.
+    """
+    if not schedule.user_level:
+        if users is not None:
+            raise PrivacyError(
+                f"{model.name} got batches with user ids, but its DP optimizer protects one "
+                "example (privacy_unit='example'), so the guarantee would not be the user-level "
+                "one the ids suggest. Nothing was trained. Fix: pass privacy_unit='user' to the "
+                "DP optimizer for user-level privacy, or train on batches without ids (for the "
+                "user-level epsilon of example-level training, pass users=... to fit on "
+                "arrays)."
+            )
+        return None
+    if users is None or sample_weight is None:
+        raise PrivacyError(
+            f"{model.name} trains with privacy_unit='user', but this batch has no "
+            + ("user ids" if users is None else "sample weights (they mark padding rows)")
+            + ", so keras_safe cannot tell whose examples it holds. Nothing was trained. Fix: "
+            "train on keras_safe.privacy.poisson_batches(x, y, users=ids, examples_per_user=k) "
+            "or fit(x, y, users=ids) on arrays (dp_gradients and train_on_batch take "
+            "users=... and sample_weight=... with the same slot layout)."
+        )
+    context = tf.distribute.get_replica_context()
+    if tf.distribute.in_cross_replica_context() or (
+        context is not None and context.num_replicas_in_sync > 1
+    ):
+        raise PrivacyError(
+            f"{model.name} trains with privacy_unit='user' under a tf.distribute strategy with "
+            "several replicas, where one user's slots could reach two replicas unchecked. "
+            "Nothing was trained. Fix: train user-level models on one device."
+        )
+    if not schedule.examples_per_user:
+        raise PrivacyError(
+            f"{model.name} trains with privacy_unit='user', but the rows of a user's slot are "
+            "not known. Fix: declare examples_per_user=... on the DP optimizer, or train on "
+            "keras_safe.privacy.poisson_batches(..., users=ids, examples_per_user=k)."
+        )
+    return int(schedule.examples_per_user)
+
+
+def _user_checks(users, sample_weight, size, limit, how):
+    """In-step assertions of a user-level batch: the rows of each slot of `size` rows that
+    have a weight belong to one user, no user has rows in two slots, and at most `limit`
+    slots hold a user. Returns `(assertions, ok)`."""
+    first = keras.tree.flatten(users)[0]
+    ids = tf.reshape(tf.cast(first, tf.int64), [-1, size])
+    real = tf.reshape(_row_used(first, sample_weight), [-1, size])
+    big = tf.constant(2**62, tf.int64)
+    low = tf.reduce_min(tf.where(real, ids, big), axis=1)
+    high = tf.reduce_max(tf.where(real, ids, -big), axis=1)
+    filled = tf.reduce_any(real, axis=1)
+    one_user = tf.reduce_all(tf.logical_or(~filled, tf.equal(low, high)))
+    owners = tf.boolean_mask(low, filled)
+    distinct = tf.equal(tf.size(tf.unique(owners).y), tf.size(owners))
+    count = _sum_over_replicas(tf.reduce_sum(tf.cast(filled, tf.int64)))
+    within = count <= limit
+    refused = f"{STEP_REFUSED}"
+    fix = (
+        " Nothing was applied or charged. Fix: train on keras_safe.privacy.poisson_batches(x, "
+        f"y, users=ids, examples_per_user={size}), whose batches put each sampled user's "
+        "examples in one slot."
+    )
+    checks = [
+        tf.debugging.assert_equal(
+            one_user,
+            True,
+            message=f"{refused}a slot of {size} rows holds examples of several users, so the "
+            "user-level clipping would clip them together and one user's examples could sit "
+            f"in two slots.{fix}",
+        ),
+        tf.debugging.assert_equal(
+            distinct,
+            True,
+            message=f"{refused}one user's examples sit in several slots of this batch, so "
+            "that user could move the clipped sum by more than the clipping norm "
+            f"(user-level sensitivity is one slot).{fix}",
+        ),
+        tf.debugging.assert_less_equal(
+            count,
+            tf.constant(limit, tf.int64),
+            message=f"{refused}its batch holds more users than the accounting allows ({how}), "
+            f"so epsilon would be understated.{fix} Users in this batch:",
+        ),
+    ]
+    return checks, tf.reduce_all(tf.stack([one_user, distinct, within]))
+
+
+def _row_used(first, sample_weight):
+    """Per row: whether any of its weights is nonzero (every row without weights)."""
     leaves = [w for w in keras.tree.flatten(sample_weight) if w is not None]
-    if not leaves:
-        return tf.shape(first)[0]
     size = tf.shape(first)[0]
+    if not leaves:
+        return tf.ones([size], tf.bool)
     used = [
         tf.reduce_any(tf.reshape(tf.cast(w, tf.float32), [size, -1]) != 0, axis=1) for w in leaves
     ]
-    return tf.reduce_sum(tf.cast(tf.reduce_any(tf.stack(used), axis=0), tf.int32))
+    return tf.reduce_any(tf.stack(used), axis=0)
 
 
-def _batch_checks(model, x, sample_weight, schedule, dp):
+def _batch_checks(model, x, sample_weight, schedule, dp, users=None):
     """In-step assertions that this step's batch is the batch the accountant charges.
 
     - The examples (rows of positive weight, summed over replicas) are at most what the
@@ -391,6 +521,11 @@ def _batch_checks(model, x, sample_weight, schedule, dp):
     else:
         limit = schedule.batch_size
         how = f"the accountant charges batches of batch_size={limit}"
+    if schedule.user_level:
+        unit = f"users; num_examples={schedule.num_examples} users"
+        return _user_checks(
+            users, sample_weight, int(schedule.examples_per_user), limit, f"{how} {unit}"
+        )
     conditions = [tf.cast(rows, tf.int64) <= limit]
     checks = [
         tf.debugging.assert_less_equal(

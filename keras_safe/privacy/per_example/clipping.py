@@ -11,6 +11,7 @@ from keras_safe.privacy.model_checks import all_layers
 from keras_safe.privacy.per_example import install
 from keras_safe.privacy.per_example.fallback import FALLBACKS, jacobian
 from keras_safe.privacy.per_example.forms import MaterialisedGrad, merge
+from keras_safe.privacy.per_example.numerics import Blocks, leading
 
 __all__ = ["PerExampleForms", "clip_factors", "clipped_gradient_sum", "per_example_forms"]
 
@@ -38,29 +39,44 @@ class PerExampleForms:
 
 
 def _microbatch_losses(losses, groups):
+    """The loss of each clipping unit: a microbatch's mean loss, or for `Blocks(k)` (the slots
+    of a user-level batch) the sum of the k rows' losses (the user's summed loss)."""
     if not groups:
         return losses, []
+    blocks = isinstance(groups, Blocks)
+    size = groups.size if blocks else groups
+    name = "examples_per_user" if blocks else "num_microbatches"
     batch = losses.shape[0]
-    if batch is not None and batch % groups:
+    if batch is not None and batch % size:
         fail(
-            "num_microbatches",
-            groups,
+            name,
+            size,
             f"a divisor of the batch size {batch}",
-            "choose a batch size divisible by num_microbatches (drop the remainder of the data "
-            "or pass num_microbatches=None).",
+            "feed user-level batches of whole slots (keras_safe.privacy.poisson_batches with "
+            "users=...)"
+            if blocks
+            else "choose a batch size divisible by num_microbatches (drop the remainder of the "
+            "data or pass num_microbatches=None).",
         )
     checks = []
     if batch is None:
         checks.append(
             tf.debugging.assert_equal(
-                tf.shape(losses)[0] % groups,
+                tf.shape(losses)[0] % size,
                 0,
-                message=f"num_microbatches={groups} must divide the batch size; choose a batch "
-                "size divisible by it (the last batch of an epoch too).",
+                message=f"{name}={size} must divide the batch size; "
+                + (
+                    "a user-level batch holds whole slots of examples_per_user rows."
+                    if blocks
+                    else "choose a batch size divisible by it (the last batch of an epoch too)."
+                ),
             )
         )
     with tf.control_dependencies(checks):
-        return tf.reduce_mean(tf.reshape(losses, [groups, -1]), axis=1), checks
+        grouped = tf.reshape(losses, leading(groups))
+        if blocks:
+            return tf.reduce_sum(grouped, axis=1), checks
+        return tf.reduce_mean(grouped, axis=1), checks
 
 
 def per_example_forms(
@@ -70,12 +86,14 @@ def per_example_forms(
     num_microbatches=None,
     use_rules=True,
     fallback="vectorized",
+    examples_per_user=None,
 ):
     """Runs the forward pass with the rules installed and returns `PerExampleForms`.
 
     The arguments are those of `clipped_gradient_sum`.
     """
     check_choice("fallback", fallback, FALLBACKS)
+    num_microbatches = _units(num_microbatches, examples_per_user)
     rules = install.layers_with_rules(model) if use_rules else {}
     records, excluded = [], set()
     rnns = [
@@ -127,6 +145,21 @@ def per_example_forms(
     )
 
 
+def _units(num_microbatches, examples_per_user):
+    """The grouping of the clipping units: None (examples), a microbatch count, or Blocks."""
+    if examples_per_user is None:
+        return num_microbatches
+    size = check_number("examples_per_user", examples_per_user, low=1, integer=True)
+    if num_microbatches:
+        fail(
+            "num_microbatches",
+            num_microbatches,
+            "None with examples_per_user (a user's slot is the clipping unit)",
+            "leave num_microbatches out for user-level clipping.",
+        )
+    return Blocks(int(size))
+
+
 def clip_factors(forms, l2_norm_clip, checks=()):
     """Per-example clip factors and the norm bounds they come from.
 
@@ -164,8 +197,9 @@ def clipped_gradient_sum(
     num_microbatches=None,
     use_rules=True,
     fallback="vectorized",
+    examples_per_user=None,
 ):
-    """Sum over examples (or microbatches) of gradients clipped to `l2_norm_clip`.
+    """Sum over examples (or microbatches, or users) of gradients clipped to `l2_norm_clip`.
 
     Per-example norms are upper bounds: the norm used to clip example i is never below the
     exact norm of its gradient by more than a relative 1e-6 (the float64 rounding of the bound
@@ -187,6 +221,13 @@ def clipped_gradient_sum(
         fallback: how variables without a rule get their per-example gradients: "vectorized"
             (`pfor`) or "loop" (one example after another). `verify` says which agrees with
             the one-example-at-a-time reference.
+        examples_per_user: None, or k for user-level clipping: the batch is laid out in slots
+            of k consecutive rows, one user's examples per slot (padding rows of weight 0, as
+            `keras_safe.privacy.poisson_batches(..., users=...)` lays them out), and the
+            gradient of each slot's summed loss (the sum of the user's per-example gradients)
+            is clipped as one vector. Factored forms stay factored: a Dense layer's slot norm
+            is the Gram form over the slot's rows, `sum_ij (a_i . a_j)(g_i . g_j)`. Not with
+            `num_microbatches`.
 
     Returns:
         `(clipped_sums, losses, outputs, norms)`: a list of gradient sums aligned with
@@ -209,8 +250,9 @@ def clipped_gradient_sum(
     if isinstance(l2_norm_clip, (int, float)):
         check_number("l2_norm_clip", l2_norm_clip, low=0.0, low_inclusive=False)
     result = per_example_forms(
-        model, variables, forward_and_losses, num_microbatches, use_rules, fallback
-    )
+        model, variables, forward_and_losses, num_microbatches, use_rules, fallback,
+        examples_per_user,
+    )  # fmt: skip
     factors, norms = clip_factors(result.forms, l2_norm_clip, result.checks)
     clipped = [tf.cast(f.clipped_sum(factors), v.dtype) for f, v in zip(result.forms, variables)]
     return clipped, result.losses, result.outputs, norms

@@ -36,6 +36,7 @@ from keras_safe.privacy.per_example.numerics import (
     f64,
     gamma,
     group_rows,
+    leading,
     norm_bound,
     scaled_rows,
     static_size,
@@ -76,7 +77,8 @@ class GradientForm:
         raise NotImplementedError
 
     def group(self, groups):
-        """The form of the microbatch gradients: examples in `groups` consecutive blocks."""
+        """The form of the microbatch gradients: examples in `groups` consecutive blocks (a
+        count, or `numerics.Blocks(k)`: blocks of k rows, the slots of a user-level batch)."""
         raise NotImplementedError
 
     def materialise(self):
@@ -120,11 +122,11 @@ class MaterialisedGrad(GradientForm):
     def group(self, groups):
         grouped = group_rows(self.per_example[:, None], groups)
         members = static_size(grouped, 1)
-        norms = tf.reshape(self._norms(), [groups, -1])
+        norms = tf.reshape(self._norms(), leading(groups))
         # Summing m rows in float errs by at most gamma_m times the sum of their norms.
         error = gamma(members, unit_roundoff(self.per_example.dtype)) * tf.reduce_sum(norms, 1)
         if self.error is not None:
-            error = error + tf.reduce_sum(tf.reshape(self.error, [groups, -1]), axis=1)
+            error = error + tf.reduce_sum(tf.reshape(self.error, leading(groups)), axis=1)
         return MaterialisedGrad(self.variable, tf.reduce_sum(grouped, axis=1), error)
 
     def materialise(self):

@@ -6,6 +6,7 @@ most `gamma_{n-1}` times the sum of the absolute terms, with `gamma_n = n u / (1
 the unit roundoff.
 """
 
+import dataclasses
 import math
 
 import keras
@@ -15,9 +16,11 @@ from keras_safe._validation import fail
 
 __all__ = [
     "U64",
+    "Blocks",
     "f64",
     "gamma",
     "group_rows",
+    "leading",
     "norm_bound",
     "scaled_rows",
     "static_size",
@@ -131,10 +134,32 @@ def weighted_sum(rows, factors):
     return tf.reshape(total, tf.shape(rows)[1:])
 
 
+@dataclasses.dataclass(frozen=True)
+class Blocks:
+    """Groups of `size` consecutive rows, however many rows the batch has: the slots of a
+    user-level batch, one user's examples in each (`keras_safe.privacy.poisson_batches` with
+    `users`). Where a group count is expected, `Blocks(k)` groups by size instead."""
+
+    size: int
+
+
+def leading(groups):
+    """The leading shape `[groups, members]` of a grouped reshape: `[M, -1]` for a count M,
+    `[-1, k]` for `Blocks(k)`."""
+    return [-1, groups.size] if isinstance(groups, Blocks) else [groups, -1]
+
+
 def group_rows(t, groups):
-    """Reshapes `[B, T, ...]` to `[groups, (B // groups) * T, ...]`."""
+    """Reshapes `[B, T, ...]` to `[groups, (B // groups) * T, ...]` (a count of groups), or to
+    `[B // k, k * T, ...]` for `Blocks(k)` (with its static shape kept where known)."""
     shape = tf.shape(t)
-    return tf.reshape(t, tf.concat([[groups, -1], shape[2:]], axis=0))
+    if not isinstance(groups, Blocks):
+        return tf.reshape(t, tf.concat([[groups, -1], shape[2:]], axis=0))
+    grouped = tf.reshape(t, tf.concat([[-1, groups.size * shape[1]], shape[2:]], axis=0))
+    inner = t.shape[1] if t.shape.rank is not None and t.shape.rank > 1 else None
+    if t.shape.rank is not None:
+        grouped.set_shape([None, None if inner is None else groups.size * inner, *t.shape[2:]])
+    return grouped
 
 
 def _block(n):

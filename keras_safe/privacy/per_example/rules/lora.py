@@ -28,7 +28,14 @@ import tensorflow as tf
 
 from keras_safe.privacy.per_example.embedding_form import EmbeddingGrad
 from keras_safe.privacy.per_example.forms import GradientForm, OuterProductGrad
-from keras_safe.privacy.per_example.numerics import U64, f64, gamma, unit_roundoff, working
+from keras_safe.privacy.per_example.numerics import (
+    U64,
+    f64,
+    gamma,
+    leading,
+    unit_roundoff,
+    working,
+)
 from keras_safe.privacy.per_example.rules.base import PerExampleRule, as_sequence, positions
 from keras_safe.privacy.per_example.rules.dense import DenseRule, bias_form
 from keras_safe.privacy.per_example.rules.einsum_dense import EinsumDenseRule, einsum_bias_form
@@ -64,7 +71,7 @@ class FactorRounding(GradientForm):
         return self.form.clipped_sum(factors)
 
     def group(self, groups):
-        error = tf.reduce_sum(tf.reshape(self.error, [groups, -1]), axis=1)
+        error = tf.reduce_sum(tf.reshape(self.error, leading(groups)), axis=1)
         return FactorRounding(self.form.group(groups), error)
 
     def materialise(self):
