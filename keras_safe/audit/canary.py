@@ -17,6 +17,13 @@ The audit follows Steinke, Nasr & Jagielski 2023 ("Privacy Auditing with One (1)
 
 For a correct DP-SGD implementation the bound stays below the accountant's epsilon with
 probability at least `confidence_level`; a bound above it is evidence of a privacy bug.
+
+With `users` (one user id per training example) the unit is a user: each canary is a canary user
+with `examples_per_canary` examples under a fresh id, included or excluded with all of them, the
+training runs get the user ids of their rows, a canary user's score is the mean of their
+examples' scores, and the same test over canary users gives a user-level lower bound, held
+against the accountant's user-level epsilon (the ledger's own for `privacy_unit="user"`, the
+group-privacy figure of Mironov 2017, Prop. 2, for example-level training).
 """
 
 import math
@@ -25,12 +32,19 @@ import numpy as np
 
 from keras_safe._data import Description, check_examples
 from keras_safe._validation import check_choice, check_number, check_probability, fail
+from keras_safe.accounting.group import MAX_GROUP_SIZE, group_epsilon_of_segments
 from keras_safe.audit._models import audit_delta, check_model_factory, compiled_model
 from keras_safe.audit.features import class_labels, example_losses
 from keras_safe.audit.metrics import attack_metrics, guessing_epsilon_lower_bound
 from keras_safe.privacy.ledger import get_ledger
 
-__all__ = ["DEFAULT_FIT_KWARGS", "CanaryAuditResult", "accountant_epsilon", "canary_audit"]
+__all__ = [
+    "DEFAULT_FIT_KWARGS",
+    "CanaryAuditResult",
+    "accountant_epsilon",
+    "canary_audit",
+    "user_accountant_epsilon",
+]
 
 DEFAULT_FIT_KWARGS = {"epochs": 10, "batch_size": 32}
 
@@ -74,6 +88,10 @@ class CanaryAuditResult:
         best_test: the guessing test that gave the bound (`num_guesses`, `num_correct`, ...).
         tests: every guessing test tried.
         auc: ROC AUC of the canary scores (included vs excluded canaries).
+        privacy_unit: `"example"` (each canary one example) or `"user"` (each canary a user
+            with `examples_per_canary` examples; the bound and the accountant's epsilon are
+            then user-level).
+        examples_per_canary: the examples of each canary (1 for example-level audits).
     """
 
     def __init__(
@@ -86,6 +104,8 @@ class CanaryAuditResult:
         included,
         tests,
         auc,
+        privacy_unit="example",
+        examples_per_canary=1,
     ):
         self.epsilon_lower_bound = float(epsilon_lower_bound)
         self.accountant_epsilon = None if accountant_epsilon is None else float(accountant_epsilon)
@@ -96,6 +116,8 @@ class CanaryAuditResult:
         self.tests = list(tests)
         self.auc = float(auc)
         self.best_test = max(self.tests, key=lambda t: t["epsilon_lower_bound"])
+        self.privacy_unit = check_choice("privacy_unit", privacy_unit, ("example", "user"))
+        self.examples_per_canary = int(examples_per_canary)
 
     @property
     def num_canaries(self):
@@ -121,20 +143,29 @@ class CanaryAuditResult:
             "auc": self.auc,
             "best_test": dict(self.best_test),
             "within_accountant_bound": self.within_accountant_bound,
+            "privacy_unit": self.privacy_unit,
+            "examples_per_canary": self.examples_per_canary,
         }
 
     def __str__(self):
         best = self.best_test
+        user = self.privacy_unit == "user"
+        level = "user-level " if user else ""
         accountant = (
             "no DP optimizer found"
             if self.accountant_epsilon is None
-            else f"accountant epsilon {self.accountant_epsilon:.3f}"
+            else f"accountant {level}epsilon {self.accountant_epsilon:.3f}"
         )
         verdict = "" if self.within_accountant_bound else "  ** EXCEEDS THE ACCOUNTANT **"
+        canaries = (
+            f"{self.num_canaries} canary users of {self.examples_per_canary} example(s)"
+            if user
+            else f"{self.num_canaries} canaries"
+        )
         return (
-            f"Canary audit: {self.num_canaries} canaries ({int(self.included.sum())} included), "
+            f"Canary audit: {canaries} ({int(self.included.sum())} included), "
             f"canary AUC {self.auc:.3f}\n"
-            f"  empirical epsilon >= {self.epsilon_lower_bound:.3f} at delta={self.delta:g} "
+            f"  empirical {level}epsilon >= {self.epsilon_lower_bound:.3f} at delta={self.delta:g} "
             f"({100 * self.confidence_level:g}% confidence; {best['num_correct']}/"
             f"{best['num_guesses']} correct guesses); {accountant}{verdict}"
         )
@@ -175,7 +206,8 @@ def _check_fractions(guess_fractions):
 
 
 def _make_canaries(rng, x, y, m, num_classes, canary_type):
-    """`m` canaries and the data they join: `(canary_x, canary_y, base_x, base_y)`.
+    """`m` canaries and the data they join: `(canary_x, canary_y, base_x, base_y, rest)`,
+    `rest` the indices of the rows of `x` in the base data.
 
     `"mislabel"`: training examples given a random wrong label, their originals removed from
     the base data; `"random"`: Gaussian inputs with the data's per-feature mean and spread and
@@ -194,8 +226,65 @@ def _make_canaries(rng, x, y, m, num_classes, canary_type):
         noise = rng.normal(size=(m, flat.shape[1])) * flat.std(axis=0) + flat.mean(axis=0)
         canary_x = noise.reshape((m,) + x.shape[1:]).astype(x.dtype)
         canary_labels = rng.integers(0, num_classes, size=m)
-        base_x, base_y = x, y
-    return canary_x, _with_labels(y, canary_labels, num_classes), base_x, base_y
+        base_x, base_y, rest = x, y, np.arange(n)
+    return canary_x, _with_labels(y, canary_labels, num_classes), base_x, base_y, rest
+
+
+def _dp_unit(model):
+    """The `privacy_unit` of the keras_safe DP optimizer in the model's optimizer chain
+    (following `inner_optimizer`), or None for a model that trains without one."""
+    optimizer, seen = getattr(model, "optimizer", None), set()
+    while optimizer is not None and id(optimizer) not in seen:
+        seen.add(id(optimizer))
+        unit = getattr(optimizer, "privacy_unit", None)
+        if unit in ("example", "user"):
+            return unit
+        optimizer = getattr(optimizer, "inner_optimizer", None)
+    return None
+
+
+def _check_users(users, n):
+    """`users` as a 1-D integer array of `n` ids, or an `ArgumentError` naming `users`."""
+    ids = np.asarray(users)
+    if ids.ndim != 1 or len(ids) != n or not np.issubdtype(ids.dtype, np.integer):
+        fail(
+            "users",
+            Description(f"an array of shape {ids.shape} and dtype {ids.dtype}"),
+            f"one integer user id per row of x ({n} ids)",
+            "pass the id of the person each training example belongs to, for example "
+            "np.unique(names, return_inverse=True)[1].",
+        )
+    return ids
+
+
+def user_accountant_epsilon(model, delta):
+    """The user-level epsilon a model's privacy ledger has spent, or None without a ledger.
+
+    For user-level training (`privacy_unit="user"`) it is the ledger's epsilon. For
+    example-level training given user ids (`fit(x, y, users=ids)` records the most examples one
+    user has, k), it is the group-privacy epsilon of the ledger's segments for groups of k
+    (Mironov 2017, "Renyi Differential Privacy", Prop. 2; the figure of the ledger's statement),
+    plus k times the pure epsilon of statistics released with DP (group privacy of pure DP);
+    infinite beyond the largest group that bound covers. Without user ids recorded it is the
+    example-level epsilon, the user-level one when every user has one example.
+
+    Args:
+        model: a Keras model.
+        delta: the delta of the guarantee, in (0, 1).
+
+    Returns:
+        The epsilon as a float, or None when the model has no privacy ledger.
+    """
+    ledger = get_ledger(model)
+    if ledger is None:
+        return None
+    most = ledger.max_user_examples
+    if ledger.privacy_unit == "user" or not most or most == 1 or not ledger.steps:
+        return ledger.epsilon(delta)
+    if most > MAX_GROUP_SIZE:
+        return math.inf
+    segments = [(s["noise_multiplier"], s["sampling_rate"], s["events"]) for s in ledger.segments()]
+    return group_epsilon_of_segments(segments, most, delta) + most * ledger.statistics_epsilon
 
 
 def _guessing_tests(scores, included, fractions, delta, confidence_level):
@@ -245,6 +334,8 @@ def canary_audit(
     from_logits=None,
     batch_size=256,
     seed=0,
+    users=None,
+    examples_per_canary=1,
 ):
     """Empirical epsilon lower bound of a training recipe from inserted canaries.
 
@@ -257,11 +348,13 @@ def canary_audit(
             included canaries, and keras_safe counts them).
         x: training inputs (numpy array).
         y: training labels, class indices or one-hot.
-        num_canaries: number of canaries (>= 2). More canaries allow larger bounds.
+        num_canaries: number of canaries (>= 2), canary users with `users`. More canaries
+            allow larger bounds.
         canary_type: `"mislabel"` (training examples with a random wrong label) or `"random"`
             (Gaussian inputs with the data's per-feature mean and spread, random labels).
         fit_kwargs: `model.fit` arguments of both training runs (default
-            `{"epochs": 10, "batch_size": 32}`).
+            `{"epochs": 10, "batch_size": 32}`; for user-level DP, `batch_size` is the expected
+            number of users per step).
         reference: also train a model without canaries and score canaries by the loss drop
             relative to it (calibrates per-canary difficulty); otherwise score by minus the loss.
             The loss is the training path's per-example loss (as in `membership_inference`).
@@ -273,14 +366,26 @@ def canary_audit(
         from_logits: whether the model outputs logits (None: read from the loss or guess).
         batch_size: prediction batch size.
         seed: seed of the canary choice and inclusion.
+        users: one integer user id per row of `x`, for a user-level audit: each canary is
+            then a new user with `examples_per_canary` examples (for `"mislabel"`, that many
+            training examples, each with a wrong label), included or left out with all of
+            them, and the bound is user-level. A model with a keras_safe DP optimizer gets the
+            ids of its training rows (`model.fit(..., users=ids)`), so that it samples, clips
+            and accounts by user (`privacy_unit="user"`) or states the group-privacy epsilon
+            (example-level training); a model without one trains on the same rows without
+            them. Required when the DP optimizer has `privacy_unit="user"`.
+        examples_per_canary: the examples of each canary user (>= 1; above 1 only with
+            `users`).
 
     Returns:
-        A `CanaryAuditResult`.
+        A `CanaryAuditResult`; with `users`, its `privacy_unit` is `"user"` and its
+        `accountant_epsilon` the user-level epsilon (`user_accountant_epsilon`).
 
     Raises:
         ArgumentError: on a non-callable factory, malformed data, too few or too many
-            canaries, an unknown `canary_type` or out-of-range fractions, delta or confidence
-            level.
+            canaries, an unknown `canary_type`, out-of-range fractions, delta or confidence
+            level, malformed `users`, `examples_per_canary` above 1 without `users`, or
+            `users` missing for a user-level DP model.
 
     Example:
         >>> import keras, numpy as np
@@ -294,20 +399,46 @@ def canary_audit(
         >>> result = canary_audit(make_model, x, y, num_canaries=20, fit_kwargs={"epochs": 1})
         >>> result.epsilon_lower_bound >= 0
         True
+        >>> ids = np.arange(200) // 4  # 50 users of 4 examples
+        >>> result = canary_audit(
+        ...     make_model, x, y, num_canaries=10, fit_kwargs={"epochs": 1},
+        ...     users=ids, examples_per_canary=3,
+        ... )
+        >>> result.privacy_unit, result.num_canaries
+        ('user', 10)
     """
     check_model_factory(model_factory, "the canary audit's training runs")
     x, y, _ = check_examples("x, y", (x, y), allow_weights=False)
     x = np.asarray(x)
     n = len(y)
+    per_canary = check_number(
+        "examples_per_canary",
+        examples_per_canary,
+        low=1,
+        integer=True,
+        fix="pass the number of examples of each canary user (1 for example-level canaries).",
+    )
+    if users is None and per_canary > 1:
+        fail(
+            "users",
+            None,
+            f"one user id per row of x when examples_per_canary={per_canary} (a canary "
+            "with several examples is a canary user, audited at the user level)",
+            "pass users=ids for a user-level audit, or leave examples_per_canary at 1.",
+        )
+    ids = None if users is None else _check_users(users, n)
     canary_type = check_choice("canary_type", canary_type, ("mislabel", "random"))
-    limit = n - 1 if canary_type == "mislabel" else 10**9
+    limit = (n - 1) // per_canary if canary_type == "mislabel" else 10**9
     m = check_number(
         "num_canaries",
         num_canaries,
         low=2,
         high=limit,
         integer=True,
-        fix=f"pass between 2 and {min(limit, n - 1)} canaries (the data has {n} examples).",
+        fix=(
+            f"pass between 2 and {min(limit, n - 1)} canaries (the data has {n} examples"
+            + (f", {per_canary} per canary user)." if per_canary > 1 else ").")
+        ),
     )
     fractions = _check_fractions(guess_fractions)
     confidence_level = check_probability("confidence_level", confidence_level)
@@ -322,28 +453,56 @@ def canary_audit(
             "pass a classification data set.",
         )
     fit_kwargs = dict(DEFAULT_FIT_KWARGS if fit_kwargs is None else fit_kwargs)
+    if "users" in fit_kwargs:
+        fail(
+            "fit_kwargs",
+            Description("a dict with 'users'"),
+            "the fit arguments without user ids (the audit gives each run its rows' ids)",
+            "pass the ids as canary_audit(..., users=ids).",
+        )
     fit_kwargs.setdefault("verbose", 0)
     rng = np.random.default_rng(seed)
 
-    canary_x, canary_y, base_x, base_y = _make_canaries(rng, x, y, m, num_classes, canary_type)
+    canary_x, canary_y, base_x, base_y, rest = _make_canaries(
+        rng, x, y, m * per_canary, num_classes, canary_type
+    )
     included = rng.random(m) < 0.5
+    if ids is not None:
+        # Canary user j owns canary rows j * per_canary ... (j + 1) * per_canary - 1.
+        first = max(int(ids.max()) + 1, 0)
+        canary_ids = first + np.repeat(np.arange(m, dtype=np.int64), per_canary)
+        base_ids = ids[rest].astype(np.int64)
+    rows_in = np.repeat(included, per_canary)
 
-    def train(train_x, train_y):
+    def train(train_x, train_y, train_ids=None):
         model = compiled_model(model_factory)
+        unit = _dp_unit(model)
+        if unit == "user" and train_ids is None:
+            fail(
+                "users",
+                None,
+                "one user id per row of x: the model's DP optimizer has privacy_unit='user'",
+                "pass canary_audit(..., users=ids, examples_per_canary=k).",
+            )
         order = rng.permutation(len(train_y))
-        model.fit(train_x[order], train_y[order], **fit_kwargs)
+        extra = {} if train_ids is None or unit is None else {"users": train_ids[order]}
+        model.fit(train_x[order], train_y[order], **extra, **fit_kwargs)
         return model
 
     audited = train(
-        np.concatenate([base_x, canary_x[included]]), np.concatenate([base_y, canary_y[included]])
+        np.concatenate([base_x, canary_x[rows_in]]),
+        np.concatenate([base_y, canary_y[rows_in]]),
+        None if ids is None else np.concatenate([base_ids, canary_ids[rows_in]]),
     )
     common = dict(loss_fn=loss_fn, from_logits=from_logits, batch_size=batch_size)
     loss = example_losses(audited, canary_x, canary_y, **common)
     if reference:
-        ref_model = train(base_x, base_y)
+        ref_model = train(base_x, base_y, None if ids is None else base_ids)
         scores = example_losses(ref_model, canary_x, canary_y, **common) - loss
     else:
         scores = -loss
+    if per_canary > 1:
+        scores = np.asarray(scores).reshape(m, per_canary).mean(axis=1)
     if delta is None:
         delta = audit_delta(audited)
 
@@ -355,11 +514,17 @@ def canary_audit(
         auc = attack_metrics(scores[included], scores[~included], delta=delta)["auc"]
     return CanaryAuditResult(
         epsilon_lower_bound=best,
-        accountant_epsilon=accountant_epsilon(audited, delta),
+        accountant_epsilon=(
+            accountant_epsilon(audited, delta)
+            if ids is None
+            else user_accountant_epsilon(audited, delta)
+        ),
         delta=delta,
         confidence_level=confidence_level,
         scores=scores,
         included=included,
         tests=tests,
         auc=auc,
+        privacy_unit="example" if ids is None else "user",
+        examples_per_canary=per_canary,
     )
