@@ -78,7 +78,9 @@ def test_changing_the_url_in_pyproject_is_caught_and_synced(tmp_path):
     assert sync_links.sync(root) == expected  # rewrites them
     assert sync_links.sync(root, check=True) == []
     readme = (root / "README.md").read_text()
-    assert readme.count("colab.research.google.com/github/a-b/c_d/blob/main/notebooks/") == 6
+    assert readme.count("colab.research.google.com/github/a-b/c_d/blob/main/notebooks/") == len(
+        NOTEBOOKS
+    )
     for path in NOTEBOOKS:
         notebook = nbformat.read(root / "notebooks" / path.name, as_version=4)
         install = next(cell for cell in notebook.cells if cell.cell_type == "code")

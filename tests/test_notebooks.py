@@ -28,6 +28,7 @@ EXPECTED = [
     "04_existing_script.ipynb",
     "05_model_security.ipynb",
     "06_migrating_from_tf_privacy.ipynb",
+    "07_user_level_privacy.ipynb",
 ]
 FAST_LIMIT_S = 180  # each notebook, small settings, 2 CPU cores
 MAX_NOTEBOOK_BYTES = 1_000_000
@@ -78,7 +79,7 @@ def _python_source(source):
     return TransformerManager().transform_cell(source)
 
 
-def test_the_six_notebooks_are_there():
+def test_the_seven_notebooks_are_there():
     assert [p.name for p in NOTEBOOKS] == EXPECTED
 
 
@@ -146,7 +147,7 @@ STATEMENT_LINE = re.compile(r"^ +epsilon spent after (\d+) steps: (\S+)$", re.M)
 ATTACK_LINE = re.compile(
     r"^ *(plain|DP-SGD), (\w+)(?: attack)? *: AUC (\S+), TPR at 1% FPR ([\d.]+)", re.M
 )
-LEDGER_NOTEBOOKS = ["01", "03", "04", "05"]
+LEDGER_NOTEBOOKS = ["01", "03", "04", "05", "07"]
 MEMBERSHIP_NOTEBOOKS = ["01", "03", "04"]
 
 

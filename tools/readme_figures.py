@@ -81,6 +81,24 @@ NOTEBOOK_FIGURES = {
         "dp_speed_ratio": r"^keras_safe: plain Keras .* DP-SGD [\d,]+ examples/s, (\S+) of plain",
         "tf_privacy_best_ratio": r"^TF Privacy DPSequential\+registry +[\d,]+ examples/s +(\S+) of",
     },
+    "notebooks/07_user_level_privacy.ipynb": {
+        "users": r"^training rows: \d+, users: (\d+),",
+        "plain_accuracy": r"^plain: test accuracy (\S+)$",
+        "example_accuracy": r"^example-level DP-SGD: test accuracy (\S+)$",
+        "example_epsilon": (
+            r"^example-level DP-SGD: test accuracy \S+\nprivacy ledger: epsilon (\S+) at delta"
+        ),
+        "group_epsilon": (
+            r"^user-level epsilon by group privacy \(users with up to \d+ examples\): (\S+)$"
+        ),
+        "user_accuracy": r"^user-level DP-SGD: test accuracy (\S+)$",
+        "user_epsilon": (
+            r"^user-level DP-SGD: test accuracy \S+\nprivacy ledger: epsilon (\S+) at delta"
+        ),
+        "canary_users": r"^plain:\nCanary audit: (\d+) canary users",
+        "canary_plain": r"^user-level canary audit, plain: empirical epsilon >= (\S+),",
+        "canary_user": r"^user-level canary audit, user-level DP-SGD: empirical epsilon >= (\S+),",
+    },
 }
 
 NUMBER = r"-?\d[\d,]*(?:\.\d+)?(?:e-?\d+)?"

@@ -57,6 +57,20 @@ _POISSON_NOTE = (
     "probability equal to the sampling rate, so batch sizes vary. This is the setting the usual "
     "DP-SGD figure assumes, and what keras_safe's fit on arrays and poisson_batches do."
 )
+_USER_POISSON_NOTE = (
+    "(*) Poisson sampling of users: every user joins each step's batch independently with "
+    "probability equal to the sampling rate (with at most examples_per_user of their "
+    "examples, drawn afresh), so the number of users per step varies; what keras_safe's fit "
+    "with users=... and poisson_batches(..., users=...) do."
+)
+_USER_ASSUMPTIONS = (
+    "Assumptions: each sampled user's summed gradient is clipped to the L2 norm bound before "
+    "averaging, the batch checks in the step holding each user's examples in one slot; the "
+    "Gaussian noise has standard deviation noise_multiplier x clipping norm; no other step "
+    "reads the training data (data-dependent preprocessing, hyperparameter tuning on the same "
+    "data or repeated runs are not counted); the user ids tell people apart; and the random "
+    "numbers are unpredictable to an attacker."
+)
 _SHUFFLE_NOTE = (
     "(**) Shuffled batches: most pipelines shuffle the data and cut it into fixed-size batches "
     "instead. Then every example is used exactly once per epoch, and without extra assumptions "
@@ -159,6 +173,13 @@ def privacy_statement(
 
     sampling = check_sampling(sampling)
     user = check_privacy_unit(privacy_unit) == "user"
+    if user and sampling != "poisson":
+        fail(
+            "sampling",
+            sampling,
+            "'poisson' with privacy_unit='user' (keras_safe samples users by Poisson sampling)",
+            "leave sampling out.",
+        )
     if user and examples_per_user is not None:
         fail(
             "examples_per_user",
@@ -205,6 +226,7 @@ def privacy_statement(
             f"{num_examples} was used."
         )
     this_run = f"    epsilon of this run ({schedule.label}): {eps_run:.3f}"
+    eps_once = eps_once_per_epoch
     paragraphs = [
         _fill(settings),
         _fill(
@@ -213,18 +235,29 @@ def privacy_statement(
             f"{_method(accountant)} accounting.{delta_note}"
         )
         + "\n"
-        + f"    epsilon assuming Poisson sampling (*):                 {eps_poisson:12.3f}\n"
-        + f"    epsilon with each {'user' if user else 'example'} used once per epoch (**):"
-        + f"{'      ' if user else '   '}{eps_once_per_epoch:12.3f}\n"
-        + this_run,
+        + (_user_figures(eps_poisson) if user else _figures(eps_poisson, eps_once, this_run)),
         _fill(_USER_UNIT if user else _UNIT),
     ]
     if examples_per_user is not None:
         paragraphs.append(
             _fill(_group_note(examples_per_user, [poisson.segment(steps)], delta, "given"))
         )
-    paragraphs += [_fill(_POISSON_NOTE), _fill(_SHUFFLE_NOTE), _fill(_ASSUMPTIONS)]
+    if user:
+        paragraphs += [_fill(_USER_POISSON_NOTE), _fill(_USER_ASSUMPTIONS)]
+    else:
+        paragraphs += [_fill(_POISSON_NOTE), _fill(_SHUFFLE_NOTE), _fill(_ASSUMPTIONS)]
     return "\n\n".join(paragraphs) + "\n"
+
+
+def _user_figures(eps_poisson):
+    return f"    epsilon with Poisson sampling of users (*):            {eps_poisson:12.3f}"
+
+
+def _figures(eps_poisson, eps_once, this_run):
+    return (
+        f"    epsilon assuming Poisson sampling (*):                 {eps_poisson:12.3f}\n"
+        f"    epsilon with each example used once per epoch (**):   {eps_once:12.3f}\n" + this_run
+    )
 
 
 def _group_note(most, segments, delta, source):
@@ -316,7 +349,7 @@ def _ledger_statement(ledger, delta, accountant):
         source = "the most one user has in the data given to fit"
         paragraphs.append(_fill(_group_note(most, segments, delta, source)))
     if "Poisson" in kinds:
-        paragraphs.append(_fill(_POISSON_NOTE))
+        paragraphs.append(_fill(_USER_POISSON_NOTE if user else _POISSON_NOTE))
     if "shuffled" in kinds:
         paragraphs.append(_fill(_SHUFFLE_NOTE))
     if ledger.seeded:
@@ -327,5 +360,5 @@ def _ledger_statement(ledger, delta, accountant):
                 "held, so the guarantee does not hold for this model."
             )
         )
-    paragraphs.append(_fill(_ASSUMPTIONS))
+    paragraphs.append(_fill(_USER_ASSUMPTIONS if user else _ASSUMPTIONS))
     return "\n\n".join(paragraphs) + "\n"

@@ -215,11 +215,12 @@ class PrivacyLedger(keras.layers.Layer):
         held = self.privacy_unit
         if held is not None and held != privacy_unit:
             raise PrivacyError(
-                f"This model's privacy ledger accounts steps that protect one {held}, and this "
-                f"step protects one {privacy_unit}: their guarantees do not compose into one "
-                "statement, so keras_safe does not mix them. Nothing was trained. Fix: train "
-                f"with privacy_unit='{held}' as before, or train a fresh model (or call "
-                "get_ledger(model).reset() on one that never saw the data)."
+                f"This model's privacy ledger holds (or was set up for) steps that protect one "
+                f"{held}, and this step protects one {privacy_unit}: their guarantees do not "
+                "compose into one statement, so keras_safe does not mix them. Nothing was "
+                f"trained. Fix: train with privacy_unit='{held}' as before, or train a fresh "
+                "model (get_ledger(model).reset() clears the unit of a ledger whose model never "
+                "trained on the data)."
             )
         with tf.init_scope():
             self._unit.assign(UNITS.index(privacy_unit) + 1)

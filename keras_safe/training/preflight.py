@@ -53,6 +53,8 @@ def first_examples(x, y=None, sample_weight=None, count=EXAMPLES):
         batch = next(iter(x.take(1)), None)
         if batch is None:
             return None
+        if isinstance(batch, (tuple, list)) and len(batch) == 4:
+            batch = tuple(batch[:3])  # user-level batches: (x, y, sample_weight, user ids)
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(batch)
         x, y, sample_weight = keras.tree.map_structure(
             lambda t: None if t is None else np.asarray(t), (x, y, sample_weight)

@@ -335,7 +335,7 @@ def _private_gradients(model, x, y, sample_weight, watch, prepared=None, users=N
     if fallback is not None:
         options["fallback"] = fallback
     per_user = user_slots(model, schedule, users, sample_weight)
-    _check_microbatches(x, groups or per_user)
+    _check_microbatches(x, groups or per_user, "examples_per_user" if per_user else None)
     distribution.check_batch_is_split(x)
     clipped, losses, y_pred, norms = clipped_gradient_sum(
         model,
@@ -414,8 +414,17 @@ def user_slots(model, schedule, users, sample_weight):
             + ("user ids" if users is None else "sample weights (they mark padding rows)")
             + ", so keras_safe cannot tell whose examples it holds. Nothing was trained. Fix: "
             "train on keras_safe.privacy.poisson_batches(x, y, users=ids, examples_per_user=k) "
-            "or fit(x, y, users=ids) on arrays (dp_gradients and train_on_batch take "
-            "users=... and sample_weight=... with the same slot layout)."
+            "or fit(x, y, users=ids) on arrays; in a custom loop, dp_gradients takes users=... "
+            "and sample_weight=... with the same slot layout (train_on_batch cannot carry ids)."
+        )
+    ids = keras.tree.flatten(users)
+    if len(ids) != 1 or not tf.as_dtype(ids[0].dtype).is_integer:
+        raise PrivacyError(
+            f"{model.name} got user ids that are not one integer tensor "
+            f"({[tf.as_dtype(t.dtype).name for t in ids]}): a float id is truncated (users 5.2 "
+            "and 5.7 would share a slot) and a float32 id above 2**24 is rounded onto its "
+            "neighbour's. Nothing was trained. Fix: pass integer ids, for example "
+            "np.unique(ids, return_inverse=True)[1]."
         )
     context = tf.distribute.get_replica_context()
     if tf.distribute.in_cross_replica_context() or (
@@ -435,13 +444,31 @@ def user_slots(model, schedule, users, sample_weight):
     return int(schedule.examples_per_user)
 
 
-def _user_checks(users, sample_weight, size, limit, how):
-    """In-step assertions of a user-level batch: the rows of each slot of `size` rows that
-    have a weight belong to one user, no user has rows in two slots, and at most `limit`
-    slots hold a user. Returns `(assertions, ok)`."""
+def _user_checks(x, users, sample_weight, size, limit, how):
+    """In-step assertions of a user-level batch: one id per row of `x`, the rows of each slot
+    of `size` rows that have a weight belong to one user, no user has rows in two slots, and
+    at most `limit` slots hold a user. Returns `(assertions, ok)`."""
     first = keras.tree.flatten(users)[0]
+    data = next(t for t in keras.tree.flatten(x) if t is not None)
+    rows = tf.shape(data)[0]
+    static = (first.shape.num_elements(), data.shape[0])
+    if None not in static and static[0] != static[1]:
+        raise PrivacyError(
+            f"users holds {static[0]} ids for a batch of {static[1]} rows: it must hold one id "
+            "per row of x. Nothing was trained. Fix: pass the ids of the batch's rows, as "
+            "keras_safe.privacy.poisson_batches(..., users=ids) yields them."
+        )
+    same = tf.debugging.assert_equal(
+        tf.size(first),
+        rows,
+        message=f"{STEP_REFUSED}users must hold one id per row of x (a user's slot is "
+        f"examples_per_user={size} rows). Nothing was applied or charged. Fix: pass the ids of "
+        "the batch's rows, as keras_safe.privacy.poisson_batches(..., users=ids) yields them.",
+    )
+    with tf.control_dependencies([same]):
+        first = tf.identity(first)
     ids = tf.reshape(tf.cast(first, tf.int64), [-1, size])
-    real = tf.reshape(_row_used(first, sample_weight), [-1, size])
+    real = tf.reshape(_row_used(data, sample_weight), [-1, size])
     big = tf.constant(2**62, tf.int64)
     low = tf.reduce_min(tf.where(real, ids, big), axis=1)
     high = tf.reduce_max(tf.where(real, ids, -big), axis=1)
@@ -479,7 +506,7 @@ def _user_checks(users, sample_weight, size, limit, how):
             f"so epsilon would be understated.{fix} Users in this batch:",
         ),
     ]
-    return checks, tf.reduce_all(tf.stack([one_user, distinct, within]))
+    return [same, *checks], tf.reduce_all(tf.stack([one_user, distinct, within]))
 
 
 def _row_used(first, sample_weight):
@@ -524,7 +551,7 @@ def _batch_checks(model, x, sample_weight, schedule, dp, users=None):
     if schedule.user_level:
         unit = f"users; num_examples={schedule.num_examples} users"
         return _user_checks(
-            users, sample_weight, int(schedule.examples_per_user), limit, f"{how} {unit}"
+            x, users, sample_weight, int(schedule.examples_per_user), limit, f"{how} {unit}"
         )
     conditions = [tf.cast(rows, tf.int64) <= limit]
     checks = [
@@ -564,12 +591,19 @@ def _sum_over_replicas(count):
     return context.all_reduce(tf.distribute.ReduceOp.SUM, count)
 
 
-def _check_microbatches(x, groups):
+def _check_microbatches(x, groups, name=None):
     if not groups:
         return
     first = next(t for t in keras.tree.flatten(x) if t is not None)
     rows = first.shape[0]
     if rows is not None and rows % groups:
+        if name is not None:
+            raise PrivacyError(
+                f"A batch of {rows} rows is not made of whole user slots of {name}={groups} "
+                "rows. Fix: lay the batch out as keras_safe.privacy.poisson_batches(..., "
+                "users=ids) does (each sampled user's examples in one slot of that many rows, "
+                "padding rows of weight 0)."
+            )
         raise PrivacyError(
             f"A batch of {rows} examples cannot be split into num_microbatches={groups} equal "
             "microbatches. Fix: use a batch size divisible by num_microbatches (and a dataset "
