@@ -158,6 +158,38 @@ MUTATIONS = (
         ("tests/privacy/test_user_sampling.py",),
         "a sampled user's first k rows instead of a uniform subset",
     ),
+    Mutation(
+        "user_slot_mean_loss",
+        "keras_safe/privacy/per_example/clipping.py",
+        "return tf.reduce_sum(grouped, axis=1), checks",
+        "return tf.reduce_mean(grouped, axis=1), checks",
+        ("tests/privacy/per_example/test_user_clipping.py",),
+        "a user's slot clipped as the mean of its rows' gradients, not their sum",
+    ),
+    Mutation(
+        "user_two_in_a_slot",
+        "keras_safe/training/train_step.py",
+        "one_user = tf.reduce_all(tf.logical_or(~filled, tf.equal(low, high)))",
+        "one_user = tf.reduce_all(tf.logical_or(~filled, tf.equal(low, low)))",
+        ("tests/training/test_user_level.py",),
+        "two users' examples in one slot go unchecked",
+    ),
+    Mutation(
+        "user_in_two_slots",
+        "keras_safe/training/train_step.py",
+        "distinct = tf.equal(tf.size(tf.unique(owners).y), tf.size(owners))",
+        "distinct = tf.equal(tf.size(owners), tf.size(owners))",
+        ("tests/training/test_user_level.py",),
+        "one user's examples in two slots go unchecked",
+    ),
+    Mutation(
+        "ledger_unit_unchecked",
+        "keras_safe/privacy/ledger.py",
+        "if held is not None and held != privacy_unit:",
+        "if False:",
+        ("tests/training/test_user_level.py",),
+        "a ledger mixes example-level and user-level steps",
+    ),
     # -- accounting (accounting/schedule.py, accountants.py) ------------------------------------
     Mutation(
         "sampling_rate_x0.95",
