@@ -114,7 +114,9 @@ def poisson_batches(
     DP-SGD's accountants (`keras_safe.accounting.compute_epsilon`) assume Poisson sampling: at
     each step every example joins the batch with probability `q = batch_size / n`, so batch
     sizes vary around `batch_size`. The sampling must be secret for the amplification the
-    accountant counts on: the seed comes from the operating system's entropy unless given.
+    accountant counts on: the seed comes from the operating system's entropy unless given, and
+    then every pass over the dataset (each epoch of `fit`, a second `fit`) draws new samples; a
+    seeded dataset repeats its samples on every pass (and its steps are marked seeded).
     Shuffled fixed-size batches are not covered by that analysis (see Chua et al. 2024, "How
     Private are DP-SGD Implementations?"). A private model's `fit` on arrays samples this way
     by itself; build the batches here for more control (or to see them).
@@ -329,8 +331,9 @@ def _build(
         per_epoch = check_number("steps_per_epoch", steps_per_epoch, low=1, integer=True)
     steps = math.ceil(epochs * per_epoch - 1e-9)
     seeded = seed is not None
-    if seed is None:
-        seed = secrets.randbits(62)
+    # Without a seed every pass draws new samples (fit over several epochs, or a second fit on
+    # the same dataset, never replays a sample the ledger would charge as a fresh one).
+    fresh_each_iteration = fresh_each_iteration or not seeded
     weights = (
         np.ones(n, "float32") if sample_weight is None else np.asarray(sample_weight, "float32")
     )
@@ -556,6 +559,7 @@ def _build_users(
     steps = math.ceil(epochs * per_epoch - 1e-9)
     seeded = seed is not None
     generator = None
+    fresh_each_iteration = fresh_each_iteration or not seeded  # no replayed samples
     if fresh_each_iteration:
         with tf.init_scope():
             generator = tf.random.Generator.from_seed(secrets.randbits(62))

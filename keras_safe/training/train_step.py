@@ -335,6 +335,11 @@ def _private_gradients(model, x, y, sample_weight, watch, prepared=None, users=N
     if fallback is not None:
         options["fallback"] = fallback
     per_user = user_slots(model, schedule, users, sample_weight)
+    if (groups or per_user) and sample_weight is not None:
+        # A unit of several rows (a microbatch, a user's slot) must not depend on its padding
+        # rows, which repeat other examples' data: a non-finite value there would drop the
+        # whole unit. Rows without weight enter the forward pass as zeros.
+        x, y = _zero_unweighted(x, y, sample_weight)
     _check_microbatches(x, groups or per_user, "examples_per_user" if per_user else None)
     distribution.check_batch_is_split(x)
     clipped, losses, y_pred, norms = clipped_gradient_sum(
@@ -380,6 +385,21 @@ def _private_gradients(model, x, y, sample_weight, watch, prepared=None, users=N
     # The one place where a step's gradients become its DP release: the only gradient tensors
     # a DP optimizer applies (an eager call marks the compiled copy's outputs, the same values).
     return provenance.mark_released(grads), losses, y_pred
+
+
+def _zero_unweighted(x, y, sample_weight):
+    """`x` and `y` with every row that has no nonzero weight replaced by zeros."""
+    first = next(t for t in keras.tree.flatten(x) if t is not None)
+    used = _row_used(first, sample_weight)
+
+    def zero(t):
+        if t is None or not tf.is_tensor(t) or t.shape.rank is None or t.shape.rank == 0:
+            return t  # (an input of unknown rank is left as it is: a non-finite padding value
+            # there drops its unit, which the in-step count of non-finite units reports)
+        mask = tf.reshape(used, [-1] + [1] * (t.shape.rank - 1))
+        return tf.where(mask, t, tf.zeros_like(t))
+
+    return keras.tree.map_structure(zero, x), keras.tree.map_structure(zero, y)
 
 
 def _rows(x, sample_weight):
@@ -474,6 +494,9 @@ def _user_checks(x, users, sample_weight, size, limit, how):
     high = tf.reduce_max(tf.where(real, ids, -big), axis=1)
     filled = tf.reduce_any(real, axis=1)
     one_user = tf.reduce_all(tf.logical_or(~filled, tf.equal(low, high)))
+    # The padding id -1 (or any negative id) on a row with weight would make it a user no
+    # other slot is checked against.
+    named = tf.reduce_all(tf.logical_or(~real, ids >= 0))
     owners = tf.boolean_mask(low, filled)
     distinct = tf.equal(tf.size(tf.unique(owners).y), tf.size(owners))
     count = _sum_over_replicas(tf.reduce_sum(tf.cast(filled, tf.int64)))
@@ -493,6 +516,12 @@ def _user_checks(x, users, sample_weight, size, limit, how):
             f"in two slots.{fix}",
         ),
         tf.debugging.assert_equal(
+            named,
+            True,
+            message=f"{refused}a row with weight carries a negative user id (-1 marks padding "
+            f"rows, which have weight 0).{fix}",
+        ),
+        tf.debugging.assert_equal(
             distinct,
             True,
             message=f"{refused}one user's examples sit in several slots of this batch, so "
@@ -506,7 +535,7 @@ def _user_checks(x, users, sample_weight, size, limit, how):
             f"so epsilon would be understated.{fix} Users in this batch:",
         ),
     ]
-    return [same, *checks], tf.reduce_all(tf.stack([one_user, distinct, within]))
+    return [same, *checks], tf.reduce_all(tf.stack([one_user, named, distinct, within]))
 
 
 def _row_used(first, sample_weight):
@@ -515,10 +544,15 @@ def _row_used(first, sample_weight):
     size = tf.shape(first)[0]
     if not leaves:
         return tf.ones([size], tf.bool)
-    used = [
-        tf.reduce_any(tf.reshape(tf.cast(w, tf.float32), [size, -1]) != 0, axis=1) for w in leaves
-    ]
-    return tf.reduce_any(tf.stack(used), axis=0)
+
+    def row_used(w):
+        nonzero = tf.not_equal(tf.cast(w, tf.float32), 0.0)
+        rank = w.shape.rank
+        if rank is None:
+            return tf.reduce_any(tf.reshape(nonzero, [size, -1]), axis=1)
+        return tf.reduce_any(nonzero, axis=list(range(1, rank))) if rank > 1 else nonzero
+
+    return tf.reduce_any(tf.stack([row_used(w) for w in leaves]), axis=0)
 
 
 def _batch_checks(model, x, sample_weight, schedule, dp, users=None):

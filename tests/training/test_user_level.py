@@ -373,3 +373,70 @@ def test_fit_on_user_level_poisson_batches():
     ledger = get_ledger(model)
     assert ledger.steps == 5 and ledger.privacy_unit == "user"
     assert [s["num_examples"] for s in ledger.segments()] == [len(np.unique(ids))]
+
+
+# -- what padding rows hold -------------------------------------------------------------------
+
+
+def _released(model, batch):
+    x, y, w, ids = batch
+    return np.concatenate([np.ravel(g) for g in dp_gradients(model, x, y, w, users=ids)])
+
+
+@pytest.mark.parametrize("poison", [np.nan, np.inf, 1e20])
+def test_padding_rows_cannot_change_a_slot(poison):
+    """A padding row repeats some example's data (the sampler gathers row 0 there): whatever it
+    holds, the slot it pads releases the same (without the fix, a non-finite value dropped the
+    whole slot, so the owner of row 0 moved other users' slots)."""
+    model = _model(noise_multiplier=0.0)
+    _trained(model, _batch(GOOD))
+    clean = _batch(GOOD)
+    x, y, w, ids = _batch(GOOD)
+    x[3] = poison  # the padding row of user 7's slot
+    np.testing.assert_allclose(_released(model, (x, y, w, ids)), _released(model, clean), 1e-6)
+    assert get_ledger(model).nonfinite_examples == 0
+
+
+def test_padding_rows_cannot_change_a_microbatch():
+    """The same at example level: microbatches put padding rows beside real examples."""
+    model = keras.Sequential([keras.Input((4,)), L.Dense(2)])
+    model.compile(
+        optimizer=DPSGD(
+            learning_rate=0.1, l2_norm_clip=1.0, noise_multiplier=0.0, num_microbatches=2,
+            num_examples=40, batch_size=4,
+        ),
+        loss=LOSS,
+    )  # fmt: skip
+    model = make_private(model)
+    x, y, w, _ = _batch((1, 2, 3, -1))
+    clean = [np.array(g) for g in dp_gradients(model, x, y, w)]
+    x[3] = np.nan
+    poisoned = [np.array(g) for g in dp_gradients(model, x, y, w)]
+    for a, b in zip(clean, poisoned):
+        np.testing.assert_allclose(a, b, 1e-6)
+
+
+def test_a_weighted_row_with_a_negative_id_is_refused():
+    """-1 marks padding; a row with weight under it (or any negative id) would be a user no
+    other slot is checked against, so one person could fill it and a slot of their own."""
+    model = _model()
+    _trained(model, _batch(GOOD))
+    x, y, w, ids = _batch((5, 5, -1, -1, 9, 9), weights=[1, 1, 1, 1, 1, 1])
+    _assert_refused(model, (x, y, w, ids), match="negative user id")
+    x, y, w, ids = _batch((5, 5, -3, -3, 9, 9), weights=[1, 1, 1, 1, 1, 1])
+    _assert_refused(model, (x, y, w, ids), match="negative user id")
+
+
+def test_an_unseeded_dataset_draws_new_users_at_every_pass():
+    """Each pass of fit over a `poisson_batches` dataset must be a fresh sample, as the ledger
+    charges it; a seeded dataset repeats itself (and its steps are marked seeded)."""
+    x, y, ids = _user_data()
+
+    def passes(seed):
+        data = poisson_batches(x, y, users=ids, examples_per_user=K, batch_size=PER_STEP, seed=seed)
+        return [np.concatenate([b[3].numpy() for b in data]) for _ in range(2)]
+
+    first, second = passes(None)
+    assert not np.array_equal(first, second)
+    first, second = passes(7)
+    np.testing.assert_array_equal(first, second)
