@@ -53,6 +53,7 @@ DP_ARGUMENTS = (
     "secure_noise",
     "privacy_unit",
     "examples_per_user",
+    "physical_batch_size",
 )
 
 
@@ -151,6 +152,16 @@ class DPOptimizer(OptimizerWrapper):
             their examples, drawn at random) is clipped to `l2_norm_clip` as one vector.
         examples_per_user: with `privacy_unit="user"`: the most examples of one user a step
             uses (the rows of a user's slot in the batch); read from the data when not given.
+        physical_batch_size: None, or P: a batch (the logical batch, `fit`'s `batch_size`, a
+            Poisson sample at rate `batch_size / num_examples`) is clipped in chunks of P rows
+            one after another, so that memory holds one chunk's per-example factors, and the
+            noise is drawn once for the whole batch, which is accounted as one step (what
+            Opacus's `BatchMemoryManager` does with logical and physical batches). `fit` on
+            arrays pads each Poisson batch to a multiple of P (the size a sample exceeds with
+            probability below 1e-9, rounded up); other batches must have a fixed number of
+            rows, a multiple of P. Unlike `gradient_accumulation_steps`, which accounts every
+            physical batch as its own Poisson sample with a share of the noise, this keeps the
+            epsilon of the large batch.
         noise_calibrated: set in saved configs: True when `noise_multiplier` was calibrated
             from `target_epsilon` (it is calibrated again, for what is left, at the next
             `fit`).
@@ -192,6 +203,7 @@ class DPOptimizer(OptimizerWrapper):
         secure_noise=False,
         privacy_unit="example",
         examples_per_user=None,
+        physical_batch_size=None,
         name=None,
         **kwargs,
     ):
@@ -251,6 +263,16 @@ class DPOptimizer(OptimizerWrapper):
                 "pass privacy_unit='user' for user-level privacy, or leave examples_per_user "
                 "out (for the user-level epsilon of example-level training, pass users=... to "
                 "fit).",
+            )
+        self.physical_batch_size = check_number(
+            "physical_batch_size", physical_batch_size, low=1, integer=True, allow_none=True
+        )
+        if self.physical_batch_size and self.num_microbatches:
+            fail(
+                "physical_batch_size",
+                self.physical_batch_size,
+                "None with num_microbatches (chunks would cut microbatches)",
+                "leave one of them out.",
             )
         if self.privacy_unit == "user" and self.num_microbatches:
             fail(
@@ -532,6 +554,8 @@ class DPOptimizer(OptimizerWrapper):
         if self.privacy_unit == "example":
             config.pop("privacy_unit")
             config.pop("examples_per_user")
+        if self.physical_batch_size is None:
+            config.pop("physical_batch_size")
         return config
 
     def get_config(self):

@@ -435,6 +435,8 @@ def _picks(q, bounds, rows, multiple, steps, seed, generator):
             else:
                 padded_rows = tf.maximum(1, (count + multiple - 1) // multiple) * multiple
             padded = tf.pad(chosen, [[0, padded_rows - count]])
+            if multiple is None:
+                padded = tf.ensure_shape(padded, [rows])  # one static shape for every batch
         return padded, tf.cast(tf.range(padded_rows) < count, tf.float32)
 
     def indices(step):

@@ -266,11 +266,15 @@ def poisson_fit_arguments(model, dp, params, users=None):
     strategy = getattr(model, "distribute_strategy", None)
     replicas = int(getattr(strategy, "num_replicas_in_sync", 1) or 1)
     groups = dp.num_microbatches
-    fixed_shape = replicas > 1 or bool(getattr(model, "jit_compile", False))
+    physical = getattr(dp, "physical_batch_size", None)
+    fixed_shape = replicas > 1 or bool(getattr(model, "jit_compile", False)) or bool(physical)
     multiple = None if fixed_shape else (groups or 1)
     max_rows = None
     if fixed_shape and groups and replicas == 1:
         max_rows = -(-default_max_batch_size(batch, rows) // groups) * groups
+    if physical and users is None:
+        # Chunks of physical_batch_size rows: the padded size rounded up to a multiple of it.
+        max_rows = -(-default_max_batch_size(batch, rows) // physical) * physical
     params.update(
         # keras-internal: dataset-each-epoch
         x=epoch_batches(

@@ -160,7 +160,11 @@ def _private_step(model, x, y, sample_weight, users=None):
     function = _eager_step(model)
     # Traced for any number of rows, as fit's step is: with the number fixed in the graph, a
     # forward pass computing with it (private under Poisson sampling) would escape the proof.
-    function.get_concrete_function(*tf.nest.map_structure(_any_rows, args))
+    dp = find_dp_optimizer(getattr(model, "optimizer", None))
+    if getattr(dp, "physical_batch_size", None) is None:
+        function.get_concrete_function(*tf.nest.map_structure(_any_rows, args))
+    # (With physical_batch_size the step is traced for the batch's own number of rows: chunks
+    # need a fixed count, a padded batch whose size says nothing of the data.)
     try:
         outputs = function(*args)
     except tf.errors.InvalidArgumentError as error:
@@ -320,7 +324,7 @@ def _private_gradients(model, x, y, sample_weight, watch, prepared=None, users=N
     loss_fn = PerExampleLoss(model)
     loss_stage = _loss_stage(model)
 
-    def forward():
+    def forward_on(x, y, sample_weight, prepared):
         if loss_stage is not None:
             losses, y_pred = loss_stage.losses(model, x, y, sample_weight, loss_fn, prepared)
         else:
@@ -342,15 +346,24 @@ def _private_gradients(model, x, y, sample_weight, watch, prepared=None, users=N
         x, y = _zero_unweighted(x, y, sample_weight)
     _check_microbatches(x, groups or per_user, "examples_per_user" if per_user else None)
     distribution.check_batch_is_split(x)
-    clipped, losses, y_pred, norms = clipped_gradient_sum(
-        model,
-        variables,
-        forward,
-        dp.l2_norm_clip,
-        num_microbatches=groups,
-        examples_per_user=per_user,
-        **options,
-    )
+
+    def clip(data):
+        return clipped_gradient_sum(
+            model,
+            variables,
+            lambda: forward_on(*data),
+            dp.l2_norm_clip,
+            num_microbatches=groups,
+            examples_per_user=per_user,
+            **options,
+        )
+
+    data = (x, y, sample_weight, prepared)
+    physical = getattr(dp, "physical_batch_size", None)
+    if physical:
+        clipped, losses, y_pred, norms = _clip_in_chunks(clip, data, physical, per_user)
+    else:
+        clipped, losses, y_pred, norms = clip(data)
     # Under Poisson sampling the number of rows is itself private, unless padded to one size.
     padded = getattr(state.step_settings(model), "padded", False)
     watch.check(model, losses, schedule.poisson and not padded)
@@ -385,6 +398,55 @@ def _private_gradients(model, x, y, sample_weight, watch, prepared=None, users=N
     # The one place where a step's gradients become its DP release: the only gradient tensors
     # a DP optimizer applies (an eager call marks the compiled copy's outputs, the same values).
     return provenance.mark_released(grads), losses, y_pred
+
+
+def _clip_in_chunks(clip, data, size, per_user=None):
+    """`clip(data)` on consecutive chunks of `size` rows, one after another, summed: the clipped
+    sum of a large (logical) batch with the memory of one chunk (`physical_batch_size`).
+
+    Each chunk's forward pass waits for the previous chunk's sums, so at most one chunk's
+    per-example factors are alive at a time. The noise is drawn once, for the whole batch, by
+    the caller. The batch must have a fixed number of rows, a multiple of `size`.
+    """
+    first = next(t for t in keras.tree.flatten(data[0]) if t is not None)
+    rows = first.shape[0]
+    if rows is None or rows % size:
+        raise PrivacyError(
+            f"physical_batch_size={size} splits each batch into chunks of {size} rows, but this "
+            f"batch has {'a varying number of' if rows is None else rows} rows, not a fixed "
+            "multiple of it. Nothing was trained. Fix: train with fit on arrays (it pads each "
+            "Poisson batch to a multiple of physical_batch_size), or pass poisson_batches a "
+            "max_batch_size that is a multiple of it."
+        )
+    if per_user and size % per_user:
+        raise PrivacyError(
+            f"physical_batch_size={size} would cut users' slots of examples_per_user="
+            f"{per_user} rows in two. Fix: choose a physical_batch_size that is a multiple of "
+            "examples_per_user."
+        )
+    count = rows // size
+    if count == 1:
+        return clip(data)
+
+    def rows_of(t, start):
+        if t is None or not tf.is_tensor(t) or t.shape.rank in (None, 0):
+            return t
+        return t[start : start + size]
+
+    totals, parts, previous = None, [], []
+    for i in range(count):
+        with tf.control_dependencies(previous):
+            chunk = keras.tree.map_structure(
+                lambda t, start=i * size: rows_of(t, start), data
+            )
+        sums, losses, y_pred, norms = clip(chunk)
+        totals = list(sums) if totals is None else [a + b for a, b in zip(totals, sums)]
+        parts.append((losses, y_pred, norms))
+        previous = list(sums)
+    losses = tf.concat([p[0] for p in parts], axis=0)
+    y_pred = keras.tree.map_structure(lambda *t: tf.concat(t, axis=0), *[p[1] for p in parts])
+    norms = tf.concat([p[2] for p in parts], axis=0)
+    return totals, losses, y_pred, norms
 
 
 def _zero_unweighted(x, y, sample_weight):

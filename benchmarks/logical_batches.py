@@ -1,0 +1,144 @@
+"""Large logical batches: DP-SGD at a logical batch of 4096 clipped in physical chunks of 256.
+
+For each model, `fit` epochs alternating in one process, CPU time per epoch (both cores' work;
+wall time on a shared machine swings), printed beside wall time:
+
+- plain: Keras's `fit` with the model's optimizer at `batch_size=4096`;
+- dp: a private `fit` at `batch_size=4096` (Poisson logical batches at rate 4096 / n, padded to
+  a multiple of 256) with `physical_batch_size=256`: each logical batch is clipped in chunks of
+  256 rows and draws its noise once;
+- accumulation (with `--accumulation`): the older way to a large batch, a private `fit` at
+  `batch_size=256` with `gradient_accumulation_steps=16` (noise on every physical batch, each
+  accounted as its own Poisson sample at a sixteenth of the noise variance), and its epsilon
+  beside the logical batch's for the same epochs.
+
+Reports `dp_over_plain_speed` (targets: 0.85 for MLP, CNN and transformer). Writes
+`benchmarks/results/logical_batches.json`.
+
+    python benchmarks/logical_batches.py [--repeats 3] [--models mlp cnn transformer]
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import dp_models  # noqa: E402
+import keras  # noqa: E402
+
+import keras_safe  # noqa: E402
+
+RESULTS = os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), "results", "logical_batches.json"
+)
+LOGICAL, PHYSICAL, NOISE = 4096, 256, 1.1
+
+
+def _epoch(model, x, y, batch_size):
+    cpu, wall = time.process_time(), time.perf_counter()
+    model.fit(x, y, batch_size=batch_size, epochs=1, verbose=0)
+    return time.process_time() - cpu, time.perf_counter() - wall
+
+
+def _trainers(name, examples, accumulation):
+    factory, _, data, classes = dp_models.MODELS[name]
+    rng = np.random.default_rng(0)
+    x, y = data(examples, rng), rng.integers(0, classes, examples)
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+    def plain():
+        model = factory()
+        model.compile(optimizer=keras.optimizers.SGD(0.01), loss=loss)
+        return model, LOGICAL
+
+    def dp(batch, **options):
+        model = factory()
+        inner = (
+            {"gradient_accumulation_steps": options.pop("accumulate")}
+            if options.get("accumulate")
+            else {}
+        )
+        options.pop("accumulate", None)
+        model.compile(
+            optimizer=keras_safe.optimizers.DPSGD(
+                learning_rate=0.01, l2_norm_clip=1.0, noise_multiplier=NOISE, **inner, **options
+            ),
+            loss=loss,
+        )
+        return keras_safe.privacy.make_private(model), batch
+
+    trainers = {"plain": plain(), "dp": dp(LOGICAL, physical_batch_size=PHYSICAL)}
+    if accumulation:
+        trainers["accumulation"] = dp(PHYSICAL, accumulate=LOGICAL // PHYSICAL)
+    return trainers, x, y
+
+
+def measure(name, examples, repeats, accumulation):
+    trainers, x, y = _trainers(name, examples, accumulation)
+    for model, batch in trainers.values():  # warm-up epoch: tracing, verification
+        _epoch(model, x, y, batch)
+    cpu = {key: [] for key in trainers}
+    wall = {key: [] for key in trainers}
+    for _ in range(repeats):
+        for key, (model, batch) in trainers.items():
+            c, w = _epoch(model, x, y, batch)
+            cpu[key].append(c)
+            wall[key].append(w)
+    speed = [p / d for p, d in zip(cpu["plain"], cpu["dp"])]
+    row = {
+        "model": name,
+        "examples": examples,
+        "logical_batch": LOGICAL,
+        "physical_batch": PHYSICAL,
+        "cpu_seconds": {k: [round(v, 3) for v in t] for k, t in cpu.items()},
+        "wall_seconds": {k: [round(v, 3) for v in t] for k, t in wall.items()},
+        "dp_over_plain_speed": round(float(np.median(speed)), 3),
+        "dp_over_plain_speed_range": [round(min(speed), 3), round(max(speed), 3)],
+        "dp_over_plain_wall_speed": round(
+            float(np.median([p / d for p, d in zip(wall["plain"], wall["dp"])])), 3
+        ),
+    }
+    if accumulation:
+        acc = [p / a for p, a in zip(cpu["plain"], cpu["accumulation"])]
+        row["accumulation_over_plain_speed"] = round(float(np.median(acc)), 3)
+        ledgers = {
+            key: keras_safe.privacy.get_ledger(trainers[key][0]) for key in ("dp", "accumulation")
+        }
+        epochs = repeats + 1
+        row["epsilon_after_epochs"] = epochs
+        row["epsilon"] = {key: round(ledger.epsilon(1e-5), 3) for key, ledger in ledgers.items()}
+    return row
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3, help="alternating epochs")
+    parser.add_argument("--examples", type=int, default=32768, help="training examples")
+    parser.add_argument("--models", nargs="+", default=["mlp", "cnn", "transformer"])
+    parser.add_argument("--accumulation", action="store_true", help="also time accumulation")
+    args = parser.parse_args()
+    rows = []
+    for name in args.models:
+        row = measure(name, args.examples, args.repeats, args.accumulation)
+        print(json.dumps({k: v for k, v in row.items() if "seconds" not in k}))
+        rows.append(row)
+    result = {
+        "rows": rows,
+        "repeats": args.repeats,
+        "cpus": os.cpu_count(),
+        "load_average_start": os.getloadavg()[0],
+        "clock": "process CPU time per epoch (wall time beside it)",
+    }
+    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
+    with open(RESULTS, "w") as f:
+        json.dump(result, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""Large logical batches clipped in physical chunks (`physical_batch_size` on the DP optimizer).
+
+A logical batch (a Poisson sample at rate `batch_size / n`) is clipped in chunks of P rows one
+after another and noised once: the release must equal the unchunked release, carry the noise of
+one step (not one per chunk), and be accounted as one step at the logical rate, checked against
+dp-accounting called directly.
+"""
+
+import dp_accounting
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_safe._validation import ArgumentError, PrivacyError
+from keras_safe.optimizers import DPSGD
+from keras_safe.privacy import dp_gradients, get_ledger, make_private
+from tests.dp_reference import ORDERS
+
+L = keras.layers
+LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def _model(physical, noise=0.0, build=None, **dp):
+    keras.utils.set_random_seed(3)
+    if build is None:
+        model = keras.Sequential(
+            [
+                keras.Input((6, 4)),
+                L.Conv1D(5, 3, activation="tanh"),
+                L.LayerNormalization(),
+                L.Flatten(),
+                L.Dense(3),
+            ]
+        )
+    else:
+        model = build()
+    settings = dict(learning_rate=0.1, l2_norm_clip=0.3, noise_multiplier=noise)
+    settings.update(num_examples=400, batch_size=32, physical_batch_size=physical)
+    settings.update(dp)
+    model.compile(optimizer=DPSGD(**settings), loss=LOSS)
+    return make_private(model)
+
+
+def _batch(rows=32, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(rows, 6, 4)).astype("float32")
+    y = rng.integers(0, 3, rows)
+    w = (rng.random(rows) < 0.8).astype("float32")
+    return x, y, w
+
+
+@pytest.mark.parametrize("physical", [8, 16])
+def test_chunks_release_what_the_whole_batch_releases(physical):
+    x, y, w = _batch()
+    whole = dp_gradients(_model(None), x, y, w)
+    chunked = dp_gradients(_model(physical), x, y, w)
+    for a, b in zip(whole, chunked):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-7)
+
+
+def test_chunks_keep_users_slots_whole():
+    x, y, w = _batch()
+    ids = np.repeat(np.arange(16), 2).astype("int64")
+    ids[w == 0] = -1
+    w[ids == -1] = 0
+    user = dict(privacy_unit="user", examples_per_user=2, num_examples=200, batch_size=16)
+    whole = dp_gradients(_model(None, **user), x, y, w, users=ids)
+    chunked = dp_gradients(_model(8, **user), x, y, w, users=ids)
+    for a, b in zip(whole, chunked):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-7)
+    with pytest.raises(PrivacyError, match="examples_per_user"):
+        dp_gradients(_model(5, **user), x[:30], y[:30], w[:30], users=ids[:30])
+
+
+def test_the_noise_is_drawn_once_for_the_logical_batch():
+    """No example has weight: the release is the noise alone, divided by the batch size. One
+    draw of standard deviation sigma C for the whole batch gives sigma C / B per coordinate;
+    a draw per chunk at the full noise would give sqrt(4) times that (4 chunks)."""
+
+    def build():
+        return keras.Sequential([keras.Input((6, 4)), L.Flatten(), L.Dense(400)])
+
+    sigma, clip, batch = 2.0, 0.3, 32
+    model = _model(8, noise=sigma, build=build)
+    x, y, _ = _batch()
+    grads = dp_gradients(model, x, y % 3, np.zeros(batch, "float32"))
+    values = np.concatenate([np.ravel(g) for g in grads])
+    expected = sigma * clip / batch
+    # 10,000 values: the sample deviation is within 2.5% of the true one with probability
+    # above 1 - 1e-6, so a 5% error in the noise is caught.
+    assert values.size > 9000
+    assert abs(np.std(values) / expected - 1) < 0.025
+
+
+def test_a_fit_accounts_each_logical_batch_as_one_step():
+    n, batch, epochs, sigma = 400, 32, 2, 1.3
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(n, 6, 4)).astype("float32")
+    y = rng.integers(0, 3, n)
+    model = _model(8, noise=sigma, num_examples=None, batch_size=None)
+    model.fit(x, y, batch_size=batch, epochs=epochs, verbose=0)
+    ledger = get_ledger(model)
+    steps = epochs * -(-n // batch)
+    assert ledger.steps == steps
+    (segment,) = ledger.segments()
+    assert segment["sampling_rate"] == pytest.approx(batch / n)
+    assert segment["noise_multiplier"] == pytest.approx(sigma)
+    accountant = dp_accounting.rdp.RdpAccountant(ORDERS)
+    event = dp_accounting.PoissonSampledDpEvent(batch / n, dp_accounting.GaussianDpEvent(sigma))
+    accountant.compose(event, steps)
+    assert ledger.epsilon(1e-3, "rdp") == pytest.approx(accountant.get_epsilon(1e-3), rel=1e-6)
+
+
+def test_batches_that_do_not_split_into_chunks_are_refused():
+    model = _model(8)
+    x, y, w = _batch(rows=30)
+    with pytest.raises(PrivacyError, match="physical_batch_size=8"):
+        dp_gradients(model, x, y, w)
+    assert get_ledger(model).steps == 0
+    with pytest.raises(ArgumentError, match="physical_batch_size"):
+        DPSGD(learning_rate=0.1, noise_multiplier=1.0, physical_batch_size=8, num_microbatches=4)
+    with pytest.raises(ArgumentError, match="physical_batch_size"):
+        DPSGD(learning_rate=0.1, noise_multiplier=1.0, physical_batch_size=0)
+
+
+def test_the_setting_is_saved_with_the_optimizer(tmp_path):
+    model = _model(8)
+    x, y, w = _batch()
+    grads = dp_gradients(model, x, y, w)
+    model.optimizer.apply(grads, model.trainable_variables)
+    path = str(tmp_path / "m.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert loaded.optimizer.physical_batch_size == 8
+    assert isinstance(loaded.optimizer.get_config()["physical_batch_size"], int)
+    tf.debugging.assert_equal(get_ledger(loaded).steps, 1)
+
+
+def test_a_layer_mixing_the_examples_of_a_chunk_is_still_refused():
+    """Chunks do not hide what mixes examples: the proof runs over every chunk's forward pass."""
+
+    def build():
+        return keras.Sequential(
+            [
+                keras.Input((6, 4)),
+                L.Flatten(),
+                L.Lambda(lambda t: t - tf.reduce_mean(t, axis=0, keepdims=True)),
+                L.Dense(3),
+            ]
+        )
+
+    model = _model(8, build=build)
+    x, y, w = _batch()
+    with pytest.raises(PrivacyError, match="apart|interact|mix"):
+        dp_gradients(model, x, y, w)
+    assert get_ledger(model).steps == 0
