@@ -18,7 +18,7 @@ inputs of the right shape (speed does not depend on the values) and the number o
 
 import keras
 
-__all__ = ["MODELS", "resnet", "transformer", "wide_resnet"]
+__all__ = ["MODELS", "resnet", "transformer", "wide_resnet", "write_result"]
 
 L = keras.layers
 
@@ -153,3 +153,14 @@ MODELS = {
     "resnet": (resnet, 128, _images((32, 32, 3)), 10),
     "wrn": (wide_resnet, 256, _images((32, 32, 3)), 10),
 }
+
+
+def write_result(path, result):
+    """Writes a benchmark's result file (sorted keys, indented, one final newline)."""
+    import json
+    import os
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2, sort_keys=True)
+        f.write("\n")

@@ -134,10 +134,7 @@ def main():
         "load_average_start": os.getloadavg()[0],
         "clock": "process CPU time per epoch (wall time beside it)",
     }
-    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-    with open(RESULTS, "w") as f:
-        json.dump(result, f, indent=2, sort_keys=True)
-        f.write("\n")
+    dp_models.write_result(RESULTS, result)
 
 
 if __name__ == "__main__":

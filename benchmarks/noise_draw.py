@@ -16,7 +16,6 @@ Writes `benchmarks/results/noise_draw.json`.
 """
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -129,10 +128,7 @@ def main():
     }
     for name, value in result.items():
         print(f"{name}: {value}")
-    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-    with open(RESULTS, "w") as f:
-        json.dump(result, f, indent=2, sort_keys=True)
-        f.write("\n")
+    dp_models.write_result(RESULTS, result)
 
 
 if __name__ == "__main__":

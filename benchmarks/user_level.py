@@ -126,10 +126,7 @@ def main():
         print(json.dumps(row))
         rows.append(row)
     result = {"rows": rows, "repeats": args.repeats, "cpus": os.cpu_count()}
-    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-    with open(RESULTS, "w") as f:
-        json.dump(result, f, indent=2, sort_keys=True)
-        f.write("\n")
+    dp_models.write_result(RESULTS, result)
 
 
 if __name__ == "__main__":

@@ -270,6 +270,15 @@ def epoch_batches(
     )  # fmt: skip
 
 
+def _epoch_steps(units, batch_size, epochs, steps_per_epoch):
+    """`(steps per epoch, steps)`: `ceil(units / batch_size)` (or `steps_per_epoch`) per epoch,
+    `ceil(epochs * per epoch)` in all, as `keras_safe.accounting.DPSchedule` counts them."""
+    per_epoch = math.ceil(units / batch_size)
+    if steps_per_epoch is not None:
+        per_epoch = check_number("steps_per_epoch", steps_per_epoch, low=1, integer=True)
+    return per_epoch, math.ceil(epochs * per_epoch - 1e-9)
+
+
 def _build(
     x,
     y,
@@ -326,10 +335,7 @@ def _build(
             f"overflow with probability up to {overflow:.2g} per step)",
             f"leave it out (default {default_rows}) or pass at least {default_rows}.",
         )
-    per_epoch = math.ceil(n / batch_size)
-    if steps_per_epoch is not None:
-        per_epoch = check_number("steps_per_epoch", steps_per_epoch, low=1, integer=True)
-    steps = math.ceil(epochs * per_epoch - 1e-9)
+    per_epoch, steps = _epoch_steps(n, batch_size, epochs, steps_per_epoch)
     seeded = seed is not None
     # Without a seed every pass draws new samples (fit over several epochs, or a second fit on
     # the same dataset, never replays a sample the ledger would charge as a fresh one).
@@ -555,10 +561,7 @@ def _build_users(
             f"probability up to {overflow:.2g} per step)",
             f"leave it out (default {default_slots}) or pass at least {default_slots}.",
         )
-    per_epoch = math.ceil(num_users / batch_size)
-    if steps_per_epoch is not None:
-        per_epoch = check_number("steps_per_epoch", steps_per_epoch, low=1, integer=True)
-    steps = math.ceil(epochs * per_epoch - 1e-9)
+    per_epoch, steps = _epoch_steps(num_users, batch_size, epochs, steps_per_epoch)
     seeded = seed is not None
     generator = None
     fresh_each_iteration = fresh_each_iteration or not seeded  # no replayed samples

@@ -436,9 +436,7 @@ def _clip_in_chunks(clip, data, size, per_user=None):
     totals, parts, previous = None, [], []
     for i in range(count):
         with tf.control_dependencies(previous):
-            chunk = keras.tree.map_structure(
-                lambda t, start=i * size: rows_of(t, start), data
-            )
+            chunk = keras.tree.map_structure(lambda t, start=i * size: rows_of(t, start), data)
         sums, losses, y_pred, norms = clip(chunk)
         totals = list(sums) if totals is None else [a + b for a, b in zip(totals, sums)]
         parts.append((losses, y_pred, norms))
