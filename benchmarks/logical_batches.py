@@ -15,12 +15,19 @@ wall time on a shared machine swings), printed beside wall time:
 Reports `dp_over_plain_speed` (targets: 0.85 for MLP, CNN and transformer). Writes
 `benchmarks/results/logical_batches.json`.
 
+With `--memory`, instead: the peak resident memory of two steps of `fit` at the logical batch,
+each trainer in its own process (plain Keras, DP in physical chunks, DP on the whole logical
+batch at once), written to `benchmarks/results/logical_batches_memory.json`.
+
     python benchmarks/logical_batches.py [--repeats 3] [--models mlp cnn transformer]
+    python benchmarks/logical_batches.py --memory [--models cnn]
 """
 
 import argparse
 import json
 import os
+import resource
+import subprocess
 import sys
 import time
 
@@ -33,9 +40,10 @@ import keras  # noqa: E402
 
 import keras_safe  # noqa: E402
 
-RESULTS = os.path.join(
-    os.path.dirname(os.path.abspath(__file__)), "results", "logical_batches.json"
-)
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, "results", "logical_batches.json")
+MEMORY_RESULTS = os.path.join(HERE, "results", "logical_batches_memory.json")
+MEMORY_MODES = ("plain", "dp_chunks", "dp_whole")
 LOGICAL, PHYSICAL, NOISE = 4096, 256, 1.1
 
 
@@ -115,13 +123,60 @@ def measure(name, examples, repeats, accumulation):
     return row
 
 
+def memory_worker(name, mode, examples):
+    """Peak RSS (MB) of two `fit` steps at the logical batch, in this process."""
+    factory, _, data, classes = dp_models.MODELS[name]
+    rng = np.random.default_rng(0)
+    x, y = data(examples, rng), rng.integers(0, classes, examples)
+    model = factory()
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    if mode == "plain":
+        model.compile(optimizer=keras.optimizers.SGD(0.01), loss=loss)
+    else:
+        physical = PHYSICAL if mode == "dp_chunks" else None
+        model.compile(
+            optimizer=keras_safe.optimizers.DPSGD(
+                learning_rate=0.01,
+                l2_norm_clip=1.0,
+                noise_multiplier=NOISE,
+                physical_batch_size=physical,
+            ),
+            loss=loss,
+        )
+        model = keras_safe.privacy.make_private(model)
+    model.fit(x, y, batch_size=LOGICAL, epochs=1, steps_per_epoch=2, verbose=0)
+    print(json.dumps({"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def memory(models, examples):
+    rows = []
+    for name in models:
+        row = {"model": name, "logical_batch": LOGICAL, "physical_batch": PHYSICAL}
+        for mode in MEMORY_MODES:
+            command = [sys.executable, __file__, "--memory-worker", name, mode]
+            command += ["--examples", str(examples)]
+            out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+            row[f"{mode}_peak_mb"] = round(json.loads(out.strip().splitlines()[-1])["peak_mb"])
+        row["chunks_over_plain"] = round(row["dp_chunks_peak_mb"] / row["plain_peak_mb"], 3)
+        row["whole_over_plain"] = round(row["dp_whole_peak_mb"] / row["plain_peak_mb"], 3)
+        print(json.dumps(row))
+        rows.append(row)
+    dp_models.write_result(MEMORY_RESULTS, {"rows": rows, "examples": examples})
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3, help="alternating epochs")
     parser.add_argument("--examples", type=int, default=32768, help="training examples")
     parser.add_argument("--models", nargs="+", default=["mlp", "cnn", "transformer"])
     parser.add_argument("--accumulation", action="store_true", help="also time accumulation")
+    parser.add_argument("--memory", action="store_true", help="peak memory instead of speed")
+    parser.add_argument("--memory-worker", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.memory_worker:
+        return memory_worker(*args.memory_worker, args.examples)
+    if args.memory:
+        return memory(args.models, args.examples)
     rows = []
     for name in args.models:
         row = measure(name, args.examples, args.repeats, args.accumulation)

@@ -400,12 +400,15 @@ def _private_gradients(model, x, y, sample_weight, watch, prepared=None, users=N
     return provenance.mark_released(grads), losses, y_pred
 
 
+IN_FLIGHT = 2  # chunks of a logical batch clipped at the same time (`_clip_in_chunks`)
+
+
 def _clip_in_chunks(clip, data, size, per_user=None):
     """`clip(data)` on consecutive chunks of `size` rows, one after another, summed: the clipped
     sum of a large (logical) batch with the memory of one chunk (`physical_batch_size`).
 
-    Each chunk's forward pass waits for the previous chunk's sums, so at most one chunk's
-    per-example factors are alive at a time. The noise is drawn once, for the whole batch, by
+    Each chunk's forward pass waits for the sums of the chunk `IN_FLIGHT` before it, so at most
+    that many chunks' per-example factors are alive at a time. The noise is drawn once, for the whole batch, by
     the caller. The batch must have a fixed number of rows, a multiple of `size`.
     """
     first = next(t for t in keras.tree.flatten(data[0]) if t is not None)
@@ -433,14 +436,15 @@ def _clip_in_chunks(clip, data, size, per_user=None):
             return t
         return t[start : start + size]
 
-    totals, parts, previous = None, [], []
+    totals, parts, done = None, [], []
     for i in range(count):
-        with tf.control_dependencies(previous):
+        # Chunk i starts once chunk i - IN_FLIGHT is summed: two chunks keep both cores busy.
+        with tf.control_dependencies(done[-IN_FLIGHT] if len(done) >= IN_FLIGHT else []):
             chunk = keras.tree.map_structure(lambda t, start=i * size: rows_of(t, start), data)
         sums, losses, y_pred, norms = clip(chunk)
         totals = list(sums) if totals is None else [a + b for a, b in zip(totals, sums)]
         parts.append((losses, y_pred, norms))
-        previous = list(sums)
+        done.append(list(sums))
     losses = tf.concat([p[0] for p in parts], axis=0)
     y_pred = keras.tree.map_structure(lambda *t: tf.concat(t, axis=0), *[p[1] for p in parts])
     norms = tf.concat([p[2] for p in parts], axis=0)
