@@ -18,6 +18,7 @@ import pytest
 import tensorflow as tf
 
 from keras_safe._validation import ArgumentError, PrivacyError
+from keras_safe.callbacks import PrivacyBudget
 from keras_safe.optimizers import DPSGD
 from keras_safe.privacy import dp_gradients, get_ledger, make_private, poisson_batches
 from keras_safe.privacy.sampling import default_max_batch_size
@@ -332,11 +333,16 @@ def _user_data(seed=0):
     return x, (x[:, 0] > 0).astype("int32"), ids
 
 
-def test_fit_with_user_ids_trains_at_the_user_level():
+def test_fit_with_user_ids_trains_at_the_user_level(capsys):
     x, y, ids = _user_data()
     model = _model(num_examples=None, batch_size=None)
     before = _weights(model)
-    model.fit(x, y, users=ids, batch_size=PER_STEP, epochs=1, steps_per_epoch=2, verbose=0)
+    budget = PrivacyBudget(delta=DELTA)
+    model.fit(
+        x, y, users=ids, batch_size=PER_STEP, epochs=1, steps_per_epoch=2, verbose=0,
+        callbacks=[budget],
+    )  # fmt: skip
+    assert "unit of privacy: one user (all of their examples)" in capsys.readouterr().out
     ledger = get_ledger(model)
     assert ledger.steps == 2 and ledger.privacy_unit == "user"
     segments = ledger.segments()
