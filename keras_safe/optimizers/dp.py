@@ -154,7 +154,7 @@ class DPOptimizer(OptimizerWrapper):
             uses (the rows of a user's slot in the batch); read from the data when not given.
         physical_batch_size: None, or P: a batch (the logical batch, `fit`'s `batch_size`, a
             Poisson sample at rate `batch_size / num_examples`) is clipped in chunks of P rows
-            one after another, so that memory holds one chunk's per-example factors, and the
+            two at a time, so that memory holds two chunks' per-example factors, and the
             noise is drawn once for the whole batch, which is accounted as one step (what
             Opacus's `BatchMemoryManager` does with logical and physical batches). `fit` on
             arrays pads each Poisson batch to a multiple of P (the size a sample exceeds with

@@ -404,12 +404,14 @@ IN_FLIGHT = 2  # chunks of a logical batch clipped at the same time (`_clip_in_c
 
 
 def _clip_in_chunks(clip, data, size, per_user=None):
-    """`clip(data)` on consecutive chunks of `size` rows, one after another, summed: the clipped
-    sum of a large (logical) batch with the memory of one chunk (`physical_batch_size`).
+    """`clip(data)` on consecutive chunks of `size` rows, `IN_FLIGHT` at a time, summed: the
+    clipped sum of a large (logical) batch with the memory of a few chunks
+    (`physical_batch_size`).
 
     Each chunk's forward pass waits for the sums of the chunk `IN_FLIGHT` before it, so at most
-    that many chunks' per-example factors are alive at a time. The noise is drawn once, for the whole batch, by
-    the caller. The batch must have a fixed number of rows, a multiple of `size`.
+    that many chunks' per-example factors are alive at a time. The noise is drawn once, for
+    the whole batch, by the caller. The batch must have a fixed number of rows, a multiple of
+    `size`.
     """
     first = next(t for t in keras.tree.flatten(data[0]) if t is not None)
     rows = first.shape[0]
