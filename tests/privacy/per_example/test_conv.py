@@ -167,9 +167,13 @@ def test_kernel_gradients_with_the_examples_as_groups_match_the_loop(case):
     ],
     ids=["same", "same_strided", "conv1d_causal", "conv1d_strided"],
 )
-def test_large_kernels_recompute_the_clipped_sum_from_scaled_output_gradients(layer, shape):
-    # Per-example kernel gradients larger than the layer's activations serve the norms only;
-    # the clipped sum is the kernel gradient of the scaled output gradients.
+@pytest.mark.parametrize("per_block", [None, 1, 3], ids=["one_block", "blocks_of_1", "blocks_of_3"])
+def test_large_kernels_recompute_the_clipped_sum_from_scaled_output_gradients(
+    layer, shape, per_block, monkeypatch
+):
+    # Per-example kernel gradients larger than the layer's activations serve the norms only
+    # (computed a block of examples at a time, the last block padded); the clipped sum is the
+    # kernel gradient of the scaled output gradients.
     layer = layer()
     model = classifier([layer], shape)
     x = RNG.normal(size=(B, *shape)).astype("float32") * 2.0
@@ -177,6 +181,10 @@ def test_large_kernels_recompute_the_clipped_sum_from_scaled_output_gradients(la
     inputs = x if layer.padding != "causal" else np.pad(x, [(0, 0), (2, 0), (0, 0)])
     form = ConvRule.forms(layer, tf.constant(inputs), tf.constant(dz))[0]
     assert form._sums_from_outputs()
+    if per_block is not None:
+        assert B % per_block != 0 or per_block == 1  # blocks of 3 leave a padded last block
+        values = per_block * int(np.prod(layer.kernel.shape))
+        monkeypatch.setattr(ConvKernelGrad, "BLOCK_VALUES", values)
     # The norms (from rows in any order) against each example's gradient from the tape.
     bounds = np.sqrt(np.asarray(form.norm_bounds()[0]))
     for i in range(B):
@@ -184,6 +192,8 @@ def test_large_kernels_recompute_the_clipped_sum_from_scaled_output_gradients(la
             target = tf.reduce_sum(layer(tf.constant(x[i : i + 1])) * dz[i : i + 1])
         exact = np.linalg.norm(np.asarray(tape.gradient(target, layer.kernel), "float64"))
         assert exact * (1 - 1e-5) <= bounds[i] <= exact * (1 + 1e-4)
+    if per_block is not None:
+        return  # the whole step against the one-example loop runs once per layer
     check = check_with_oracle(model, x, labels(), l2_norm_clip=0.3)
     assert check.max_error < 1e-4 and check.max_sensitivity <= 1 + 1e-5
     assert check.max_sensitivity > 0.5  # examples are clipped

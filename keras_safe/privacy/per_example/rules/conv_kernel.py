@@ -17,6 +17,7 @@ from keras_safe.privacy.per_example.numerics import (
     gamma,
     scaled_rows,
     static_size,
+    sum_sq64,
     unit_roundoff,
     working,
 )
@@ -91,9 +92,13 @@ class ConvKernelGrad(OuterProductGrad):
     materialised form holds as it is.
 
     Where the materialised gradients would outgrow the layer's activations (kernel size K O above
-    T (C + O): deep layers with many channels on small maps), they serve the norms only and are
-    dropped; the clipped sum is then the plain kernel gradient of the output gradients scaled
-    by the factors (what a plain step computes), so memory stays near plain training's.
+    T (C + O): deep layers with many channels on small maps), they serve the norms only: they are
+    computed a block of examples at a time (`BLOCK_VALUES` gradient entries per block, at least
+    one example), squared, summed and dropped, so they never exist for the whole batch; the
+    clipped sum is then the plain kernel gradient of the output gradients scaled by the factors
+    (what a plain step computes), so memory stays near plain training's. Blocks are also faster
+    there: measured on CPU for WideResNet-16-4's 8x8x256 layer at batch 256, 165-235 ms against
+    470-500 ms for one convolution with 256 groups (the plain kernel gradient: 61 ms).
 
     Args:
         kernel: the kernel variable.
@@ -104,6 +109,7 @@ class ConvKernelGrad(OuterProductGrad):
     """
 
     GROUPED_MIN_POSITIONS = 4
+    BLOCK_VALUES = 2**22
 
     def __init__(self, kernel, inputs, g, geometry, a_norm_bound, g_norm_bound=None):
         self.variable = kernel
@@ -145,13 +151,47 @@ class ConvKernelGrad(OuterProductGrad):
         t, k, o, _ = self._dims()
         return self._method() == "outer" and k * o > t * (self.inputs.shape[-1] + o)
 
+    def _blocked_sum_sq(self):
+        """Every example's `sum_sq64` of its kernel gradient, computed in blocks of examples
+        (`BLOCK_VALUES`), so the whole batch's gradients are never held at once."""
+        t, k, o, _ = self._dims()
+        per_block = max(1, self.BLOCK_VALUES // (k * o))
+        batch = tf.shape(self.g)[0]
+        blocks = tf.maximum((batch + per_block - 1) // per_block, 1)
+        size = (batch + blocks - 1) // blocks
+        pad = blocks * size - batch
+
+        def split(x):
+            x = tf.pad(x, [[0, pad]] + [[0, 0]] * (len(x.shape) - 1))
+            return tf.reshape(x, tf.concat([[blocks, size], tf.shape(x)[1:]], 0))
+
+        def norms(pair):
+            inputs, g = pair
+            if t is not None and t >= self.GROUPED_MIN_POSITIONS * self.inputs.shape[-1]:
+                rows = _examples_as_groups(inputs, g, *self.geometry)
+            else:
+                a = working(patches(inputs, *self.geometry))
+                rows = tf.einsum("btk,bto->bko", a, g)
+            return sum_sq64(rows)
+
+        out = tf.map_fn(
+            norms,
+            (split(self.inputs), split(self.g)),
+            fn_output_signature=tf.TensorSpec([None], tf.float64),
+            parallel_iterations=2,
+        )
+        return tf.reshape(out, [-1])[:batch]
+
     def norm_bounds(self):
-        norms_sq, slack = super().norm_bounds()
-        if self._sums_from_outputs():
-            # The clipped sum: the factor's rounding, then T products summed per entry.
-            u_mm = unit_roundoff(self.g.dtype, matmul=True)
-            slack = gamma(self._steps() + 1, u_mm) * self._position_norms_bound()
-        return norms_sq, slack
+        if not self._sums_from_outputs():
+            return super().norm_bounds()
+        u_mm = unit_roundoff(self.g.dtype, matmul=True)
+        position_bound = self._position_norms_bound()
+        # As the materialised form: the float sum over positions errs by at most gamma_T S_i.
+        computed = tf.sqrt(self._blocked_sum_sq())
+        norms_sq = tf.square(computed + gamma(self._steps(), u_mm) * position_bound)
+        # The clipped sum: the factor's rounding, then T products summed per entry.
+        return norms_sq, gamma(self._steps() + 1, u_mm) * position_bound
 
     def clipped_sum(self, factors):
         if not self._sums_from_outputs():
