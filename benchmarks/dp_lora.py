@@ -1,6 +1,7 @@
 """DP fine-tuning with LoRA adapters: DP-SGD speed and peak memory over plain Keras.
 
-Models (synthetic data of the right shapes; speed does not depend on the values):
+Models (from `dp_models.py`; synthetic data of the right shapes; speed does not depend on the
+values):
 - transformer: a text classifier, token and position embeddings, 2 transformer blocks
   (d=128, 4 heads, feed-forward 256), average pooling and a 2-class head; LoRA rank 8 on the
   attention query/value projections and on the feed-forward Dense layers; every base weight
@@ -34,6 +35,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from dp_memory import rss_mb  # noqa: E402  (benchmarks/ is on the path as the script's folder)
+from dp_models import LORA_TOKENS, LORA_VOCABULARY, bert_classifier, lora_transformer  # noqa: E402
 
 import keras_safe  # noqa: E402
 
@@ -42,63 +44,8 @@ try:
 except ImportError:  # the optional `hub` extra
     keras_hub = None
 
-LORA_RANK = 8
-SEQUENCE = 64
-VOCABULARY = 2000
-
-
-def _block(h, width, heads, feed_forward):
-    attention = keras.layers.MultiHeadAttention(heads, width // heads)
-    h = keras.layers.LayerNormalization()(h + attention(h, h))
-    ff = keras.layers.Dense(feed_forward, activation="relu")(h)
-    return keras.layers.LayerNormalization()(h + keras.layers.Dense(width)(ff)), attention
-
-
-def transformer(width=128, heads=4, feed_forward=256, blocks=2):
-    """The LoRA text classifier: base weights frozen, adapters and the head trainable."""
-    ids = keras.Input((SEQUENCE,), dtype="int32")
-    h = keras.layers.Embedding(VOCABULARY, width)(ids)
-    places = keras.ops.cumsum(keras.ops.ones_like(ids), axis=1) - 1
-    h = h + keras.layers.Embedding(SEQUENCE, width)(places)
-    attentions = []
-    for _ in range(blocks):
-        h, attention = _block(h, width, heads, feed_forward)
-        attentions.append(attention)
-    h = keras.layers.GlobalAveragePooling1D()(h)
-    head = keras.layers.Dense(2)
-    model = keras.Model(ids, head(h))
-    dense = [lyr for lyr in model.layers if isinstance(lyr, keras.layers.Dense)]
-    adapted = [a.query_dense for a in attentions] + [a.value_dense for a in attentions]
-    adapted += [lyr for lyr in dense if lyr is not head]
-    for layer in model.layers:
-        layer.trainable = layer is head
-    for attention in attentions:  # its query and value projections get adapters
-        attention.trainable = True
-        attention.key_dense.trainable = False
-        attention.output_dense.trainable = False
-    for layer in adapted:
-        layer.trainable = False
-        layer.enable_lora(LORA_RANK)  # adds the adapters, trainable; freezes the kernel
-        layer.trainable = True
-        for variable in layer.weights:
-            variable.trainable = variable.name.startswith("lora_")
-    return model
-
-
-def hub_classifier():
-    """A tiny keras-hub BERT classifier with LoRA on the backbone (random weights)."""
-    backbone = keras_hub.models.BertBackbone(
-        vocabulary_size=VOCABULARY,
-        num_layers=2,
-        num_heads=4,
-        hidden_dim=64,
-        intermediate_dim=128,
-        max_sequence_length=SEQUENCE,
-    )
-    backbone.enable_lora(LORA_RANK)
-    return keras_hub.models.BertTextClassifier(
-        backbone, num_classes=2, preprocessor=None, dropout=0.0
-    )
+SEQUENCE = LORA_TOKENS
+VOCABULARY = LORA_VOCABULARY
 
 
 def _token_data(n, rng, hub):
@@ -111,7 +58,7 @@ def _token_data(n, rng, hub):
     return {"token_ids": ids, "segment_ids": np.zeros_like(ids), "padding_mask": mask}
 
 
-MODELS = {"transformer": (transformer, 64), "hub": (hub_classifier, 64)}
+MODELS = {"transformer": (lora_transformer, 64), "hub": (bert_classifier, 64)}
 
 
 def _compiled(name, dp):
@@ -136,10 +83,6 @@ def _data(name, steps, seed=0):
     return _token_data(n, rng, name == "hub"), rng.integers(0, 2, n), batch
 
 
-def _head(x, count):
-    return keras.tree.map_structure(lambda a: a[:count], x)
-
-
 def _epoch_seconds(model, x, y, batch_size):
     start = time.perf_counter()
     model.fit(x, y, batch_size=batch_size, epochs=1, shuffle=False, verbose=0)
@@ -151,7 +94,9 @@ def speed(name, steps, repeats):
     x, y, batch = _data(name, steps)
     plain, private = _compiled(name, False), _compiled(name, True)
     for model in (plain, private):  # warm-up: tracing, compilation, verification
-        model.fit(_head(x, batch * 2), y[: batch * 2], batch_size=batch, verbose=0)
+        # on the timed epochs' own data: a private `fit` on a data set of another size costs
+        # a second or more the first time
+        _epoch_seconds(model, x, y, batch)
     plain_times, private_times = [], []
     for _ in range(repeats):
         plain_times.append(_epoch_seconds(plain, x, y, batch))
