@@ -7,6 +7,10 @@ example's gradient (keras_safe's fallback path forced on all layers), the cost t
 clipping avoids (`--jacobian`).
 
 Usage: python benchmarks/dp_memory.py [--models mlp,cnn,...] [--batch 256] [--steps 4] [--jacobian]
+       [--results benchmarks/results/dp_memory.json]
+
+The figures are also written to `--results` (JSON: one row per model, each trainer's peak and
+growth in MB and `dp_over_plain`, the peak ratio), the file the README's figures name.
 """
 
 import argparse
@@ -20,7 +24,10 @@ import sys
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-DEFAULT_MODELS = "mlp,cnn,embedding,lstm,transformer,resnet,wrn"
+from dp_models import write_result  # noqa: E402
+
+DEFAULT_MODELS = "mlp,cnn,embedding,lstm,transformer,resnet,wrn,lora,hub"
+RESULTS = HERE / "results" / "dp_memory.json"
 
 
 def rss_mb():
@@ -108,6 +115,7 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--jacobian", action="store_true", help="also the MLP's Jacobian path")
+    parser.add_argument("--results", default=str(RESULTS), help="JSON file for the figures")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -115,10 +123,15 @@ def main(argv=None):
         return worker(name, mode, args.batch, args.steps)
     print(f"peak RSS of fit, batch {args.batch}, {args.steps} steps, one process per trainer")
     print(f"{'model':12} {'trainer':9} {'peak MB':>8} {'growth MB':>10} {'peak/plain':>11}")
+    rows = []
     for name in args.models.split(","):
         modes = ["plain", "dp"] + (["jacobian"] if args.jacobian and name == "mlp" else [])
         results = {mode: _run(name, mode, args.batch, args.steps) for mode in modes}
         plain = results["plain"]
+        row = {"model": name, "batch": args.batch, "steps": args.steps, "trainers": results}
+        if "error" not in plain and "error" not in results["dp"]:
+            row["dp_over_plain"] = round(results["dp"]["peak"] / plain["peak"], 3)
+        rows.append(row)
         for mode in modes:
             r = results[mode]
             if "error" in r or "error" in plain:
@@ -129,6 +142,8 @@ def main(argv=None):
                 f"{r['peak'] / plain['peak']:11.2f}",
                 flush=True,
             )
+    write_result(args.results, {"rows": rows, "clock": "peak resident memory (ru_maxrss)"})
+    print(f"written to {args.results}")
 
 
 if __name__ == "__main__":

@@ -12,11 +12,14 @@ Usage: python benchmarks/dp_overhead.py [--steps 30] [--repeats 5] [--models cnn
        [--sampling]
 
 For each model: the best examples/s of plain and DP `fit` and the median of the per-round
-ratios (DP / plain) of epochs timed alternately (plain, DP, plain, DP, ...), so a change of
-machine load hits both, after one untimed epoch of each on the same data; then the parts of one
-step in milliseconds (`dp_parts.py`): the plain step, the per-example norm pass, the
-clipped-sum pass, the noise draw, the whole DP step and the limit a DP step can reach (plain
-step + noise draw). `--batch` overrides the models' default batch sizes (a comma-separated list
+speed ratios (DP / plain) of epochs timed alternately (plain, DP, plain, DP, ...), so a change
+of machine load hits both, after one untimed epoch of each on the same data: in CPU time
+(`ratio`, both cores' work: it moves far less with the machine's load) and in wall time
+(`wall_ratio`); then the parts of one step in milliseconds (`dp_parts.py`): the plain step, the
+per-example norm pass, the clipped-sum pass, the noise draw, the whole DP step and the limit a
+DP step can reach (plain step + noise draw), with the ratio DP step / limit of every round.
+ResNet-20 and WRN-16-4, whose steps take seconds on a CPU, run 8 and 3 steps per epoch and
+fewer rounds of parts. `--batch` overrides the models' default batch sizes (a comma-separated list
 runs each). The figures are also written to `--results` (JSON: the settings, the machine's
 load, the models skipped and why, and one row per model and batch), the file the README's
 figures can name as their source. The DP `fit` of this comparison is given `shuffle=False`
@@ -166,15 +169,17 @@ def main_sampling(args, names, skipped):
 
 
 def _epoch_seconds(model, x, y, batch_size):
-    start = time.perf_counter()
+    """`(CPU seconds, wall seconds)` of one epoch."""
+    cpu, wall = time.process_time(), time.perf_counter()
     model.fit(x, y, batch_size=batch_size, epochs=1, shuffle=False, verbose=0)
-    return time.perf_counter() - start
+    return time.process_time() - cpu, time.perf_counter() - wall
 
 
 def compare(factory, x, y, batch_size, repeats):
     """Times plain and DP epochs alternately, so load changes hit both alike.
 
-    Returns the best examples/s of each and the per-round ratios DP / plain, sorted.
+    Returns the best examples/s of each (wall time) and the per-round speed ratios DP / plain,
+    sorted: `{"cpu": [...], "wall": [...]}`.
     """
     plain, private = _compiled(factory, False), _compiled(factory, True)
     for model in (plain, private):  # warm-up: tracing, compilation and verification
@@ -185,28 +190,41 @@ def compare(factory, x, y, batch_size, repeats):
     for _ in range(repeats):
         plain_times.append(_epoch_seconds(plain, x, y, batch_size))
         private_times.append(_epoch_seconds(private, x, y, batch_size))
-    ratios = sorted(p / d for p, d in zip(plain_times, private_times))
-    return len(x) / min(plain_times), len(x) / min(private_times), ratios
+    ratios = {
+        clock: sorted(p[i] / d[i] for p, d in zip(plain_times, private_times))
+        for i, clock in enumerate(("cpu", "wall"))
+    }
+    best = [len(x) / min(t[1] for t in times) for times in (plain_times, private_times)]
+    return best[0], best[1], ratios
 
 
-def _parts(factory, x, y, batch_size):
-    """The parts of one step (best ms/step of each) and the line that prints them."""
+# Steps per timed epoch and (rounds, calls per round) of the parts where a step takes seconds.
+SLOW_MODELS = {"resnet": (8, (3, 2)), "wrn": (3, (3, 1))}
+
+
+def _parts(factory, x, y, batch_size, rounds=5, calls=3):
+    """The parts of one step (best ms/step of each), the per-round ratios DP step / limit, and
+    the line that prints them."""
     keras.utils.set_random_seed(0)
-    times = time_parts(factory(), x, y, batch_size)
+    times = time_parts(factory(), x, y, batch_size, repeats=rounds, steps=calls)
     best = {part: min(values) for part, values in times.items()}
     limit = best["plain"] + best["noise"]
+    per_round = sorted(d / (p + n) for d, p, n in zip(times["dp"], times["plain"], times["noise"]))
     line = (
         f"    parts (ms/step): plain {best['plain']:.1f}, norms {best['norms']:.1f}, "
         f"clipped sums {best['clipping'] - best['norms']:.1f}, noise {best['noise']:.1f}, "
         f"DP step {best['dp']:.1f}; limit (plain + noise) {limit:.1f}, "
-        f"DP step / limit {best['dp'] / limit:.2f}"
+        f"DP step / limit {best['dp'] / limit:.2f} (rounds {per_round[0]:.2f}-{per_round[-1]:.2f})"
     )
-    return {**best, "limit": limit, "dp_over_limit": best["dp"] / limit}, line
+    row = {**best, "limit": limit, "dp_over_limit": best["dp"] / limit}
+    return {**row, "dp_over_limit_rounds": per_round}, line
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=30, help="training steps per timed epoch")
+    parser.add_argument(
+        "--steps", type=int, help="training steps per timed epoch (default 30; ResNet 8, WRN 3)"
+    )
     parser.add_argument("--repeats", type=int, default=5, help="alternating timed epochs")
     parser.add_argument("--models", default=DEFAULT_MODELS)
     parser.add_argument("--batch", help="batch sizes to run instead of each model's default")
@@ -228,35 +246,45 @@ def main(argv=None):
     results = {
         "keras": keras.__version__,
         "keras_safe": keras_safe.__version__,
-        "steps": args.steps,
         "repeats": args.repeats,
+        "clock": "ratio: process CPU time per epoch; wall_ratio: wall time; parts: wall ms",
         "load_average_start": load,
         "skipped": skipped,
         "rows": [],
     }
-    print(f"{'model':12} {'batch':>5} {'plain ex/s':>11} {'DP ex/s':>9} {'DP/plain':>9}  ratios")
+    print(
+        f"{'model':12} {'batch':>5} {'plain ex/s':>11} {'DP ex/s':>9} {'DP/plain CPU':>12}  "
+        "rounds      wall"
+    )
     for name in names:
         factory, default_batch, make_x, classes = MODELS[name]
         batches = [int(b) for b in args.batch.split(",")] if args.batch else [default_batch]
+        steps, (rounds, calls) = SLOW_MODELS.get(name, (30, (5, 3)))
+        steps = args.steps or steps
         for batch in batches:
-            n = batch * args.steps
+            n = batch * steps
             x, y = make_x(n, rng), rng.integers(0, classes, n)
             plain, private, ratios = compare(factory, x, y, batch, args.repeats)
+            cpu, wall = ratios["cpu"], ratios["wall"]
             print(
                 f"{name:12} {batch:5d} {plain:11.0f} {private:9.0f} "
-                f"{ratios[len(ratios) // 2]:9.2f}  {ratios[0]:.2f}-{ratios[-1]:.2f}",
+                f"{cpu[len(cpu) // 2]:12.2f}  {cpu[0]:.2f}-{cpu[-1]:.2f}  "
+                f"{wall[len(wall) // 2]:.2f}",
                 flush=True,
             )
             row = {
                 "model": name,
                 "batch": batch,
+                "steps": steps,
                 "plain_examples_per_s": plain,
                 "dp_examples_per_s": private,
-                "ratio": ratios[len(ratios) // 2],
-                "ratios": ratios,
+                "ratio": cpu[len(cpu) // 2],
+                "ratios": cpu,
+                "wall_ratio": wall[len(wall) // 2],
+                "wall_ratios": wall,
             }
             if not args.no_parts:
-                row["parts_ms"], line = _parts(factory, x, y, batch)
+                row["parts_ms"], line = _parts(factory, x, y, batch, rounds, calls)
                 print(line, flush=True)
             results["rows"].append(row)
     results["load_average_end"] = os.getloadavg()[0]
