@@ -137,13 +137,19 @@ class ConvKernelGrad(OuterProductGrad):
     def _steps(self):
         return static_size(self.g, 1)
 
+    def _kernel_rows(self, inputs, g, patches_of):
+        """`[B, K, O]`: the kernel gradient of every example of `inputs` and `g` (the layer's, or
+        a block of its examples): one convolution with the examples as groups where the layer
+        has many output positions per input channel, else the outer products of the patches
+        (`patches_of()`)."""
+        t, channels = self.g.shape[1], self.inputs.shape[-1]
+        if t is not None and t >= self.GROUPED_MIN_POSITIONS * channels:
+            return _examples_as_groups(inputs, g, *self.geometry)
+        return tf.einsum("btk,bto->bko", patches_of(), g)
+
     def _materialised(self):
         if self._rows is None:
-            t, channels = self.g.shape[1], self.inputs.shape[-1]
-            if t is not None and t >= self.GROUPED_MIN_POSITIONS * channels:
-                self._rows = _examples_as_groups(self.inputs, self.g, *self.geometry)
-            else:
-                self._rows = super()._materialised()
+            self._rows = self._kernel_rows(self.inputs, self.g, lambda: self.a)
         return self._rows
 
     def _sums_from_outputs(self):
@@ -154,7 +160,7 @@ class ConvKernelGrad(OuterProductGrad):
     def _blocked_sum_sq(self):
         """Every example's `sum_sq64` of its kernel gradient, computed in blocks of examples
         (`BLOCK_VALUES`), so the whole batch's gradients are never held at once."""
-        t, k, o, _ = self._dims()
+        _, k, o, _ = self._dims()
         per_block = max(1, self.BLOCK_VALUES // (k * o))
         batch = tf.shape(self.g)[0]
         blocks = tf.maximum((batch + per_block - 1) // per_block, 1)
@@ -167,11 +173,7 @@ class ConvKernelGrad(OuterProductGrad):
 
         def norms(pair):
             inputs, g = pair
-            if t is not None and t >= self.GROUPED_MIN_POSITIONS * self.inputs.shape[-1]:
-                rows = _examples_as_groups(inputs, g, *self.geometry)
-            else:
-                a = working(patches(inputs, *self.geometry))
-                rows = tf.einsum("btk,bto->bko", a, g)
+            rows = self._kernel_rows(inputs, g, lambda: working(patches(inputs, *self.geometry)))
             return sum_sq64(rows)
 
         out = tf.map_fn(
