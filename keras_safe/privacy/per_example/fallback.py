@@ -29,16 +29,25 @@ def jacobian(tape, unit_losses, variables, fallback="vectorized"):
         One tensor per variable (zeros for a variable the losses do not depend on).
     """
     check_choice("fallback", fallback, FALLBACKS)
-    jac = None
-    if fallback == "vectorized":
-        try:
-            jac = tape.jacobian(unit_losses, variables, experimental_use_pfor=True)
-        except (ValueError, NotImplementedError, TypeError, tf.errors.OpError):
-            jac = None
-    if jac is None:
-        jac = tape.jacobian(unit_losses, variables, experimental_use_pfor=False)
     rows = tf.shape(unit_losses)[:1]
-    return [
-        tf.zeros(tf.concat([rows, v.shape], axis=0), v.dtype) if j is None else j
-        for j, v in zip(jac, variables)
-    ]
+
+    def zeros():
+        return [tf.zeros(tf.concat([rows, v.shape], axis=0), v.dtype) for v in variables]
+
+    def rows_of_jacobian():
+        jac = None
+        if fallback == "vectorized":
+            try:
+                jac = tape.jacobian(unit_losses, variables, experimental_use_pfor=True)
+            except (ValueError, NotImplementedError, TypeError, tf.errors.OpError):
+                jac = None
+        if jac is None:
+            jac = tape.jacobian(unit_losses, variables, experimental_use_pfor=False)
+        return [z if j is None else j for j, z in zip(jac, zeros())]
+
+    # A Poisson batch can be empty: the vectorized Jacobian of no examples fails at run time
+    # (matrices of size 0 in its products), so a batch of unknown size takes it only with rows.
+    count = unit_losses.shape[0]
+    if count is not None:
+        return rows_of_jacobian() if count else zeros()
+    return tf.cond(rows[0] > 0, rows_of_jacobian, zeros)

@@ -64,6 +64,24 @@ def test_jacobian_falls_back_to_a_loop_when_pfor_cannot_vectorize():
     np.testing.assert_allclose(jac, 2 * x.numpy() ** 2 * variable.numpy(), rtol=1e-6)
 
 
+@pytest.mark.parametrize("mode", ["vectorized", "loop"])
+def test_an_empty_batch_of_unknown_size_gives_empty_rows(mode):
+    # A Poisson batch can hold no example; the step's Jacobian must not fail on it.
+    variable = tf.Variable([[1.0, 2.0], [0.5, -1.0]])
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 2])])
+    def rows(x):
+        with tf.GradientTape(persistent=True) as tape:
+            losses = tf.reduce_sum(tf.square(tf.matmul(x, variable)), axis=1)
+        return fallback.jacobian(tape, losses, [variable], fallback=mode)[0]
+
+    assert rows(tf.zeros([0, 2])).shape == (0, 2, 2)
+    x = tf.constant([[1.0, 0.0], [2.0, 3.0]])
+    # d/dW sum((x W)^2) = 2 x^T (x W), one example at a time.
+    expected = [2 * np.outer(r, r @ variable.numpy()) for r in x.numpy()]
+    np.testing.assert_allclose(rows(x), expected, rtol=1e-6)
+
+
 def test_unknown_fallback_names_the_argument():
     with pytest.raises(ArgumentError, match="`fallback` must be one of 'vectorized', 'loop'"):
         fallback.jacobian(None, None, [], fallback="pfor")
