@@ -148,15 +148,30 @@ def ensure_verified(model, x, y=None, sample_weight=None):
     """
     require_dense(model, (x, y, sample_weight))
     ownership.settle_ledger(model)
-    if is_verified(model):
+    if not is_verified(model):
+        if isinstance(x, tf.data.Dataset):
+            require_dense(model, x.element_spec)
+        examples = first_examples(x, y, sample_weight)
+        if examples is None:
+            require_verified(model)
+            return
+        verify_model(model, *examples)
+    _build_optimizer(model)
+
+
+def _build_optimizer(model):
+    """Builds the optimizer of a built model before its first step is traced.
+
+    Keras builds it while tracing the train function when no distribution strategy is set; a
+    variable created there (the DP optimizer's draw counter, Adam's moments) makes TensorFlow
+    trace the whole step a second time, which costs the DP step's tracing time and the memory of
+    a second graph.
+    """
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is None or getattr(optimizer, "built", True) or not model.trainable_variables:
         return
-    if isinstance(x, tf.data.Dataset):
-        require_dense(model, x.element_spec)
-    examples = first_examples(x, y, sample_weight)
-    if examples is None:
-        require_verified(model)
-        return
-    verify_model(model, *examples)
+    with model.distribute_strategy.scope():
+        optimizer.build(model.trainable_variables)
 
 
 def require_verified(model):

@@ -253,3 +253,32 @@ def test_metrics_of_poisson_batches_skip_the_padding_rows():
     # About 4,000 sampled examples: the reported accuracy is the true one up to sampling noise;
     # counting the padding rows (a quarter of each padded batch) would move it far away.
     assert abs(reported - true_accuracy) < 4 * np.sqrt(0.25 / 4000) + 1e-3
+
+
+@pytest.mark.parametrize("entry", ["fit", "train_on_batch"])
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_the_private_step_is_traced_once(entry, optimizer, monkeypatch):
+    # An optimizer variable created while Keras traces the train function (the DP optimizer's
+    # draw counter, Adam's moments) would make TensorFlow trace the whole DP step again.
+    from keras_safe.training import train_step
+
+    traces = []
+    original = train_step._traced_private_step
+
+    def counted(*args, **kwargs):
+        traces.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(train_step, "_traced_private_step", counted)
+    x, y = RNG.normal(size=(64, 5)).astype("float32"), RNG.integers(0, 2, 64)
+    model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(2)])
+    kind = keras_safe.optimizers.DPSGD if optimizer == "sgd" else keras_safe.optimizers.DPAdam
+    dp = kind(0.1, l2_norm_clip=1.0, noise_multiplier=1.0, num_examples=64, batch_size=16)
+    model.compile(optimizer=dp, loss="sparse_categorical_crossentropy")
+    keras_safe.privacy.make_private(model)
+    if entry == "fit":
+        model.fit(x, y, batch_size=16, epochs=2, verbose=0)
+    else:
+        for start in (0, 16, 32):
+            model.train_on_batch(x[start : start + 16], y[start : start + 16])
+    assert dp.built and len(traces) == 1
