@@ -17,6 +17,7 @@ from keras_safe.privacy.per_example import (
     summed_form,
 )
 from keras_safe.privacy.per_example.forms import merge
+from keras_safe.privacy.per_example import numerics
 from keras_safe.privacy.per_example.numerics import gamma, norm_bound, sum_sq64, unit_roundoff
 
 RNG = np.random.default_rng(3)
@@ -172,11 +173,12 @@ def test_rounding_helpers():
     assert np.isinf(float(gamma(10, 0.1)))
 
 
+@pytest.mark.parametrize("shape", [(4, 250, 400), (4, 1009), (4, 28, 28)])
 @pytest.mark.parametrize("scale", ["normal", "spread", "uniform"])
-def test_norm_bound_and_sum_sq64_bound_the_float64_norm(scale):
-    # Rows of 10^5 values (sums that round many times): the bounds are never below the exact
-    # float64 norm and within the rounding they cover.
-    shape = (4, 250, 400)
+def test_norm_bound_and_sum_sq64_bound_the_float64_norm(scale, shape):
+    # Rows of 10^5 values (sums that round many times), of a prime count (no block divisor: one
+    # block) and of an MNIST image: the bounds are never below the exact float64 norm and within
+    # the rounding they cover.
     if scale == "normal":
         t = RNG.normal(size=shape)
     elif scale == "spread":
@@ -184,10 +186,22 @@ def test_norm_bound_and_sum_sq64_bound_the_float64_norm(scale):
     else:
         t = 1.0 + 2.0**-12 * RNG.integers(0, 4, shape)  # squares that all round the same way
     t = t.astype("float32")
-    exact = np.sqrt(np.sum(t.astype("float64") ** 2, axis=(1, 2)))
+    axes = tuple(range(1, len(shape)))
+    exact = np.sqrt(np.sum(t.astype("float64") ** 2, axis=axes))
     for bound in (
-        np.asarray(norm_bound(tf.constant(t), [1, 2])),
+        np.asarray(norm_bound(tf.constant(t), list(axes))),
         np.sqrt(np.asarray(sum_sq64(tf.constant(t)))),
     ):
         assert np.all(bound >= exact)
         assert np.all(bound <= exact * (1 + 2 * gamma(t[0].size, unit_roundoff("float32")) + 1e-6))
+
+
+def test_sum_sq64_without_a_useful_rounding_bound_is_infinite():
+    # A row of n float32 values with no block divisor (one block of n terms) where gamma_n is
+    # 1/2 or more: no finite bound holds, so the example must be dropped (factor 0), never get
+    # a small bound.
+    n = 5_600_000
+    while numerics._block(n) != 1 or gamma(n, unit_roundoff("float32")) < 0.5:
+        n += 1
+    got = np.asarray(sum_sq64(tf.ones([1, n], "float32")))
+    assert np.isinf(got).all()
