@@ -14,10 +14,10 @@ from keras_safe.privacy.per_example import (
     EmbeddingGrad,
     MaterialisedGrad,
     OuterProductGrad,
+    numerics,
     summed_form,
 )
 from keras_safe.privacy.per_example.forms import merge
-from keras_safe.privacy.per_example import numerics
 from keras_safe.privacy.per_example.numerics import gamma, norm_bound, sum_sq64, unit_roundoff
 
 RNG = np.random.default_rng(3)
