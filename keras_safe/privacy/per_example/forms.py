@@ -50,6 +50,7 @@ __all__ = [
     "GradientForm",
     "MaterialisedGrad",
     "OuterProductGrad",
+    "SharedBiasGrad",
     "merge",
     "summed_form",
 ]
@@ -201,6 +202,9 @@ class OuterProductGrad(GradientForm):
     weighted sum over examples, instead of a second pass over the positions.
     """
 
+    _g_sum_sq = None  # `g_sum_sq()` once computed
+    _scaled_g = None  # `(factors, scaled g)` once computed
+
     def __init__(self, variable, a, g, shape, a_norm_bound=None, g_norm_bound=None):
         self.variable = variable
         self.a = working(a)
@@ -275,6 +279,19 @@ class OuterProductGrad(GradientForm):
         outer_cost = t * k * o + k * o
         return "gram" if gram_cost < outer_cost else "outer"
 
+    def g_sum_sq(self):
+        """`sum_sq64(g)` per example, computed once (a Dense bias form shares it)."""
+        if self._g_sum_sq is None:
+            self._g_sum_sq = sum_sq64(self.g)
+        return self._g_sum_sq
+
+    def scaled_g(self, factors):
+        """`g` with example i scaled by `factors[i]` (dropped where it is 0), computed once for
+        the same `factors` (a Dense bias form sums its rows)."""
+        if self._scaled_g is None or self._scaled_g[0] is not factors:
+            self._scaled_g = (factors, scaled_rows(self.g, factors, factors))
+        return self._scaled_g[1]
+
     def _materialised(self):
         """The per-example gradients `[B, K, (G,) O]`, float32, computed once."""
         if self._rows is None:
@@ -287,7 +304,7 @@ class OuterProductGrad(GradientForm):
         steps = self._steps()
         if method == "product":
             # Scaling g by the factor and one product per entry: two roundings.
-            return sum_sq64(self.a) * sum_sq64(self.g), gamma(2, u_mm)
+            return sum_sq64(self.a) * self.g_sum_sq(), gamma(2, u_mm)
         if method == "outer":
             computed = tf.sqrt(sum_sq64(self._materialised()))
             # The float sum over positions errs by at most gamma_T S_i; the clipped sum then
@@ -318,7 +335,7 @@ class OuterProductGrad(GradientForm):
             grad = tf.einsum(
                 self._spec("btGk,btGo->kGo"),
                 scaled_rows(self.a, None, factors),
-                scaled_rows(self.g, factors, factors),
+                self.scaled_g(factors),
             )
         return tf.reshape(grad, self.shape)
 
@@ -326,6 +343,28 @@ class OuterProductGrad(GradientForm):
         error = gamma(self._steps(), unit_roundoff(self.a.dtype, matmul=True))
         error = error * self._position_norms_bound()
         return tf.reshape(self._materialised(), [-1, *self.shape]), error
+
+
+class SharedBiasGrad(MaterialisedGrad):
+    """The bias of a layer whose kernel form is an `OuterProductGrad` with one position
+    (T = 1): the per-example gradient is the kernel form's `g_i`, so the sum of squares and
+    the scaled rows are the kernel form's, computed once for both variables.
+
+    Bounds as `MaterialisedGrad`: `sum_sq64(g)` bounds `||g_i||^2` (the same values), and the
+    clipped sum rounds each entry once, when scaling by the factor; examples with factor 0 are
+    dropped whole, as in `weighted_sum`. Grouping or joining gives plain `MaterialisedGrad`s.
+    """
+
+    def __init__(self, variable, kernel_form):
+        super().__init__(variable, tf.reshape(kernel_form.g, [-1, *variable.shape]))
+        self.kernel_form = kernel_form
+
+    def norm_bounds(self):
+        return self.kernel_form.g_sum_sq(), 2.0 * unit_roundoff(self.per_example.dtype)
+
+    def clipped_sum(self, factors):
+        total = tf.reduce_sum(self.kernel_form.scaled_g(factors), axis=[0, 1])
+        return tf.reshape(total, self.variable.shape)
 
 
 def merge(forms):

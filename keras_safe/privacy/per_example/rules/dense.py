@@ -3,7 +3,12 @@
 import keras
 import tensorflow as tf
 
-from keras_safe.privacy.per_example.forms import MaterialisedGrad, OuterProductGrad, summed_form
+from keras_safe.privacy.per_example.forms import (
+    MaterialisedGrad,
+    OuterProductGrad,
+    SharedBiasGrad,
+    summed_form,
+)
 from keras_safe.privacy.per_example.numerics import gamma, static_size, unit_roundoff, working
 from keras_safe.privacy.per_example.rules.base import (
     PerExampleRule,
@@ -46,7 +51,13 @@ class DenseRule(PerExampleRule):
     @staticmethod
     def forms(layer, inputs, dz):
         a, g = as_sequence(inputs), as_sequence(dz)
-        forms = [OuterProductGrad(layer.kernel, a, g, layer.kernel.shape)]
+        kernel = OuterProductGrad(layer.kernel, a, g, layer.kernel.shape)
+        forms = [kernel]
         if layer.bias is not None:
-            forms.append(bias_form(layer.bias, g))
+            if g.shape[1] == 1:
+                # One position (rank-2 inputs): the bias gradient is g itself; its sum of
+                # squares and scaled rows are the kernel form's.
+                forms.append(SharedBiasGrad(layer.bias, kernel))
+            else:
+                forms.append(bias_form(layer.bias, g))
         return forms
