@@ -1,12 +1,8 @@
 """Tests of keras_safe.callbacks.PrivacyBudget."""
 
 import csv
-import json
 import os
-import subprocess
-import sys
 import tempfile
-import textwrap
 
 import keras
 import numpy as np
@@ -19,7 +15,7 @@ from keras_safe.callbacks import PrivacyBudget
 from keras_safe.optimizers import DPSGD
 from keras_safe.privacy import get_ledger, make_private
 from tests import dp_reference
-from tests.testing import REPO_ROOT, assert_config_round_trip
+from tests.testing import assert_config_round_trip
 
 N, BATCH, DELTA, NOISE = 96, 16, 1e-3, 1.1
 STEPS_PER_EPOCH = N // BATCH  # 6
@@ -114,57 +110,8 @@ def test_keeps_counting_across_fit_calls():
     assert second.history["epsilon"][0] == pytest.approx(_reference_epsilon(2 * STEPS_PER_EPOCH))
 
 
-_RESUME_SCRIPT = textwrap.dedent(
-    """
-    import json, sys
-    import keras, numpy as np
-    import keras_safe
-    path, n, batch, delta, target = sys.argv[1:6]
-    model = keras.saving.load_model(path)
-    restored = int(model.optimizer.iterations)
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(int(n), 4)).astype("float32")
-    y = (x[:, 0] > 0).astype("int32")
-    budget = keras_safe.callbacks.PrivacyBudget(
-        num_examples=int(n), delta=float(delta), target_epsilon=float(target), verbose=0)
-    history = model.fit(x, y, batch_size=int(batch), epochs=20, verbose=0, callbacks=[budget])
-    print(json.dumps({"restored": restored, "epsilon": history.history["epsilon"],
-                      "iterations": int(model.optimizer.iterations)}))
-    """
-)
-
-
-def test_resumes_counting_after_save_and_load_in_fresh_process():
-    x, y = _data()
-    model = _model()
-    model.fit(
-        x, y, batch_size=BATCH, epochs=2, verbose=0,
-        callbacks=[PrivacyBudget(num_examples=N, delta=DELTA, verbose=0)],
-    )  # fmt: skip
-    path = os.path.join(tempfile.mkdtemp(), "dp_model.keras")
-    model.save(path)
-    target = 3.3
-    allowed = 0
-    while _reference_epsilon(allowed + 1) <= target:
-        allowed += 1
-
-    env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="3")
-    env["PYTHONPATH"] = REPO_ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    result = subprocess.run(
-        [sys.executable, "-c", _RESUME_SCRIPT, path, str(N), str(BATCH), str(DELTA), str(target)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    out = json.loads(result.stdout.strip().splitlines()[-1])
-    assert out["restored"] == 2 * STEPS_PER_EPOCH
-    # The resumed run starts from 12 steps, not from zero: it stops within its first epoch at
-    # the same step a single uninterrupted run would (a reset would run on to 15 more steps).
-    assert 2 * STEPS_PER_EPOCH < allowed < 3 * STEPS_PER_EPOCH
-    assert out["iterations"] == allowed
-    assert out["epsilon"] == [pytest.approx(_reference_epsilon(allowed))]
+# A PrivacyBudget fit that resumes counting after save and load in a fresh process is checked
+# in tests/training/test_budget.py, in the one fresh process that reloads every model class.
 
 
 def test_reads_num_examples_from_fit_and_defaults_delta(capsys):

@@ -279,7 +279,44 @@ _RELOAD = textwrap.dedent(
 )
 
 
+# A PrivacyBudget fit on a model saved after 12 steps and loaded again: it counts on from them.
+_RESUME = textwrap.dedent(
+    """
+    import json, sys
+    import keras, numpy as np
+    import keras_safe
+    path, n, batch, delta, target = sys.argv[1:6]
+    model = keras.saving.load_model(path)
+    restored = int(model.optimizer.iterations)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(int(n), 4)).astype("float32")
+    y = (x[:, 0] > 0).astype("int32")
+    budget = keras_safe.callbacks.PrivacyBudget(
+        num_examples=int(n), delta=float(delta), target_epsilon=float(target), verbose=0)
+    history = model.fit(x, y, batch_size=int(batch), epochs=20, verbose=0, callbacks=[budget])
+    print(json.dumps({"restored": restored, "epsilon": history.history["epsilon"],
+                      "iterations": int(model.optimizer.iterations)}))
+    """
+)
+
+# Runs each (script, arguments) of argv[1] in turn in this one process (TensorFlow starts once)
+# and prints the last line each printed, as a JSON list.
+_RUN_SCRIPTS = textwrap.dedent(
+    """
+    import contextlib, io, json, sys
+    printed = []
+    for script, arguments in json.loads(sys.argv[1]):
+        sys.argv = ["-c", *arguments]
+        with contextlib.redirect_stdout(io.StringIO()) as out:
+            exec(compile(script, "<script>", "exec"), {"__name__": "__main__"})
+        printed.append(out.getvalue().strip().splitlines()[-1])
+    print(json.dumps(printed))
+    """
+)
+
+
 def test_every_model_class_restores_its_ledger_and_budget_in_a_fresh_process(tmp_path):
+    # Also: a PrivacyBudget fit on a reloaded model resumes counting (one fresh process for both).
     x, y = _data()
     models = _all_classes()
     expected = {}
@@ -293,10 +330,25 @@ def test_every_model_class_restores_its_ledger_and_budget_in_a_fresh_process(tmp
         get_ledger(model).set_budget(8.0, DELTA, "pld" if name == "functional" else "rdp")
         model.save(str(tmp_path / f"{name}.keras"))
         expected[name] = get_ledger(model).segments()
+    # The PrivacyBudget case: 2 epochs of 6 steps, then as many steps as a target of 3.3 allows.
+    resumed = _model(batch_size=B)
+    x_resume, y_resume = _data()
+    resumed.fit(
+        x_resume, y_resume, batch_size=B, epochs=2, verbose=0,
+        callbacks=[PrivacyBudget(num_examples=N, delta=DELTA, verbose=0)],
+    )  # fmt: skip
+    resumed.save(str(tmp_path / "resumed.keras"))
+    target = 3.3
+    allowed = _allowed(1.1, Q, target)
+
     env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="3")
     env["PYTHONPATH"] = REPO_ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    scripts = [
+        (_RELOAD, [str(tmp_path), str(N), str(B), json.dumps(list(models))]),
+        (_RESUME, [str(tmp_path / "resumed.keras"), str(N), str(B), str(DELTA), str(target)]),
+    ]
     result = subprocess.run(
-        [sys.executable, "-c", _RELOAD, str(tmp_path), str(N), str(B), json.dumps(list(models))],
+        [sys.executable, "-c", _RUN_SCRIPTS, json.dumps(scripts)],
         capture_output=True,
         text=True,
         env=env,
@@ -304,7 +356,7 @@ def test_every_model_class_restores_its_ledger_and_budget_in_a_fresh_process(tmp
         cwd=REPO_ROOT,
     )
     assert result.returncode == 0, result.stderr[-4000:]
-    out = json.loads(result.stdout.strip().splitlines()[-1])
+    out, resume = (json.loads(line) for line in json.loads(result.stdout.strip().splitlines()[-1]))
     for name in models:
         accountant = "pld" if name == "functional" else "rdp"
         for compile in (False, True):
@@ -323,6 +375,13 @@ def test_every_model_class_restores_its_ledger_and_budget_in_a_fresh_process(tmp
     reference = dp_reference.epsilon(1.1, Q, 12, DELTA)
     assert f"epsilon spent after 12 steps: {reference:.4f}" in subclassed["statement_after"]
     assert "ledger saved with the model was not restored" in subclassed["fresh"]
+
+    assert resume["restored"] == 2 * N // B
+    # The resumed run starts from 12 steps, not from zero: it stops within its first epoch at
+    # the same step a single uninterrupted run would (a reset would run on to 15 more steps).
+    assert 2 * N // B < allowed < 3 * N // B
+    assert resume["iterations"] == allowed
+    assert resume["epsilon"] == [pytest.approx(dp_reference.epsilon(1.1, Q, allowed, DELTA))]
 
 
 # -- item 8 (issue 24): bad input on the paths of this issue ----------------------------------
