@@ -15,7 +15,7 @@ import keras_safe
 from keras_safe._validation import PrivacyError
 from keras_safe.optimizers import DPSGD, DPAdam, DPOptimizer
 from tests import dp_reference
-from tests.testing import assert_config_round_trip, assert_saves_in_fresh_process
+from tests.testing import assert_config_round_trip
 
 RNG = np.random.default_rng(0)
 
@@ -170,7 +170,14 @@ def test_target_epsilon_with_microbatches_doubles_the_noise():
     assert schedule.sampling_rate == pytest.approx(0.05)
 
 
-def test_configs_round_trip_and_models_save_in_a_fresh_process():
+def saved_dp_models():
+    """Four DP optimizers (their configs round-trip) on models trained one step, as
+    `(cases, targets)` for `assert_saves_in_fresh_process`.
+
+    They are saved and loaded in a fresh process (and train on there) by
+    `tests/optimizers/clipping/test_wrapper.py::test_statistics_survive_save_and_load`, in the
+    one process that also loads GradientClip's models: TensorFlow starts once for both.
+    """
     optimizers = [
         DPSGD(0.05, momentum=0.9, l2_norm_clip=1.5, noise_multiplier=1.1, num_microbatches=2),
         DPAdam(1e-3, beta_1=0.8, l2_norm_clip=1.0, noise_multiplier=0.9, seed=5),
@@ -189,7 +196,7 @@ def test_configs_round_trip_and_models_save_in_a_fresh_process():
         model.fit(x, y, batch_size=4, verbose=0)
         cases.append((model, x))
         targets.append(y)
-    assert_saves_in_fresh_process(cases, fit_after_load=targets)
+    return cases, targets
 
 
 def test_the_wrapped_optimizer_is_inner_optimizer_and_0_2_0_configs_load():

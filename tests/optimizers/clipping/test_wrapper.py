@@ -22,6 +22,7 @@ from tests.optimizers.clipping.reference import (
     reference_training,
 )
 from tests.optimizers.clipping.test_global_norm import FixedReference
+from tests.optimizers.test_dp import saved_dp_models
 from tests.testing import assert_config_round_trip, assert_saves_in_fresh_process
 
 MODE_CASES = [
@@ -248,10 +249,13 @@ def test_statistics_survive_save_and_load(tmp_path):
             float(net.optimizer.step_logs()["clip_norm"]),
         )
 
-    # In a fresh process (one model per mode), and training continues after loading.
+    # In a fresh process (one model per mode), and training continues after loading; the DP
+    # optimizers' models of tests/optimizers/test_dp.py load in the same process.
     chosen = [models[i] for i in (1, 3, 4, 5)]
+    dp_cases, dp_targets = saved_dp_models()
     assert_saves_in_fresh_process(
-        [(m, x[:BATCH]) for m in chosen], fit_after_load=[y[:BATCH]] * len(chosen)
+        [(m, x[:BATCH]) for m in chosen] + dp_cases,
+        fit_after_load=[y[:BATCH]] * len(chosen) + dp_targets,
     )
 
 
