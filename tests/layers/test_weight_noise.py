@@ -7,7 +7,7 @@ import tensorflow as tf
 from scipy import stats
 
 from keras_safe.layers import WeightNoise
-from tests.testing import assert_config_round_trip, assert_saves_in_fresh_process, run_layer_test
+from tests.testing import assert_config_round_trip, run_layer_test
 
 RNG = np.random.default_rng(0)
 X_DENSE = RNG.normal(size=(4, 5)).astype("float32")
@@ -190,7 +190,16 @@ def test_bad_arguments_raise():
         WeightNoise(keras.layers.Dense(2), seed="x")
 
 
-def test_wraps_dense_conv_and_embedding_and_saves():
+def weight_noise_models():
+    """WeightNoise around Dense, Conv1D, Conv2D and Embedding, each checked by `run_layer_test`
+    (output shape, config, one training step), as `(cases, targets)` for
+    `assert_saves_in_fresh_process`.
+
+    They are saved, loaded and trained on in a fresh process by
+    `tests/preprocessing/test_stack.py::test_models_train_save_and_load_in_a_fresh_process`,
+    in the one process that also loads the preprocessing layers' models: TensorFlow starts once
+    for both.
+    """
     cases = [
         (lambda: WeightNoise(keras.layers.Dense(3), stddev=0.05), X_DENSE, (4, 3)),
         (
@@ -215,10 +224,10 @@ def test_wraps_dense_conv_and_embedding_and_saves():
         model = run_layer_test(factory, x, expected_output_shape=shape, run_saving=False)
         models.append((model, x))
     y = [RNG.normal(size=(len(x), 1)).astype("float32") for _, x in models]
-    assert_saves_in_fresh_process(models, fit_after_load=y)
     # The learnable scales are weights of the model and are saved with it.
     names = [w.path for w in models[2][0].trainable_weights]
     assert sum("noise_scale" in n for n in names) == 2
+    return models, y
 
 
 def test_trains_under_dp_with_gradients_at_the_noisy_weights():

@@ -17,6 +17,7 @@ from keras_safe.preprocessing import (
     RobustNormalization,
     train_val_test_split,
 )
+from tests.layers.test_weight_noise import weight_noise_models
 from tests.testing import (
     assert_config_round_trip,
     assert_fit_one_step,
@@ -115,7 +116,9 @@ def test_models_train_save_and_load_in_a_fresh_process():
         assert np.all(np.isfinite(model.predict(inputs, verbose=0)))
         cases.append((model, inputs))
         targets.append(y)
-    assert_saves_in_fresh_process(cases, fit_after_load=targets)
+    # WeightNoise's models (tests/layers/test_weight_noise.py) load in the same fresh process.
+    noise_cases, noise_targets = weight_noise_models()
+    assert_saves_in_fresh_process(cases + noise_cases, fit_after_load=targets + noise_targets)
 
     # Statistics and the epsilon spent travel with the model.
     path = os.path.join(tempfile.mkdtemp(), "dp.keras")
