@@ -24,6 +24,7 @@ import tensorflow as tf
 from keras_safe.optimizers.replicas import noise_share
 from keras_safe.privacy.losses import PerExampleLoss
 from keras_safe.privacy.per_example.clipping import clip_factors, per_example_forms
+from keras_safe.privacy.per_example.embedding_form import data_dependent_shapes
 
 __all__ = ["PARTS", "time_parts"]
 
@@ -48,9 +49,12 @@ def _step_functions(model, batch_size, clip=1.0, stddev=1.1):
         return per_example_forms(model, variables, forward)
 
     def sums(x, y):
-        result = forms(x, y)
-        factors, _ = clip_factors(result.forms, clip, result.checks)
-        return [tf.cast(f.clipped_sum(factors), v.dtype) for f, v in zip(result.forms, variables)]
+        with data_dependent_shapes():  # as keras_safe's train step without XLA
+            result = forms(x, y)
+            factors, _ = clip_factors(result.forms, clip, result.checks)
+            return [
+                tf.cast(f.clipped_sum(factors), v.dtype) for f, v in zip(result.forms, variables)
+            ]
 
     @tf.function
     def plain(x, y):
@@ -60,8 +64,9 @@ def _step_functions(model, batch_size, clip=1.0, stddev=1.1):
 
     @tf.function
     def norms(x, y):
-        result = forms(x, y)
-        return tf.reduce_sum(clip_factors(result.forms, clip, result.checks)[0])
+        with data_dependent_shapes():
+            result = forms(x, y)
+            return tf.reduce_sum(clip_factors(result.forms, clip, result.checks)[0])
 
     @tf.function
     def clipping(x, y):

@@ -21,6 +21,7 @@ from keras_safe.privacy import independence
 from keras_safe.privacy.losses import PerExampleLoss
 from keras_safe.privacy.model_checks import check_supported
 from keras_safe.privacy.per_example.clipping import clipped_gradient_sum
+from keras_safe.privacy.per_example.embedding_form import data_dependent_shapes
 from keras_safe.privacy.sampling import default_max_batch_size
 from keras_safe.training import distribution, ownership, preflight, state
 from keras_safe.training.stages import get_stages
@@ -86,9 +87,11 @@ def train_step(model, data):
     variables = model.trainable_variables
     loss_stage = _loss_stage(model)
     if state.is_private(model):
-        x, y, sample_weight, grads, losses, y_pred = _private_step(
-            model, x, y, sample_weight, users
-        )
+        # Ops with data-dependent shapes (cheaper embedding norms) unless XLA compiles the step.
+        with data_dependent_shapes(not getattr(model, "jit_compile", False)):
+            x, y, sample_weight, grads, losses, y_pred = _private_step(
+                model, x, y, sample_weight, users
+            )
         dp = find_dp_optimizer(getattr(model, "optimizer", None))
         state.safe_state(model).traced_for = state.step_mode(model, dp)
         if loss_stage is None:

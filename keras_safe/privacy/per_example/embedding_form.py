@@ -1,6 +1,9 @@
 """The gradient form of an embedding table: each example adds its output gradients to the
 rows it looked up (repeated ids add up)."""
 
+import contextlib
+import contextvars
+
 import tensorflow as tf
 
 from keras_safe.privacy.per_example.forms import FLOAT64_PRICE, GradientForm
@@ -16,7 +19,23 @@ from keras_safe.privacy.per_example.numerics import (
     working,
 )
 
-__all__ = ["EmbeddingGrad"]
+__all__ = ["EmbeddingGrad", "data_dependent_shapes"]
+
+_DATA_DEPENDENT_SHAPES = contextvars.ContextVar("data_dependent_shapes", default=False)
+
+
+@contextlib.contextmanager
+def data_dependent_shapes(allowed=True):
+    """Within it (when `allowed`), embedding forms may use ops whose output size depends on
+    the data (`tf.where`, `tf.unique`), which XLA cannot compile: keras_safe's train step
+    enters it when the model does not compile its step with XLA. Outside it, the forms use only
+    ops of static shapes.
+    """
+    token = _DATA_DEPENDENT_SHAPES.set(bool(allowed))
+    try:
+        yield
+    finally:
+        _DATA_DEPENDENT_SHAPES.reset(token)
 
 
 class EmbeddingGrad(GradientForm):
@@ -32,7 +51,10 @@ class EmbeddingGrad(GradientForm):
     rounding bound, `(gamma_D + gamma_m) Q_i` with `Q_i = sum_{t,s: id_t = id_s} |g_t| |g_s|`
     and m the number of same-id pairs (only those are summed; the zeros of the mask add no
     rounding), recomputed in float64 in a step where that bound is loose (terms that cancel);
-    for longer sequences by summing the rows of each (example, id) pair.
+    for longer sequences by summing the rows of each (example, id) pair. Where shapes may
+    depend on the data (`data_dependent_shapes`), only the rows of ids repeated within an
+    example are summed, in float64, and the others count by their own norms: one pass over
+    the gradients instead of a Gram of T^2 D products.
     """
 
     MAX_GRAM_STEPS = 512
@@ -51,12 +73,16 @@ class EmbeddingGrad(GradientForm):
         ids = tf.concat([f.ids for f in forms], axis=1)
         return EmbeddingGrad(forms[0].variable, ids, tf.concat([f.g for f in forms], axis=1))
 
-    def _position_norms(self, g_sq=None):
-        """Upper bounds of each `|g_t|`, float64 `[B, T]` (from `g_sq` when given)."""
+    def _position_squares(self, g_sq=None):
+        """Upper bounds of each `|g_t|^2`, float64 `[B, T]` (from `g_sq` when given)."""
         if g_sq is None:
             g_sq = tf.reduce_sum(tf.square(self.g), axis=-1)
         inflate = 1.0 + 2.0 * gamma(self.g.shape[-1] + 1, unit_roundoff(self.g.dtype, True))
-        return tf.sqrt(f64(g_sq) * inflate)
+        return f64(g_sq) * inflate
+
+    def _position_norms(self, g_sq=None):
+        """Upper bounds of each `|g_t|`, float64 `[B, T]` (from `g_sq` when given)."""
+        return tf.sqrt(self._position_squares(g_sq))
 
     def _bound(self):
         return tf.reduce_sum(self._position_norms(), axis=1) * (1.0 + 1e-12)
@@ -103,11 +129,50 @@ class EmbeddingGrad(GradientForm):
         loose = tf.reduce_any(error > 1e-4 * norms_sq)
         return tf.cond(loose, lambda: self._gram64(steps), lambda: (norms_sq + error, bound))
 
+    def _repeated_rows(self, steps):
+        """The norms with only the rows of repeated ids summed (float64), and `_bound()`.
+
+        Sorting each example's ids puts repeated ids next to each other. A position whose id
+        occurs once adds its own `|g_t|^2` (float32, inflated for its rounding); the rows of
+        the repeated ids are gathered (a number of rows that depends on the data), summed per
+        (example, id) in float64 and squared. The float64 rounding is covered by
+        `(2 (T + D) + 8) U64 bound^2`, `bound >= sum_t |g_t|`.
+        """
+        ids, g = self.ids, self.g
+        depth = g.shape[-1]
+        squares = self._position_squares()
+        bound = tf.reduce_sum(tf.sqrt(squares), axis=1) * (1.0 + 1e-12)
+        order = tf.argsort(ids, axis=1, stable=True)
+        ranked = tf.gather(ids, order, batch_dims=1)
+        same = tf.equal(ranked[:, 1:], ranked[:, :-1])  # position t + 1 repeats position t
+        edge = tf.zeros_like(same[:, :1])
+        repeated = tf.logical_or(tf.concat([edge, same], 1), tf.concat([same, edge], 1))
+        ranked_squares = tf.gather(squares, order, batch_dims=1)
+        single_sq = tf.reduce_sum(
+            tf.where(repeated, tf.zeros_like(ranked_squares), ranked_squares), 1
+        )
+        where = tf.where(repeated)  # [P, 2]: (example, sorted position)
+        example = where[:, 0]
+        position = tf.gather_nd(tf.cast(order, "int64"), where)
+        rows = f64(tf.gather_nd(g, tf.stack([example, position], axis=1)))
+        starts = tf.cast(tf.logical_not(tf.concat([edge, same], 1)), "int64")
+        runs = tf.gather_nd(tf.cumsum(starts, axis=1), where) + example * tf.cast(steps, "int64")
+        keys, run = tf.unique(runs)
+        count = tf.shape(keys)[0]
+        sums = tf.math.unsorted_segment_sum(rows, run, count)
+        owner = tf.math.unsorted_segment_max(example, run, count)
+        batch = tf.shape(ids)[0]
+        repeated_sq = tf.math.unsorted_segment_sum(tf.reduce_sum(tf.square(sums), 1), owner, batch)
+        slack = (2.0 * (tf.cast(steps, "float64") + depth) + 8.0) * U64 * tf.square(bound)
+        return single_sq + repeated_sq + slack, bound
+
     def norm_bounds(self):
         steps = static_size(self.ids, 1)
         t, d = self.ids.shape[1], self.g.shape[-1]
         if t is not None and d is not None and FLOAT64_PRICE * t <= 8:
             norms_sq, bound = self._gram64(steps)
+        elif _DATA_DEPENDENT_SHAPES.get() and d is not None:
+            norms_sq, bound = self._repeated_rows(steps)
         elif t is not None and t <= self.MAX_GRAM_STEPS:
             norms_sq, bound = self._gram32(steps)
         else:

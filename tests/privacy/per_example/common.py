@@ -56,7 +56,7 @@ def per_example_norms(model, x, y):
 
 
 def assert_fit_matches_reference(
-    model, x, y, loss=None, sample_weight=None, microbatches=None, loss_weights=None
+    model, x, y, loss=None, sample_weight=None, microbatches=None, loss_weights=None, xla=False
 ):
     """One DP `fit` step (noise 0, SGD at rate 1) moves the weights by the reference mean."""
     loss = loss or keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -69,6 +69,7 @@ def assert_fit_matches_reference(
         ),
         loss=loss,
         loss_weights=loss_weights,
+        jit_compile=xla,
     )
     # A clip bound between the per-example norms, so some examples are clipped and some not.
     clip = float(np.median(per_example_norms(model, x, y)))

@@ -14,6 +14,7 @@ from keras_safe.privacy.per_example import (
     EmbeddingGrad,
     MaterialisedGrad,
     OuterProductGrad,
+    embedding_form,
     numerics,
     summed_form,
 )
@@ -88,26 +89,57 @@ def test_outer_product_bound_survives_cancellation(steps):
     assert np.linalg.norm(got) <= bound[0] + slack[0]
 
 
-@pytest.mark.parametrize("steps", [3, 10], ids=["gram", "rows_per_id"])
-def test_embedding_bounds_and_sum(steps):
-    ids = RNG.integers(0, 4, (5, steps)).astype("int32")
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static_shapes", "repeated_rows"])
+@pytest.mark.parametrize("steps", [3, 10, 40], ids=["gram64", "gram32", "long"])
+def test_embedding_bounds_and_sum(steps, dynamic):
+    # Static shapes: the float64 Gram (short), the float32 Gram (longer). With data-dependent
+    # shapes (keras_safe's step without XLA): only the repeated ids' rows summed, in float64.
+    vocabulary = 4 if steps < 40 else 50
+    ids = RNG.integers(0, vocabulary, (5, steps)).astype("int32")
     ids[0] = 1
+    ids[2, steps // 2 :] = 0  # a run of one padding id
     g = RNG.normal(size=(5, steps, 3)).astype("float32")
     g[0, 1] = -g[0, 0] + 1e-3  # a near-cancelling pair on one id
-    form = EmbeddingGrad(_variable((4, 3)), tf.constant(ids), tf.constant(g))
-    dense = np.zeros((5, 4, 3))
+    with embedding_form.data_dependent_shapes(dynamic):
+        form = EmbeddingGrad(_variable((vocabulary, 3)), tf.constant(ids), tf.constant(g))
+        bound, _ = _bound(form)
+    dense = np.zeros((5, vocabulary, 3))
     for b in range(5):
         for t in range(steps):
             dense[b, ids[b, t]] += g[b, t]
     norms = np.linalg.norm(dense.reshape(5, -1), axis=1)
-    bound, _ = _bound(form)
     assert np.all(bound >= norms)
-    assert np.all(bound[1:] <= norms[1:] * (1 + 1e-4))
+    tight = slice(0, None) if dynamic else slice(1, None)  # float64 sums: the pair too
+    assert np.all(bound[tight] <= norms[tight] * (1 + 1e-4))
     factors = RNG.uniform(0, 1, 5).astype("float32")
     got = np.asarray(form.clipped_sum(tf.constant(factors)))
     np.testing.assert_allclose(got, np.einsum("b,bvd->vd", factors, dense), rtol=1e-5, atol=1e-5)
     materialised, _ = form.materialise()
     np.testing.assert_allclose(materialised, dense, rtol=1e-6, atol=1e-6)
+
+
+def test_repeated_rows_of_an_unknown_batch_and_length():
+    # Traced with neither the batch size nor the sequence length known, ids as int64: the
+    # same bound as the float64 reference, and an empty batch gives no rows.
+    variable = _variable((6, 2))
+
+    @tf.function(
+        input_signature=[tf.TensorSpec([None, None], tf.int64)] * 1
+        + [tf.TensorSpec([None, None, 2], tf.float32)]
+    )
+    def bounds(ids, g):
+        with embedding_form.data_dependent_shapes():
+            return EmbeddingGrad(variable, ids, g).norm_bounds()[0]
+
+    ids = RNG.integers(0, 3, (4, 9))
+    g = RNG.normal(size=(4, 9, 2)).astype("float32")
+    dense = np.zeros((4, 6, 2))
+    for b in range(4):
+        np.add.at(dense[b], ids[b], g[b].astype("float64"))
+    exact = np.sum(dense.reshape(4, -1) ** 2, axis=1)
+    got = np.asarray(bounds(tf.constant(ids), tf.constant(g)))
+    assert np.all(got >= exact) and np.all(got <= exact * (1 + 1e-6))
+    assert bounds(tf.zeros([0, 9], tf.int64), tf.zeros([0, 9, 2])).shape == (0,)
 
 
 def test_summed_form_carries_the_rounding_of_its_sum():
