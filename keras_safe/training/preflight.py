@@ -30,6 +30,8 @@ __all__ = [
 
 # Examples the verification runs on.
 EXAMPLES = 4
+# Batches of a dataset looked at for them (a Poisson batch may be empty).
+DATASET_BATCHES = 16
 
 
 def _key(model):
@@ -43,29 +45,38 @@ def _slice(data, rows):
     return keras.tree.map_structure(lambda a: None if a is None else np.asarray(a)[rows], data)
 
 
+def _examples_of_batch(batch, count):
+    if isinstance(batch, (tuple, list)) and len(batch) == 4:
+        batch = tuple(batch[:3])  # user-level batches: (x, y, sample_weight, user ids)
+    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(batch)
+    x, y, sample_weight = keras.tree.map_structure(
+        lambda t: None if t is None else np.asarray(t), (x, y, sample_weight)
+    )
+    if sample_weight is None:
+        rows = np.arange(min(count, int(np.shape(keras.tree.flatten(x)[0])[0])))
+    else:
+        # Rows of weight 0 (Poisson padding) are not examples.
+        weights = np.reshape(np.asarray(keras.tree.flatten(sample_weight)[0]), [-1])
+        rows = np.flatnonzero(weights > 0)[:count]
+    if not len(rows):
+        return None
+    return _slice(x, rows), _slice(y, rows), _slice(sample_weight, rows)
+
+
 def first_examples(x, y=None, sample_weight=None, count=EXAMPLES):
     """Up to `count` real examples `(x, y, sample_weight)` from what `fit` gets, or None.
 
-    Arrays are sliced; a `tf.data.Dataset` gives its first batch (for `poisson_batches`, its
-    rows with a positive weight); generators and other inputs give None.
+    Arrays are sliced; a `tf.data.Dataset` gives the first of its first `DATASET_BATCHES`
+    batches that holds an example (for `poisson_batches`, its rows with a positive weight);
+    generators and other inputs give None.
     """
     if isinstance(x, tf.data.Dataset):
-        batch = next(iter(x.take(1)), None)
-        if batch is None:
-            return None
-        if isinstance(batch, (tuple, list)) and len(batch) == 4:
-            batch = tuple(batch[:3])  # user-level batches: (x, y, sample_weight, user ids)
-        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(batch)
-        x, y, sample_weight = keras.tree.map_structure(
-            lambda t: None if t is None else np.asarray(t), (x, y, sample_weight)
-        )
-        if sample_weight is not None:
-            # Rows of weight 0 (Poisson padding) are not examples.
-            weights = np.reshape(np.asarray(keras.tree.flatten(sample_weight)[0]), [-1])
-            rows = np.flatnonzero(weights > 0)[:count]
-            if not len(rows):
-                return None
-            return _slice(x, rows), _slice(y, rows), _slice(sample_weight, rows)
+        # A Poisson batch may hold no example: the first of a few batches that holds one.
+        for batch in x.take(DATASET_BATCHES):
+            found = _examples_of_batch(batch, count)
+            if found is not None:
+                return found
+        return None
     leaves = keras.tree.flatten(x) if x is not None else []
     if not leaves or not all(hasattr(a, "shape") and hasattr(a, "__array__") for a in leaves):
         return None

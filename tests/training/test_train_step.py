@@ -282,3 +282,18 @@ def test_the_private_step_is_traced_once(entry, optimizer, monkeypatch):
         for start in (0, 16, 32):
             model.train_on_batch(x[start : start + 16], y[start : start + 16])
     assert dp.built and len(traces) == 1
+
+
+def test_verification_examples_come_from_the_first_batch_that_holds_one():
+    # A Poisson batch may hold no example (all rows padding, weight 0): the verification takes
+    # its examples from a later batch instead of finding none and refusing the fit.
+    from keras_safe.training import preflight
+
+    x = np.arange(12, dtype="float32").reshape(6, 2)
+    weights = np.array([0, 0, 0, 0, 1, 1], "float32")
+    data = tf.data.Dataset.from_tensor_slices((x, np.zeros(6), weights)).batch(2)
+    found_x, _, found_w = preflight.first_examples(data)
+    np.testing.assert_array_equal(found_x, x[4:])
+    np.testing.assert_array_equal(found_w, [1, 1])
+    empty = tf.data.Dataset.from_tensor_slices((x, np.zeros(6), np.zeros(6, "float32"))).batch(2)
+    assert preflight.first_examples(empty) is None
