@@ -73,19 +73,17 @@ class EmbeddingGrad(GradientForm):
         ids = tf.concat([f.ids for f in forms], axis=1)
         return EmbeddingGrad(forms[0].variable, ids, tf.concat([f.g for f in forms], axis=1))
 
-    def _position_squares(self, g_sq=None):
-        """Upper bounds of each `|g_t|^2`, float64 `[B, T]` (from `g_sq` when given)."""
-        if g_sq is None:
-            g_sq = tf.reduce_sum(tf.square(self.g), axis=-1)
+    def _position_squares(self):
+        """Upper bounds of each `|g_t|^2`, float64 `[B, T]`."""
+        g_sq = tf.reduce_sum(tf.square(self.g), axis=-1)
         inflate = 1.0 + 2.0 * gamma(self.g.shape[-1] + 1, unit_roundoff(self.g.dtype, True))
         return f64(g_sq) * inflate
 
-    def _position_norms(self, g_sq=None):
-        """Upper bounds of each `|g_t|`, float64 `[B, T]` (from `g_sq` when given)."""
-        return tf.sqrt(self._position_squares(g_sq))
-
-    def _bound(self):
-        return tf.reduce_sum(self._position_norms(), axis=1) * (1.0 + 1e-12)
+    def _bound(self, squares=None):
+        """An upper bound of `sum_t |g_t|` (from `_position_squares()` when given)."""
+        if squares is None:
+            squares = self._position_squares()
+        return tf.reduce_sum(tf.sqrt(squares), axis=1) * (1.0 + 1e-12)
 
     def _unique_rows(self):
         """Rows summed per (example, id): `(rows [U, D], example index [U])`."""
@@ -141,7 +139,7 @@ class EmbeddingGrad(GradientForm):
         ids, g = self.ids, self.g
         depth = g.shape[-1]
         squares = self._position_squares()
-        bound = tf.reduce_sum(tf.sqrt(squares), axis=1) * (1.0 + 1e-12)
+        bound = self._bound(squares)
         order = tf.argsort(ids, axis=1, stable=True)
         ranked = tf.gather(ids, order, batch_dims=1)
         same = tf.equal(ranked[:, 1:], ranked[:, :-1])  # position t + 1 repeats position t
