@@ -30,7 +30,8 @@ def bias_form(variable, g, g_norm_bound=None):
     if g_norm_bound is None or (isinstance(steps, int) and steps == 1):
         return summed_form(variable, g, [1])
     error = gamma(steps, unit_roundoff(working(g).dtype)) * tf.sqrt(tf.cast(steps, "float64"))
-    return MaterialisedGrad(variable, keras.ops.sum(working(g), axis=1), error * g_norm_bound)
+    summed = tf.reshape(keras.ops.sum(working(g), axis=1), [-1, *variable.shape])
+    return MaterialisedGrad(variable, summed, error * g_norm_bound)
 
 
 class DenseRule(PerExampleRule):

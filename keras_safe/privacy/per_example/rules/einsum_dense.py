@@ -1,11 +1,20 @@
-"""EinsumDense: per-example kernel gradients materialised by one einsum."""
+"""EinsumDense: per-example kernel gradients as a Dense layer's outer products where the
+equation is a Dense layer's in disguise, else materialised by one einsum."""
+
+import math
 
 import keras
 import tensorflow as tf
 
-from keras_safe.privacy.per_example.forms import MaterialisedGrad, summed_form
+from keras_safe.privacy.per_example.forms import MaterialisedGrad, OuterProductGrad, summed_form
 from keras_safe.privacy.per_example.numerics import gamma, unit_roundoff, working
-from keras_safe.privacy.per_example.rules.base import PerExampleRule, finish, plain_keras_call
+from keras_safe.privacy.per_example.rules.base import (
+    PerExampleRule,
+    finish,
+    plain_keras_call,
+    positions,
+)
+from keras_safe.privacy.per_example.rules.dense import bias_form
 
 __all__ = ["EinsumDenseRule", "einsum_bias_form"]
 
@@ -40,6 +49,20 @@ class EinsumDenseRule(PerExampleRule):
     def forms(layer, inputs, dz):
         ins, ker, out = _parts(layer)
         inputs, dz = working(inputs), working(dz)
+        split = _dense_split(ins, ker, out, inputs, dz)
+        if split is not None:
+            # `b P C, C O -> b P O`: per example, the sum over the positions P of the outer
+            # products of the inputs (C flattened) and the output gradients (O flattened), the
+            # Dense layer's form (no pass of |inputs| x |dz| for the rounding bound).
+            k, o = split
+            a, g = positions(inputs, math.prod(k)), positions(dz, math.prod(o))
+            forms = [OuterProductGrad(layer.kernel, a, g, layer.kernel.shape)]
+            if layer.bias is not None:
+                if tuple(layer.bias.shape) == o:
+                    forms.append(bias_form(layer.bias, g))
+                else:
+                    forms.append(einsum_bias_form(layer, dz))
+            return forms
         batch = ins[0]
         equation = f"{ins},{out}->{batch}{ker}"
         kernel_grads = keras.ops.einsum(equation, inputs, dz)
@@ -57,6 +80,27 @@ class EinsumDenseRule(PerExampleRule):
         if layer.bias is not None:
             forms.append(einsum_bias_form(layer, dz))
         return forms
+
+
+def _dense_split(ins, ker, out, inputs, dz):
+    """The static sizes `(C, O)` when the equation is `bPC,CO->bPO` (batch letter b, position
+    letters P, contracted letters C, output letters O, each group in that order, C and O not
+    empty) and those sizes are known while tracing, else None."""
+    batch, rest = ins[0], ins[1:]
+    shared = "".join(c for c in rest if c in out)
+    contracted = rest[len(shared) :]
+    kept = out[1 + len(shared) :]
+    if (
+        not contracted
+        or not kept
+        or ins != batch + shared + contracted
+        or out != batch + shared + kept
+        or ker != contracted + kept
+    ):
+        return None
+    k = tuple(inputs.shape[len(ins) - len(contracted) :])
+    o = tuple(dz.shape[len(out) - len(kept) :])
+    return None if None in k or None in o else (k, o)
 
 
 def _size(letter, ins, inputs, out, dz):
