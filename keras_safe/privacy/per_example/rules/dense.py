@@ -17,7 +17,7 @@ from keras_safe.privacy.per_example.rules.base import (
     plain_keras_call,
 )
 
-__all__ = ["DenseRule", "bias_form"]
+__all__ = ["DenseRule", "bias_form", "outer_product_forms"]
 
 
 def bias_form(variable, g, g_norm_bound=None):
@@ -51,14 +51,17 @@ class DenseRule(PerExampleRule):
 
     @staticmethod
     def forms(layer, inputs, dz):
-        a, g = as_sequence(inputs), as_sequence(dz)
-        kernel = OuterProductGrad(layer.kernel, a, g, layer.kernel.shape)
-        forms = [kernel]
-        if layer.bias is not None:
-            if g.shape[1] == 1:
-                # One position (rank-2 inputs): the bias gradient is g itself; its sum of
-                # squares and scaled rows are the kernel form's.
-                forms.append(SharedBiasGrad(layer.bias, kernel))
-            else:
-                forms.append(bias_form(layer.bias, g))
-        return forms
+        return outer_product_forms(layer.kernel, layer.bias, as_sequence(inputs), as_sequence(dz))
+
+
+def outer_product_forms(kernel, bias, a, g):
+    """The forms of a Dense layer's kernel (`a`: `[B, T, K]`, `g`: `[B, T, O]`) and of its bias
+    over all of O (or None)."""
+    kernel_form = OuterProductGrad(kernel, a, g, kernel.shape)
+    if bias is None:
+        return [kernel_form]
+    if g.shape[1] == 1:
+        # One position: the bias gradient is g itself; its sum of squares and scaled rows are
+        # the kernel form's.
+        return [kernel_form, SharedBiasGrad(bias, kernel_form)]
+    return [kernel_form, bias_form(bias, g)]

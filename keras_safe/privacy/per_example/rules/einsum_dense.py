@@ -6,7 +6,7 @@ import math
 import keras
 import tensorflow as tf
 
-from keras_safe.privacy.per_example.forms import MaterialisedGrad, OuterProductGrad, summed_form
+from keras_safe.privacy.per_example.forms import MaterialisedGrad, summed_form
 from keras_safe.privacy.per_example.numerics import gamma, unit_roundoff, working
 from keras_safe.privacy.per_example.rules.base import (
     PerExampleRule,
@@ -14,7 +14,7 @@ from keras_safe.privacy.per_example.rules.base import (
     plain_keras_call,
     positions,
 )
-from keras_safe.privacy.per_example.rules.dense import bias_form
+from keras_safe.privacy.per_example.rules.dense import outer_product_forms
 
 __all__ = ["EinsumDenseRule", "einsum_bias_form"]
 
@@ -56,13 +56,9 @@ class EinsumDenseRule(PerExampleRule):
             # Dense layer's form (no pass of |inputs| x |dz| for the rounding bound).
             k, o = split
             a, g = positions(inputs, math.prod(k)), positions(dz, math.prod(o))
-            forms = [OuterProductGrad(layer.kernel, a, g, layer.kernel.shape)]
-            if layer.bias is not None:
-                if tuple(layer.bias.shape) == o:
-                    forms.append(bias_form(layer.bias, g))
-                else:
-                    forms.append(einsum_bias_form(layer, dz))
-            return forms
+            whole = layer.bias is None or tuple(layer.bias.shape) == o  # a bias over all of O
+            forms = outer_product_forms(layer.kernel, layer.bias if whole else None, a, g)
+            return forms if whole else forms + [einsum_bias_form(layer, dz)]
         batch = ins[0]
         equation = f"{ins},{out}->{batch}{ker}"
         kernel_grads = keras.ops.einsum(equation, inputs, dz)
