@@ -24,6 +24,7 @@ attributes). Only the explicit, named call `ledger.reset()` clears it.
 """
 
 import math
+import secrets
 
 import keras
 import numpy as np
@@ -44,6 +45,8 @@ _NAME_LENGTH = 16  # the accountant's name, stored as character codes
 _LEGACY_VARIABLES = 9
 # The variables of a ledger saved before the privacy unit was recorded (the unit: examples).
 _BEFORE_UNITS = 18
+# The variables of a ledger saved before its lineage was recorded.
+_BEFORE_LINEAGE = 20
 UNITS = ("example", "user")  # stored as 1 and 2; 0: no step charged yet
 
 # How a step refused by the budget is told apart (no quote marks: TensorFlow escapes them).
@@ -143,6 +146,11 @@ class PrivacyLedger(keras.layers.Layer):
         # training on data whose user ids were given, the most examples of one user.
         self._unit = weight("privacy_unit", "int64", ())
         self._user_examples = weight("max_user_examples", "int64", ())
+        # A random number drawn when the ledger is created and saved with it: the ledgers
+        # loaded from one saved ledger share it, ledgers created apart do not (`lineage`).
+        self._lineage = weight("lineage", "int64", ())
+        with tf.init_scope():
+            self._lineage.assign(secrets.randbits(62) + 1)
         self.built = True
         self._cache = {}
         self._active = None
@@ -318,9 +326,11 @@ class PrivacyLedger(keras.layers.Layer):
         """Forgets everything spent, and the budget.
 
         The one way to clear a ledger, for a model that has not been trained on the data the
-        ledger speaks of (for example a copy re-initialised from scratch).
+        ledger speaks of (for example a copy re-initialised from scratch). Its `lineage` stays.
         """
         for variable in self.weights:
+            if variable is self._lineage:
+                continue
             variable.assign(np.zeros(variable.shape, variable.dtype))
         self._limit.assign(np.full(self.capacity, NO_LIMIT, "int64"))
         self._cache.clear()
@@ -542,6 +552,13 @@ class PrivacyLedger(keras.layers.Layer):
         return int(_read(self._nonfinite))
 
     @property
+    def lineage(self):
+        """A random number drawn when this ledger was created and saved with it: ledgers loaded
+        from one saved ledger (or from its saves) share it; two ledgers created apart share it
+        with probability 2**-62."""
+        return int(_read(self._lineage))
+
+    @property
     def seeded(self):
         """Whether any step drew its noise from a user-given (reproducible) seed."""
         return any(s["seeded"] for s in self.segments())
@@ -646,6 +663,9 @@ class PrivacyLedger(keras.layers.Layer):
                 variable.assign(store[f"{i}"])
             self._unit.assign(1 if int(np.sum(_read(self._steps))) else 0)
             self._user_examples.assign(0)
+        elif len(store.keys()) == _BEFORE_LINEAGE:  # its lineage stays the one drawn here
+            for i, variable in enumerate(variables[:_BEFORE_LINEAGE]):
+                variable.assign(store[f"{i}"])
         else:
             super().load_own_variables(store)
         self._cache.clear()

@@ -21,7 +21,10 @@ model charge the ledger its weights already answer to:
   something on the same variables are refused;
 - a model whose variables hold exactly the values of variables trained under another ledger
   (copied weights): it takes that ledger if its own has spent nothing, and is refused if it
-  has (weights copied into a model that trained already).
+  has (weights copied into a model that trained already). The one exception is a snapshot
+  of the model's own ledger: a ledger of the same lineage (`PrivacyLedger.lineage`, drawn when
+  a ledger is created and saved with it) with the same history, as a model saved and loaded in
+  this process holds.
 
 It runs at the start of every `fit`, `train_on_batch` and eager `dp_gradients` call, so weights
 copied in after a step was traced are seen too. The second rule sees copies made in this
@@ -122,14 +125,16 @@ def _copied_from(variables, own):
         for var, ledger, first in candidates:
             if digest != first and np.array_equal(value, _value(var)):
                 found.add(ledger)
-    # A ledger with the very history of `own` is `own`'s snapshot (a model saved and loaded
-    # in the same process): the copy's ledger already states what those weights spent.
-    return {ledger for ledger in found if not _same_history(ledger, own)}
+    # A ledger of `own`'s lineage with its very history is `own`'s snapshot (a model saved
+    # and loaded in the same process): the copy's ledger already states what those weights
+    # spent. Two ledgers created apart are never snapshots of each other, whatever they spent.
+    return {ledger for ledger in found if not _snapshot(ledger, own)}
 
 
-def _same_history(ledger, other):
+def _snapshot(ledger, other):
     return (
-        ledger.steps == other.steps
+        ledger.lineage == other.lineage
+        and ledger.steps == other.steps
         and ledger.segments() == other.segments()
         and ledger.statistics_epsilon == other.statistics_epsilon
     )

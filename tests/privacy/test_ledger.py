@@ -119,6 +119,26 @@ def test_a_ledger_saved_before_the_budget_was_recorded_loads_with_every_step():
     assert ledger.epsilon(1e-4) == pytest.approx(dp_reference.epsilon(1.1, 0.05, 12, 1e-4))
 
 
+def test_a_ledger_saved_before_its_lineage_was_recorded_loads_with_a_lineage_of_its_own():
+    saved = PrivacyLedger()
+    slot = saved.slot(noise_multiplier=1.1, sampling_rate=0.05, num_examples=1000)
+    for _ in range(4):
+        saved.charge(slot)
+    old = [np.array(v) for v in saved.weights[:-1]]  # the layout before the lineage
+
+    class Store(dict):
+        def keys(self):
+            return list(super().keys())
+
+    ledger = PrivacyLedger()
+    drawn = ledger.lineage
+    ledger.load_own_variables(Store({str(i): v for i, v in enumerate(old)}))
+    assert ledger.segments() == saved.segments() and ledger.lineage == drawn != saved.lineage
+    full = PrivacyLedger()
+    full.load_own_variables(Store({str(i): np.array(v) for i, v in enumerate(saved.weights)}))
+    assert full.lineage == saved.lineage and full.steps == 4
+
+
 def test_the_ledger_round_trips_its_config():
     ledger = PrivacyLedger(capacity=8)
     clone = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(ledger))

@@ -188,3 +188,34 @@ def test_weights_copied_into_a_model_that_trained_already_are_refused():
         for b, v in zip(before, other.trainable_weights):
             np.testing.assert_array_equal(b, np.array(v))
         assert get_ledger(other).steps == other_steps
+
+
+def test_weights_copied_between_models_whose_ledgers_spent_alike_are_refused():
+    # Two ledgers with equal histories (same steps, segments and rows) are still two ledgers:
+    # only a snapshot of the model's own ledger (saved and loaded) may hold the same weights.
+    def batches(model, calls=3):
+        model.optimizer.num_examples, model.optimizer.batch_size = N, B
+        for i in range(calls):
+            model.train_on_batch(X[i * B : (i + 1) * B], Y[i * B : (i + 1) * B])
+        return get_ledger(model)
+
+    original = _private(keras.Sequential([keras.Input((5,)), keras.layers.Dense(2)]))
+    other = _private(keras.models.clone_model(original))
+    first, second = batches(original), batches(other)
+    assert first.segments() == second.segments() and first.lineage != second.lineage
+    other.set_weights(original.get_weights())
+    with pytest.raises(PrivacyError, match="both ledgers have spent"):
+        other.train_on_batch(X[:B], Y[:B])
+    assert get_ledger(other).steps == 3
+    second.reset()
+    assert second.lineage != first.lineage  # a reset ledger keeps its own lineage
+
+
+def test_a_model_saved_and_loaded_in_this_process_trains_on_under_its_ledger(tmp_path):
+    model = _private(keras.Sequential([keras.Input((5,)), keras.layers.Dense(2)]))
+    steps = _train(model).steps
+    model.save(tmp_path / "m.keras")
+    loaded = make_private(keras.saving.load_model(tmp_path / "m.keras"))
+    assert get_ledger(loaded).lineage == get_ledger(model).lineage
+    ledger = _train(loaded)
+    assert ledger is not get_ledger(model) and ledger.steps == 2 * steps
