@@ -77,6 +77,21 @@ def test_privatize_adds_sigma_c_noise_to_the_clipped_sums_then_divides(
     assert np.all(noise[1] != 0)
 
 
+def test_each_variable_takes_noise_of_its_own():
+    # One draw per update, cut among the variables: two variables of one shape must not take
+    # the same (or correlated) values. Independent draws give a sample correlation of standard
+    # deviation 1/sqrt(n); a piece given twice gives 1.
+    optimizer = DPSGD(1.0, l2_norm_clip=1.0, noise_multiplier=1.0, seed=105)
+    variables = [keras.Variable(np.zeros((256, 256), "float32")) for _ in range(3)]
+    with provenance.releasing():
+        release = optimizer.privatize([tf.zeros(v.shape) for v in variables], 1, variables)
+    noise = [np.asarray(r, "float64").ravel() for r in release]
+    for i, j in [(0, 1), (0, 2), (1, 2)]:
+        assert abs(np.corrcoef(noise[i], noise[j])[0, 1]) < Z / math.sqrt(noise[i].size)
+    for n in noise:
+        assert_gaussian_scale(n, 1.0)
+
+
 def test_privatize_without_noise_releases_the_clipped_sums_over_the_divisor():
     optimizer = DPSGD(1.0, l2_norm_clip=1.0, noise_multiplier=0.0)
     variable = keras.Variable(np.zeros((3, 4), "float32"))
