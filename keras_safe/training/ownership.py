@@ -53,7 +53,9 @@ _LOOKUPS = (
     keras.layers.TextVectorization,
 )
 
-# id(variable) -> (weak reference to the variable, weak reference to its ledger)
+# id(variable) -> (weak reference to the variable, its ledger, digest of its first value). The
+# ledger is held for as long as the variable lives: a model dropped (and collected) after
+# training still answers, through its layers' variables, for what they spent.
 _OWNERS = {}
 
 
@@ -68,15 +70,14 @@ def _owner(variable):
     entry = _OWNERS.get(id(variable))
     if entry is None:
         return None
-    var, ledger = entry[0](), entry[1]()
-    if var is not variable or ledger is None:
+    var, ledger = entry[0](), entry[1]
+    if var is not variable:
         _OWNERS.pop(id(variable), None)
         return None
     return ledger
 
 
 def _register(variables, ledger):
-    ledger_ref = weakref.ref(ledger)
     for variable in variables:
         key = id(variable)
         if _owner(variable) is ledger:
@@ -88,7 +89,7 @@ def _register(variables, ledger):
             if entry is not None and entry[0] is ref:
                 del _OWNERS[key]
 
-        _OWNERS[key] = (weakref.ref(variable, forget), ledger_ref, _digest(_value(variable)))
+        _OWNERS[key] = (weakref.ref(variable, forget), ledger, _digest(_value(variable)))
 
 
 def _value(variable):
@@ -108,8 +109,8 @@ def _copied_from(variables, own):
     steps but applied none (or two fresh models initialised from one seed) shows no copy.
     """
     by_shape = {}
-    for var_ref, ledger_ref, first in list(_OWNERS.values()):
-        var, ledger = var_ref(), ledger_ref()
+    for var_ref, ledger, first in list(_OWNERS.values()):
+        var = var_ref()
         if var is None or ledger is None or ledger is own or ledger.steps == 0:
             continue
         by_shape.setdefault((tuple(var.shape), str(var.dtype)), []).append((var, ledger, first))

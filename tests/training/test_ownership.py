@@ -98,6 +98,25 @@ def test_variables_trained_under_two_ledgers_are_refused():
         np.testing.assert_array_equal(b, np.array(v))
 
 
+def test_a_layer_answers_to_its_ledger_after_its_model_is_collected():
+    # The first model is dropped and collected: its layer's variables still carry what they
+    # spent, and a second model that trained already may not take them over.
+    import gc
+
+    shared = keras.layers.Dense(3)
+    _train(_private(keras.Sequential([keras.Input((5,)), shared, keras.layers.Dense(2)])))
+    gc.collect()
+    other = _private(
+        keras.Sequential([keras.Input((5,)), keras.layers.Dense(3), keras.layers.Dense(2)])
+    )
+    _train(other)
+    inputs = keras.Input((5,))
+    both = _private(keras.Model(inputs, other.layers[-1](shared(inputs))))
+    gc.collect()
+    with pytest.raises(PrivacyError, match="both ledgers have spent"):
+        both.fit(X, Y, batch_size=B, verbose=0)
+
+
 # -- statistics of the training data held by the model (preprocessing layers) ---------------------
 
 
