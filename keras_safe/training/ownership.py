@@ -111,7 +111,7 @@ def _copied_from(variables, own):
     by_shape = {}
     for var_ref, ledger, first in list(_OWNERS.values()):
         var = var_ref()
-        if var is None or ledger is None or ledger is own or ledger.steps == 0:
+        if var is None or ledger is own or ledger.steps == 0:
             continue
         by_shape.setdefault((tuple(var.shape), str(var.dtype)), []).append((var, ledger, first))
     found = set()
