@@ -197,3 +197,42 @@ def test_large_kernels_recompute_the_clipped_sum_from_scaled_output_gradients(
     check = check_with_oracle(model, x, labels(), l2_norm_clip=0.3)
     assert check.max_error < 1e-4 and check.max_sensitivity <= 1 + 1e-5
     assert check.max_sensitivity > 0.5  # examples are clipped
+
+
+@pytest.mark.parametrize("case", ["conv2d", "conv_many_channels"])
+def test_fit_step_matches_one_example_loop_where_the_kernel_refuses_groups_and_dilations(
+    case, monkeypatch
+):
+    # TensorFlow's own CPU kernel (oneDNN off) computes neither grouped nor dilated filter
+    # gradients: the kernel gradients then come from the patches and tf.nn.convolution.
+    from keras_safe.privacy.per_example.rules import conv_kernel
+
+    monkeypatch.setattr(conv_kernel, "_SUPPORT", {"groups": False, "dilations": False})
+    model, x = FIT_CASES[case]()
+    assert_fit_matches_reference(model, x, labels())
+
+
+def test_a_private_fit_of_a_dilated_convolution_runs_with_onednn_off():
+    # The probe finds what the process's kernel does: with oneDNN off, a grouped or dilated
+    # Conv2DBackpropFilter fails ("filter_size does not have enough elements", "do not yet
+    # support dilation rates larger than 1"), and the step must not call it.
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    code = (
+        "from keras_safe.privacy.per_example.rules.conv_kernel import kernel_support\n"
+        "assert not kernel_support('groups') and not kernel_support('dilations')\n"
+        "from tests.privacy.per_example.test_conv import FIT_CASES, assert_fit_matches_reference\n"
+        "from tests.privacy.per_example.common import labels\n"
+        "model, x = FIT_CASES['conv2d']()\n"
+        "assert_fit_matches_reference(model, x, labels())\n"
+        "print('ok')\n"
+    )
+    root = pathlib.Path(__file__).resolve().parents[3]
+    env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS="0", TF_CPP_MIN_LOG_LEVEL="3")
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]

@@ -87,7 +87,8 @@ class ConvKernelGrad(OuterProductGrad):
     when a method needs them (the Gram norm, microbatches, joins). Materialised gradients come
     from one convolution with the examples as groups where that is cheaper than im2col (at
     least `GROUPED_MIN_POSITIONS` output positions per input channel; measured on CPU: 2-2.6x
-    faster from 8 positions per channel, slower below 2). The sums are the same dot products
+    faster from 8 positions per channel, slower below 2), where the kernels compute grouped
+    filter gradients (`kernel_support`). The sums are the same dot products
     of T terms as the patches' (any summation order), so the rounding bound `gamma_T S_i` of the
     materialised form holds as it is.
 
@@ -143,7 +144,9 @@ class ConvKernelGrad(OuterProductGrad):
         has many output positions per input channel, else the outer products of the patches
         (`patches_of()`)."""
         t, channels = self.g.shape[1], self.inputs.shape[-1]
-        if t is not None and t >= self.GROUPED_MIN_POSITIONS * channels:
+        dilated = any(d > 1 for d in self.geometry[3])
+        supported = kernel_support("groups") and (not dilated or kernel_support("dilations"))
+        if t is not None and t >= self.GROUPED_MIN_POSITIONS * channels and supported:
             return _examples_as_groups(inputs, g, *self.geometry)
         return tf.einsum("btk,bto->bko", patches_of(), g)
 
@@ -200,15 +203,8 @@ class ConvKernelGrad(OuterProductGrad):
             return super().clipped_sum(factors)
         inputs = scaled_rows(self.inputs, None, factors)
         g = scaled_rows(self.g, factors, factors)
-        x, dz, (kernel_size, strides, padding, dilation_rate) = _as_2d(inputs, g, self.geometry)
-        grad = tf.raw_ops.Conv2DBackpropFilter(
-            input=x,
-            filter_sizes=[*kernel_size, x.shape[-1], dz.shape[-1]],
-            out_backprop=dz,
-            strides=[1, *strides, 1],
-            padding=padding.upper(),
-            dilations=[1, *dilation_rate, 1],
-        )
+        x, dz, geometry = _as_2d(inputs, g, self.geometry)
+        grad = _filter_gradient(x, dz, [*geometry[0], x.shape[-1], dz.shape[-1]], *geometry[1:])
         return tf.reshape(grad, self.shape)
 
 
@@ -229,6 +225,57 @@ def _as_2d(inputs, g, geometry):
     return inputs, dz, (kernel_size, strides, padding, dilation_rate)
 
 
+_SUPPORT = {}
+
+
+def kernel_support(feature):
+    """Whether this process's `Conv2DBackpropFilter` kernel computes the filter gradient of a
+    grouped convolution (`"groups"`: fewer filter than input channels) or of a dilated one
+    (`"dilations"`).
+
+    oneDNN's CPU kernels (TensorFlow's default on x86 Linux and Windows) do both; TensorFlow's
+    own (Eigen) CPU kernel, used where oneDNN is off (`TF_ENABLE_ONEDNN_OPTS=0`, some ARM
+    builds), refuses both. Probed once per feature, eagerly, on the device ops run on by default.
+    """
+    if feature not in _SUPPORT:
+        groups, dilations = (2, 1) if feature == "groups" else (1, 2)
+        with tf.init_scope():
+            try:
+                tf.raw_ops.Conv2DBackpropFilter(
+                    input=tf.ones([1, 3, 3, groups]),
+                    filter_sizes=[2, 2, 1, groups],
+                    out_backprop=tf.ones([1, 3 - dilations, 3 - dilations, groups]),
+                    strides=[1, 1, 1, 1],
+                    padding="VALID",
+                    dilations=[1, dilations, dilations, 1],
+                )
+                _SUPPORT[feature] = True
+            except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError):
+                _SUPPORT[feature] = False
+    return _SUPPORT[feature]
+
+
+def _filter_gradient(x, dz, filter_sizes, strides, padding, dilation_rate):
+    """The kernel gradient of a 2D convolution of `x` whose output gradient is `dz`: the raw
+    kernel, or, for a dilated convolution where it refuses dilations, the gradient of
+    `tf.nn.convolution` (which runs a dilated convolution as an undilated one on rearranged
+    blocks)."""
+    if any(d > 1 for d in dilation_rate) and not kernel_support("dilations"):
+        kernel = tf.zeros(filter_sizes, x.dtype)
+        with tf.GradientTape() as tape:
+            tape.watch(kernel)
+            out = tf.nn.convolution(x, kernel, strides, padding.upper(), dilations=dilation_rate)
+        return tape.gradient(out, kernel, output_gradients=dz)
+    return tf.raw_ops.Conv2DBackpropFilter(
+        input=x,
+        filter_sizes=filter_sizes,
+        out_backprop=dz,
+        strides=[1, *strides, 1],
+        padding=padding.upper(),
+        dilations=[1, *dilation_rate, 1],
+    )
+
+
 def _examples_as_groups(inputs, g, *geometry):
     """`[B, prod(kernel_size) * C, O]`: every example's kernel gradient, one convolution.
 
@@ -241,14 +288,8 @@ def _examples_as_groups(inputs, g, *geometry):
     spatial, out_spatial = tf.shape(inputs)[1:3], tf.shape(dz)[1:3]
     folded = tf.reshape(tf.transpose(inputs, [1, 2, 0, 3]), tf.concat([[1], spatial, [-1]], 0))
     dz = tf.reshape(tf.transpose(dz, [1, 2, 0, 3]), tf.concat([[1], out_spatial, [-1]], 0))
-    kernel = tf.raw_ops.Conv2DBackpropFilter(
-        input=folded,
-        filter_sizes=tf.stack([*kernel_size, channels, tf.shape(dz)[-1]]),
-        out_backprop=dz,
-        strides=[1, *strides, 1],
-        padding=padding.upper(),
-        dilations=[1, *dilation_rate, 1],
-    )
+    filter_sizes = tf.stack([*kernel_size, channels, tf.shape(dz)[-1]])
+    kernel = _filter_gradient(folded, dz, filter_sizes, strides, padding, dilation_rate)
     kernel = tf.reshape(kernel, [math.prod(kernel_size) * channels, -1, out_channels])
     return tf.transpose(kernel, [1, 0, 2])
 
