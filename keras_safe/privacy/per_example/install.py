@@ -150,13 +150,22 @@ def exclude_unusable_layers(rules, records, excluded, sentinel, losses):
                 excluded.add(layer)
             else:
                 pending.append((layer, tensor))
+    pending = [(layer, tensor) for layer, tensor in pending if layer not in excluded]
+    if not pending:
+        return []
+    # One check for every record (an unrolled recurrent layer records each of its steps): the
+    # step's graph holds one assertion, not one per record.
+    rows = tf.stack([tf.shape(tensor, out_type=tf.int64)[0] for _, tensor in pending])
+    apart = tf.equal(rows, tf.shape(losses, out_type=tf.int64)[0])
+    names = tf.constant([layer.name for layer, _ in pending])
+    first = tf.argmin(tf.cast(apart, tf.int32))
     return [
-        tf.debugging.assert_equal(
-            tf.shape(tensor)[0],
-            tf.shape(losses)[0],
-            message=f"{layer.name} sees a batch axis that is not the example axis; DP-SGD "
-            "cannot clip its gradients per example with layer rules.",
+        tf.debugging.Assert(
+            tf.reduce_all(apart),
+            [
+                tf.gather(names, first),
+                "sees a batch axis that is not the example axis; DP-SGD cannot clip its "
+                "gradients per example with layer rules.",
+            ],
         )
-        for layer, tensor in pending
-        if layer not in excluded
     ]

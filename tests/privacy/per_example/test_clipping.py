@@ -159,6 +159,29 @@ def test_a_trainable_variable_the_loss_does_not_use():
     assert_fit_matches_reference(model, RNG.normal(size=(B, 5)), labels())
 
 
+def test_a_batch_folded_where_no_trace_knew_the_batch_size_is_refused_naming_the_layer():
+    # Traced only for any number of rows, the rules cannot see that the middle layer's rows
+    # are not the examples: the step's one runtime check of the leading axes refuses it.
+    inputs = keras.Input((8, 5))
+    rows = keras.ops.reshape(inputs, (-1, 5))
+    folded = keras.layers.Dense(3, name="on_folded_rows")
+    out = keras.ops.reshape(folded(rows), (-1, 8, 3))
+    model = keras.Model(inputs, keras.layers.Dense(3, name="head")(keras.ops.mean(out, axis=1)))
+    variables = model.trainable_variables
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 8, 5]), tf.TensorSpec([None], tf.int64)])
+    def step(x, y):
+        def forward():
+            pred = model(x, training=True)
+            loss = keras.losses.sparse_categorical_crossentropy(y, pred, from_logits=True)
+            return loss, pred
+
+        return clipped_gradient_sum(model, variables, forward, 1.0)[0]
+
+    with pytest.raises(tf.errors.InvalidArgumentError, match="on_folded_rows.*not the example"):
+        step(RNG.normal(size=(B, 8, 5)).astype("float32"), labels().astype("int64"))
+
+
 def test_folded_batch_with_a_smaller_last_batch():
     # The last batch of an epoch is smaller, so Keras traces again without a known batch size;
     # the layer on folded rows must still go to the fallback instead of failing the step.
