@@ -239,13 +239,46 @@ class _Watch:
         self.start = len(self.graph.get_operations())
         self.stop = None
 
+        self.staged = None  # with chunks: (the data they are cut from, where cutting starts)
+        self.chunks = []  # with chunks: [rows, ops start, ops stop, losses] per chunk
+
     def forward_done(self):
         self.stop = len(self.graph.get_operations())
+        if self.chunks:
+            self.chunks[-1][2] = self.stop
+
+    def chunking(self, staged):
+        """The step cuts `staged` (the data after the stages) into chunks from here on."""
+        self.staged = (staged, len(self.graph.get_operations()))
+
+    def chunk(self, rows):
+        """A chunk's forward pass starts: `rows` are its slices of the staged data."""
+        self.chunks.append([rows, len(self.graph.get_operations()), None, None])
+
+    def chunk_done(self, losses):
+        self.chunks[-1][3] = losses
 
     def check(self, model, losses, batch_size_private):
         """Refuses (when the step is traced) a step whose examples are not provably apart."""
-        ops = self.graph.get_operations()[self.start : self.stop]
-        independence.check_step(self.data, losses, ops, model.name, batch_size_private)
+        ops = self.graph.get_operations()
+        if self.staged is None:
+            independence.check_step(
+                self.data, losses, ops[self.start : self.stop], model.name, batch_size_private
+            )
+            return
+        staged, cut = self.staged
+        chunks = []
+        for rows, start, stop, chunk_losses in self.chunks:
+            if stop is None or chunk_losses is None:  # (a chunk without a forward pass)
+                raise PrivacyError(
+                    f"keras_safe cannot show that the examples of a batch stay apart in the "
+                    f"train step of {model.name}: a chunk of the batch was clipped without a "
+                    "forward pass it could check. Nothing was trained."
+                )
+            chunks.append((rows, chunk_losses, ops[start:stop]))
+        independence.check_chunked_step(
+            self.data, staged, ops[self.start : cut], chunks, model.name, batch_size_private
+        )
 
 
 # -- the parts ----------------------------------------------------------------------------------
@@ -364,7 +397,7 @@ def _private_gradients(model, x, y, sample_weight, watch, prepared=None, users=N
     data = (x, y, sample_weight, prepared)
     physical = getattr(dp, "physical_batch_size", None)
     if physical:
-        clipped, losses, y_pred, norms = _clip_in_chunks(clip, data, physical, per_user)
+        clipped, losses, y_pred, norms = _clip_in_chunks(clip, data, physical, per_user, watch)
     else:
         clipped, losses, y_pred, norms = clip(data)
     # Under Poisson sampling the number of rows is itself private, unless padded to one size.
@@ -406,7 +439,7 @@ def _private_gradients(model, x, y, sample_weight, watch, prepared=None, users=N
 IN_FLIGHT = 2  # chunks of a logical batch clipped at the same time (`_clip_in_chunks`)
 
 
-def _clip_in_chunks(clip, data, size, per_user=None):
+def _clip_in_chunks(clip, data, size, per_user=None, watch=None):
     """`clip(data)` on consecutive chunks of `size` rows, `IN_FLIGHT` at a time, summed: the
     clipped sum of a large (logical) batch with the memory of a few chunks
     (`physical_batch_size`).
@@ -414,7 +447,8 @@ def _clip_in_chunks(clip, data, size, per_user=None):
     Each chunk's forward pass waits for the sums of the chunk `IN_FLIGHT` before it, so at most
     that many chunks' per-example factors are alive at a time. The noise is drawn once, for
     the whole batch, by the caller. The batch must have a fixed number of rows, a multiple of
-    `size`.
+    `size`. `watch` (the step's `_Watch`) learns where each chunk's rows and forward pass are,
+    for the proof that the examples stay apart (`independence.check_chunked_step`).
     """
     first = next(t for t in keras.tree.flatten(data[0]) if t is not None)
     rows = first.shape[0]
@@ -441,12 +475,18 @@ def _clip_in_chunks(clip, data, size, per_user=None):
             return t
         return t[start : start + size]
 
+    if watch is not None:
+        watch.chunking(data)
     totals, parts, done = None, [], []
     for i in range(count):
         # Chunk i starts once chunk i - IN_FLIGHT is summed: two chunks keep both cores busy.
         with tf.control_dependencies(done[-IN_FLIGHT] if len(done) >= IN_FLIGHT else []):
             chunk = keras.tree.map_structure(lambda t, start=i * size: rows_of(t, start), data)
+        if watch is not None:
+            watch.chunk(chunk)
         sums, losses, y_pred, norms = clip(chunk)
+        if watch is not None:
+            watch.chunk_done(losses)
         totals = list(sums) if totals is None else [a + b for a, b in zip(totals, sums)]
         parts.append((losses, y_pred, norms))
         done.append(list(sums))

@@ -156,3 +156,47 @@ def test_a_layer_mixing_the_examples_of_a_chunk_is_still_refused():
     with pytest.raises(PrivacyError, match="apart|interact|mix"):
         dp_gradients(model, x, y, w)
     assert get_ledger(model).steps == 0
+
+
+def _mixes_beyond_four_rows(t):
+    # Row-wise on the few examples verification runs, mixing on the batches a step trains on.
+    return tf.cond(
+        tf.shape(t)[0] > 4, lambda: t - tf.reduce_mean(t, axis=0, keepdims=True), lambda: t
+    )
+
+
+class _RunningMean(L.Layer):
+    """Writes the batch mean into a variable in training: state computed from the data."""
+
+    def build(self, input_shape):
+        self.mean = self.add_weight(shape=input_shape[1:], initializer="zeros", trainable=False)
+
+    def call(self, t, training=False):
+        if training:
+            self.mean.assign(tf.reduce_mean(t, axis=0))
+        return t
+
+
+@pytest.mark.parametrize(
+    "layer", ["mixes_beyond_four_rows", "running_mean"], ids=["mixing", "state_from_data"]
+)
+@pytest.mark.parametrize("physical", [8, None])
+def test_what_only_the_step_shows_is_refused_in_chunks_as_in_whole_batches(layer, physical):
+    # The proof reads each chunk's forward pass: a batch clipped in chunks used to be checked
+    # against losses concatenated after the last chunk, which it took for constants, and a layer
+    # mixing the 32 rows of a step (but not the few rows verification runs) trained.
+    mixing = L.Lambda(_mixes_beyond_four_rows) if layer == "mixes_beyond_four_rows" else None
+
+    def build():
+        return keras.Sequential(
+            [keras.Input((6, 4)), L.Flatten(), mixing or _RunningMean(), L.Dense(3)]
+        )
+
+    model = _model(physical, build=build)
+    before = [np.array(v) for v in model.trainable_variables]
+    x, y, w = _batch()
+    with pytest.raises(PrivacyError, match="stay apart"):
+        dp_gradients(model, x, y, w)
+    assert get_ledger(model).steps == 0
+    for b, v in zip(before, model.trainable_variables):
+        np.testing.assert_array_equal(b, np.array(v))

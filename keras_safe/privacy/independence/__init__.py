@@ -30,7 +30,7 @@ from keras_safe._validation import PrivacyError
 from keras_safe.privacy.independence.analysis import RULES, Analysis
 from keras_safe.privacy.independence.values import Mixed, Rows
 
-__all__ = ["RULES", "check_step", "layer_of"]
+__all__ = ["RULES", "check_chunked_step", "check_step", "layer_of"]
 
 _MAX_LISTED = 5
 
@@ -66,24 +66,80 @@ def check_step(inputs, losses, ops, model_name="the model", batch_size_private=F
     leaves = _leaves(inputs)
     if not leaves:
         return
+    analysis = _analysis(leaves, batch_size_private)
+    analysis.run(ops)
+    _refuse(_problems(analysis, [losses]), model_name)
+
+
+@tf.autograph.experimental.do_not_convert
+def check_chunked_step(inputs, staged, staged_ops, chunks, model_name="the model",
+                       batch_size_private=False):  # fmt: skip
+    """`check_step` for a batch clipped in chunks of rows (`physical_batch_size`).
+
+    The chunks are rows sliced from the staged batch, which a row-wise proof of the whole step
+    cannot follow (it refuses a slice of part of the batch axis). So the proof runs in parts:
+    the data stages, from the batch to the staged data that is cut into chunks, must keep the
+    rows apart; then each chunk's forward pass, from its own rows to its per-example losses.
+    In a chunk's pass, the whole batch and the staged data count as mixing: a chunk reads its
+    own rows only.
+
+    Args:
+        inputs: the step's data as it enters the step, as for `check_step`.
+        staged: the data after the stages, which the chunks are sliced from.
+        staged_ops: the ops from the step's start to the first chunk's slices.
+        chunks: `(rows, losses, ops)` per chunk: the chunk's sliced data, its per-example
+            losses and the ops of its forward pass (after the slices).
+        model_name, batch_size_private: as for `check_step`.
+
+    Raises:
+        keras_safe._validation.PrivacyError: as `check_step`, naming the first part that fails.
+    """
+    leaves = _leaves(inputs)
+    if not leaves:
+        return
+    analysis = _analysis(leaves, batch_size_private)
+    analysis.run(staged_ops)
+    problems = _problems(analysis, _leaves(staged), what="the data the chunks are cut from")
+    whole = leaves + _leaves(staged)
+    for rows, losses, ops in chunks:
+        if problems:
+            break
+        analysis = _analysis(_leaves(rows), batch_size_private)
+        for tensor in whole:
+            if analysis.value(tensor) is None:
+                analysis.set(
+                    tensor, Mixed(tensor.op.name, tensor.op.type, "is the whole batch, not a chunk")
+                )
+        analysis.run(ops)
+        problems = _problems(analysis, [losses])
+    _refuse(problems, model_name)
+
+
+def _analysis(leaves, batch_size_private):
     batch = leaves[0].shape[0] if leaves[0].shape.rank else None
     analysis = Analysis(batch, batch_size_private=batch_size_private)
     for tensor in leaves:
         if tensor.shape.rank:
             analysis.set(tensor, Rows(0))
-    analysis.run(ops)
+    return analysis
+
+
+def _problems(analysis, outputs, what="the per-example losses"):
+    """What the analysis found against `outputs` being row-wise, as sentences."""
     problems = []
-    value = analysis.value(losses)
-    if isinstance(value, Mixed):
-        problems.append(
-            f"the op {value.op!r} ({value.type}, in {layer_of(value.op)!r}) {value.reason}, "
-            "and the per-example losses depend on it"
-        )
-    elif value is not None and value != Rows(0):
-        problems.append(
-            f"the per-example losses have the examples laid out as {value}, not one loss per "
-            "example"
-        )
+    for output in outputs:
+        value = analysis.value(output)
+        if isinstance(value, Mixed):
+            problems.append(
+                f"the op {value.op!r} ({value.type}, in {layer_of(value.op)!r}) {value.reason}, "
+                f"and {what} depend on it"
+            )
+            break
+        if value is not None and output.shape.rank and value != Rows(0):
+            problems.append(
+                f"{what} have the examples laid out as {value}, not one row per example"
+            )
+            break
     for op, reason in analysis.writes[:_MAX_LISTED]:
         problems.append(f"the op {op.name!r} ({op.type}, in {layer_of(op.name)!r}) {reason}")
     for op in analysis.custom_gradients[:_MAX_LISTED]:
@@ -91,6 +147,10 @@ def check_step(inputs, losses, ops, model_name="the model", batch_size_private=F
             f"the op {op.name!r} (in {layer_of(op.name)!r}) has a custom gradient, whose "
             "backward pass keras_safe cannot check"
         )
+    return problems
+
+
+def _refuse(problems, model_name):
     if problems:
         raise PrivacyError(
             f"keras_safe cannot show that the examples of a batch stay apart in the train step "
