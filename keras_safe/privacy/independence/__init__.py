@@ -68,7 +68,7 @@ def check_step(inputs, losses, ops, model_name="the model", batch_size_private=F
         return
     analysis = _analysis(leaves, batch_size_private)
     analysis.run(ops)
-    _refuse(_problems(analysis, [losses]), model_name)
+    _refuse(_unread([losses], ops, leaves) or _problems(analysis, [losses]), model_name)
 
 
 @tf.autograph.experimental.do_not_convert
@@ -111,8 +111,20 @@ def check_chunked_step(inputs, staged, staged_ops, chunks, model_name="the model
                     tensor, Mixed(tensor.op.name, tensor.op.type, "is the whole batch, not a chunk")
                 )
         analysis.run(ops)
-        problems = _problems(analysis, [losses])
+        problems = _unread([losses], ops, _leaves(rows)) or _problems(analysis, [losses])
     _refuse(problems, model_name)
+
+
+def _unread(outputs, ops, leaves):
+    """Outputs that neither an op of `ops` nor the data made: the proof would take them for
+    constants, so it cannot speak for them (fail closed)."""
+    made = {op.name for op in ops} | {t.op.name for t in leaves}
+    return [
+        f"the per-example losses come from the op {t.op.name!r}, outside the forward pass the "
+        "proof reads"
+        for t in outputs
+        if t.op.name not in made
+    ][:1]
 
 
 def _analysis(leaves, batch_size_private):

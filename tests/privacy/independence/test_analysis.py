@@ -278,3 +278,18 @@ def test_a_stage_that_mixes_the_batch_before_the_cut_is_refused():
         stage=lambda t: t - tf.reduce_mean(t, axis=0),
     )
     assert "the data the chunks are cut from" in found
+
+
+def test_losses_made_outside_the_ops_read_are_refused():
+    # Ops outside the list count as constants: losses the list does not make would pass as
+    # constants whatever they depend on (how the chunks of a batch once went unchecked).
+    from keras_safe._validation import PrivacyError
+    from keras_safe.privacy.independence import check_step
+
+    graph = tf.Graph()
+    with graph.as_default():
+        x = tf.compat.v1.placeholder(tf.float32, [8, 3])
+        losses = tf.reduce_sum(x - tf.reduce_mean(x, axis=0), axis=1)
+        with pytest.raises(PrivacyError, match="outside the forward pass"):
+            check_step(x, losses, [])
+        check_step(x, tf.reduce_sum(x, axis=1) * 0.0, graph.get_operations()[-3:])
