@@ -276,8 +276,15 @@ class _Watch:
                     "forward pass it could check. Nothing was trained."
                 )
             chunks.append((rows, chunk_losses, ops[start:stop]))
+        end = self.chunks[-1][2]
         independence.check_chunked_step(
-            self.data, staged, ops[self.start : cut], chunks, model.name, batch_size_private
+            self.data,
+            staged,
+            ops[self.start : cut],
+            ops[self.start : end],
+            chunks,
+            model.name,
+            batch_size_private,
         )
 
 

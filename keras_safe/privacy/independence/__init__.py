@@ -72,7 +72,7 @@ def check_step(inputs, losses, ops, model_name="the model", batch_size_private=F
 
 
 @tf.autograph.experimental.do_not_convert
-def check_chunked_step(inputs, staged, staged_ops, chunks, model_name="the model",
+def check_chunked_step(inputs, staged, staged_ops, step_ops, chunks, model_name="the model",
                        batch_size_private=False):  # fmt: skip
     """`check_step` for a batch clipped in chunks of rows (`physical_batch_size`).
 
@@ -80,13 +80,15 @@ def check_chunked_step(inputs, staged, staged_ops, chunks, model_name="the model
     cannot follow (it refuses a slice of part of the batch axis). So the proof runs in parts:
     the data stages, from the batch to the staged data that is cut into chunks, must keep the
     rows apart; then each chunk's forward pass, from its own rows to its per-example losses.
-    In a chunk's pass, the whole batch and the staged data count as mixing: a chunk reads its
-    own rows only.
+    In a chunk's pass, every tensor made from the data outside that pass (the whole batch,
+    the staged data, another chunk's tensors, which a layer could keep from one call to the
+    next) counts as mixing: a chunk reads its own rows only.
 
     Args:
         inputs: the step's data as it enters the step, as for `check_step`.
         staged: the data after the stages, which the chunks are sliced from.
         staged_ops: the ops from the step's start to the first chunk's slices.
+        step_ops: the ops from the step's start to the end of the last chunk's forward pass.
         chunks: `(rows, losses, ops)` per chunk: the chunk's sliced data, its per-example
             losses and the ops of its forward pass (after the slices).
         model_name, batch_size_private: as for `check_step`.
@@ -100,16 +102,20 @@ def check_chunked_step(inputs, staged, staged_ops, chunks, model_name="the model
     analysis = _analysis(leaves, batch_size_private)
     analysis.run(staged_ops)
     problems = _problems(analysis, _leaves(staged), what="the data the chunks are cut from")
-    whole = leaves + _leaves(staged)
+    # What every tensor of the step depends on (a chunk's slices count as mixing here).
+    overall = _analysis(leaves, batch_size_private)
+    overall.run(step_ops)
+    made = [t for op in step_ops for t in op.outputs if overall.value(t) is not None]
     for rows, losses, ops in chunks:
         if problems:
             break
-        analysis = _analysis(_leaves(rows), batch_size_private)
-        for tensor in whole:
-            if analysis.value(tensor) is None:
-                analysis.set(
-                    tensor, Mixed(tensor.op.name, tensor.op.type, "is the whole batch, not a chunk")
-                )
+        own = _leaves(rows)
+        analysis = _analysis(own, batch_size_private)
+        inside = {op.name for op in ops} | {t.op.name for t in own}
+        for tensor in leaves + made:
+            if tensor.op.name not in inside:
+                reason = "was made from the data outside this chunk's forward pass"
+                analysis.set(tensor, Mixed(tensor.op.name, tensor.op.type, reason))
         analysis.run(ops)
         problems = _unread([losses], ops, _leaves(rows)) or _problems(analysis, [losses])
     _refuse(problems, model_name)

@@ -227,46 +227,57 @@ def test_a_write_from_the_data_is_recorded():
 
 def _chunked_graph(chunk_forward, stage=lambda t: t * 2.0):
     """A step that stages a batch of 8 rows and cuts it into two chunks of 4, as a
-    `physical_batch_size` step does: `(inputs, staged, staged_ops, chunks)`."""
+    `physical_batch_size` step does: `(inputs, staged, staged_ops, step_ops, chunks)`;
+    `chunk_forward(rows, x, staged, previous)` gets the previous chunk's rows (or None)."""
     graph = tf.Graph()
     with graph.as_default():
         x = tf.compat.v1.placeholder(tf.float32, [8, 3])
         staged = stage(x)
         cut = len(graph.get_operations())
-        chunks = []
+        chunks, previous = [], None
         for start in (0, 4):
             rows = staged[start : start + 4]
             first = len(graph.get_operations())
-            losses = chunk_forward(rows, x, staged)
+            losses = chunk_forward(rows, x, staged, previous)
+            previous = tf.tanh(rows)
             chunks.append((rows, losses, graph.get_operations()[first:]))
-        return x, staged, graph.get_operations()[:cut], chunks
+        return x, staged, graph.get_operations()[:cut], graph.get_operations(), chunks
 
 
 def _refusal(chunk_forward, **kwargs):
     from keras_safe._validation import PrivacyError
     from keras_safe.privacy.independence import check_chunked_step
 
-    inputs, staged, staged_ops, chunks = _chunked_graph(chunk_forward, **kwargs)
+    inputs, staged, staged_ops, step_ops, chunks = _chunked_graph(chunk_forward, **kwargs)
     try:
-        check_chunked_step(inputs, staged, staged_ops, chunks)
+        check_chunked_step(inputs, staged, staged_ops, step_ops, chunks)
     except PrivacyError as error:
         return str(error)
     return None
 
 
 def test_chunks_whose_rows_stay_apart_pass():
-    assert _refusal(lambda rows, x, staged: tf.reduce_sum(tf.tanh(rows), axis=1)) is None
+    assert _refusal(lambda rows, x, staged, previous: tf.reduce_sum(tf.tanh(rows), axis=1)) is None
 
 
 @pytest.mark.parametrize(
     "forward",
     [
-        lambda rows, x, staged: tf.reduce_sum(rows, axis=1) - tf.reduce_mean(rows),
-        lambda rows, x, staged: tf.reduce_sum(rows, axis=1) + tf.reduce_sum(x),
-        lambda rows, x, staged: tf.reduce_sum(rows, axis=1) + tf.reduce_sum(staged[4:]),
-        lambda rows, x, staged: tf.reduce_sum(rows[::-1], axis=1),
+        lambda rows, x, staged, previous: tf.reduce_sum(rows, axis=1) - tf.reduce_mean(rows),
+        lambda rows, x, staged, previous: tf.reduce_sum(rows, axis=1) + tf.reduce_sum(x),
+        lambda rows, x, staged, previous: tf.reduce_sum(rows, axis=1) + tf.reduce_sum(staged[4:]),
+        lambda rows, x, staged, previous: tf.reduce_sum(rows[::-1], axis=1),
+        lambda rows, x, staged, previous: tf.reduce_sum(
+            rows if previous is None else rows + previous, axis=1
+        ),
     ],
-    ids=["mixes_its_rows", "reads_the_batch", "reads_the_staged_batch", "reverses_its_rows"],
+    ids=[
+        "mixes_its_rows",
+        "reads_the_batch",
+        "reads_the_staged_batch",
+        "reverses_its_rows",
+        "reads_the_previous_chunk",
+    ],
 )
 def test_a_chunk_that_mixes_or_reads_beyond_its_rows_is_refused(forward):
     assert "stay apart" in _refusal(forward)
@@ -274,7 +285,7 @@ def test_a_chunk_that_mixes_or_reads_beyond_its_rows_is_refused(forward):
 
 def test_a_stage_that_mixes_the_batch_before_the_cut_is_refused():
     found = _refusal(
-        lambda rows, x, staged: tf.reduce_sum(rows, axis=1),
+        lambda rows, x, staged, previous: tf.reduce_sum(rows, axis=1),
         stage=lambda t: t - tf.reduce_mean(t, axis=0),
     )
     assert "the data the chunks are cut from" in found
