@@ -263,7 +263,12 @@ class _Watch:
         ops = self.graph.get_operations()
         if self.staged is None:
             independence.check_step(
-                self.data, losses, ops[self.start : self.stop], model.name, batch_size_private
+                self.data,
+                losses,
+                ops[self.start : self.stop],
+                model.name,
+                batch_size_private,
+                before=ops[: self.start],
             )
             return
         staged, cut = self.staged
@@ -285,6 +290,7 @@ class _Watch:
             chunks,
             model.name,
             batch_size_private,
+            before=ops[: self.start],
         )
 
 

@@ -108,6 +108,42 @@ def test_a_custom_loop_that_failed_after_dp_gradients_cannot_apply_other_gradien
 # -- item 4: a loss must have one value per example, from that example alone ---------------------
 
 
+class _CarryOver(keras.layers.Layer):
+    """Adds the mean of the rows its previous call in the same graph saw."""
+
+    def call(self, t):
+        previous = getattr(self, "_previous", None)
+        self._previous = t
+        if getattr(previous, "graph", None) is not getattr(t, "graph", 0):
+            return t
+        return t + tf.reduce_mean(previous)
+
+
+def test_a_layer_carrying_one_steps_rows_into_the_next_in_one_graph_is_refused():
+    # Two dp_gradients calls in one tf.function (a custom loop): the second step's losses
+    # would depend on every example of the first batch through a tensor the layer kept, which
+    # the proof took for a constant; the first step's own tensors count as data now.
+    model = keras.Sequential([keras.Input((4,)), _CarryOver(), keras.layers.Dense(2)])
+    model.compile(
+        optimizer=DPSGD(0.1, l2_norm_clip=1.0, noise_multiplier=1.1, num_examples=N, batch_size=B),
+        loss="sparse_categorical_crossentropy",
+    )
+    make_private(model)
+    x, y = _data()
+    keras_safe.training.verify_model(model, x[:8], y[:8])
+    before = _weights(model)
+
+    @tf.function
+    def two_steps(x1, y1, x2, y2):
+        first = keras_safe.privacy.dp_gradients(model, x1, y1)
+        return first, keras_safe.privacy.dp_gradients(model, x2, y2)
+
+    with pytest.raises(PrivacyError, match="kept from an earlier call"):
+        two_steps(x[:B], y[:B], x[B : 2 * B], y[B : 2 * B])
+    assert get_ledger(model).steps == 0
+    _assert_unchanged(before, model)
+
+
 def test_a_loss_that_averages_over_the_batch_is_refused():
     x = RNG.normal(size=(B, 4)).astype("float32")
     y = RNG.normal(size=(B, B)).astype("float32")

@@ -46,7 +46,7 @@ def _leaves(structure):
 
 
 @tf.autograph.experimental.do_not_convert
-def check_step(inputs, losses, ops, model_name="the model", batch_size_private=False):
+def check_step(inputs, losses, ops, model_name="the model", batch_size_private=False, before=()):
     """Raises `PrivacyError` unless the step's per-example losses are provably row-wise.
 
     Args:
@@ -58,6 +58,9 @@ def check_step(inputs, losses, ops, model_name="the model", batch_size_private=F
         model_name: the model's name, for the message.
         batch_size_private: whether the number of rows is private (Poisson batches that are not
             padded to a fixed size): then it may set layouts but not enter the examples' values.
+        before: the ops of the same graph before the step's (a custom loop's earlier steps).
+            What they made from the graph's inputs counts as mixing where the step reads it
+            other than through `inputs`: a layer may keep a tensor from one call to the next.
 
     Raises:
         keras_safe._validation.PrivacyError: naming each op that mixes examples, writes a
@@ -67,13 +70,38 @@ def check_step(inputs, losses, ops, model_name="the model", batch_size_private=F
     if not leaves:
         return
     analysis = _analysis(leaves, batch_size_private)
+    _mark_outside_data(analysis, ops, leaves, before)
     analysis.run(ops)
     _refuse(_unread([losses], ops, leaves) or _problems(analysis, [losses]), model_name)
 
 
+def _mark_outside_data(analysis, ops, own, before):
+    """Sets as mixing the tensors `ops` read from `before` (earlier ops of their graph) that the
+    graph's own inputs made, other than `own` (the step's data)."""
+    if not before:
+        return
+    captured = {t.ref() for t in getattr(before[0].graph, "internal_captures", [])}
+    earlier = Analysis(None)
+    for op in before:
+        if op.type != "Placeholder" or op.outputs[0].ref() in captured:
+            continue
+        if op.outputs[0].dtype not in (tf.resource, tf.variant):
+            earlier.set(op.outputs[0], Mixed(op.name, op.type, "is an input of the graph"))
+    earlier.run(before)
+    own = {t.ref() for t in own}
+    inside = {op.name for op in ops}
+    reason = "was made from data before the step (a tensor a layer kept from an earlier call)"
+    for op in ops:
+        for tensor in op.inputs:
+            if tensor.op.name in inside or tensor.ref() in own:
+                continue
+            if earlier.value(tensor) is not None:
+                analysis.set(tensor, Mixed(tensor.op.name, tensor.op.type, reason))
+
+
 @tf.autograph.experimental.do_not_convert
 def check_chunked_step(inputs, staged, staged_ops, step_ops, chunks, model_name="the model",
-                       batch_size_private=False):  # fmt: skip
+                       batch_size_private=False, before=()):  # fmt: skip
     """`check_step` for a batch clipped in chunks of rows (`physical_batch_size`).
 
     The chunks are rows sliced from the staged batch, which a row-wise proof of the whole step
@@ -91,7 +119,7 @@ def check_chunked_step(inputs, staged, staged_ops, step_ops, chunks, model_name=
         step_ops: the ops from the step's start to the end of the last chunk's forward pass.
         chunks: `(rows, losses, ops)` per chunk: the chunk's sliced data, its per-example
             losses and the ops of its forward pass (after the slices).
-        model_name, batch_size_private: as for `check_step`.
+        model_name, batch_size_private, before: as for `check_step`.
 
     Raises:
         keras_safe._validation.PrivacyError: as `check_step`, naming the first part that fails.
@@ -100,6 +128,7 @@ def check_chunked_step(inputs, staged, staged_ops, step_ops, chunks, model_name=
     if not leaves:
         return
     analysis = _analysis(leaves, batch_size_private)
+    _mark_outside_data(analysis, staged_ops, leaves, before)
     analysis.run(staged_ops)
     problems = _problems(analysis, _leaves(staged), what="the data the chunks are cut from")
     # What every tensor of the step depends on (a chunk's slices count as mixing here).
@@ -116,6 +145,7 @@ def check_chunked_step(inputs, staged, staged_ops, step_ops, chunks, model_name=
             if tensor.op.name not in inside:
                 reason = "was made from the data outside this chunk's forward pass"
                 analysis.set(tensor, Mixed(tensor.op.name, tensor.op.type, reason))
+        _mark_outside_data(analysis, ops, own, before)
         analysis.run(ops)
         problems = _unread([losses], ops, _leaves(rows)) or _problems(analysis, [losses])
     _refuse(problems, model_name)
