@@ -10,6 +10,7 @@ The helpers check the Keras conventions every public class must follow:
 - `assert_saves_in_fresh_process(models_and_inputs)`: every model is saved to `.keras` and
   loaded by `keras.saving.load_model` in a new Python process that only imports
   `keras_safe`; the loaded model must predict the same outputs and keep its optimizer class.
+- `CarryOver`: an attacker's layer that keeps a tensor from one call for the next.
 """
 
 from __future__ import annotations
@@ -161,3 +162,16 @@ def assert_saves_in_fresh_process(models_and_inputs, fit_after_load=None):
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert f"LOADED {len(cases)}" in result.stdout
+
+
+class CarryOver(keras.layers.Layer):
+    """Adds the mean of the rows its previous call in the same graph saw: harmless where the
+    model runs once per traced step, mixing examples where it runs again in the same graph (the
+    chunks of a batch, a custom loop's second step)."""
+
+    def call(self, t):
+        previous = getattr(self, "_previous", None)
+        self._previous = t
+        if getattr(previous, "graph", None) is not getattr(t, "graph", 0):
+            return t
+        return t + keras.ops.mean(previous)

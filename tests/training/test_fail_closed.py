@@ -22,7 +22,7 @@ from keras_safe._validation import ArgumentError, PrivacyError
 from keras_safe.callbacks import PrivacyBudget
 from keras_safe.optimizers import DPSGD
 from keras_safe.privacy import get_ledger, make_private
-from tests.testing import REPO_ROOT
+from tests.testing import REPO_ROOT, CarryOver
 
 RNG = np.random.default_rng(5)
 N, B = 120, 20
@@ -108,22 +108,11 @@ def test_a_custom_loop_that_failed_after_dp_gradients_cannot_apply_other_gradien
 # -- item 4: a loss must have one value per example, from that example alone ---------------------
 
 
-class _CarryOver(keras.layers.Layer):
-    """Adds the mean of the rows its previous call in the same graph saw."""
-
-    def call(self, t):
-        previous = getattr(self, "_previous", None)
-        self._previous = t
-        if getattr(previous, "graph", None) is not getattr(t, "graph", 0):
-            return t
-        return t + tf.reduce_mean(previous)
-
-
 def test_a_layer_carrying_one_steps_rows_into_the_next_in_one_graph_is_refused():
     # Two dp_gradients calls in one tf.function (a custom loop): the second step's losses
     # would depend on every example of the first batch through a tensor the layer kept, which
     # the proof took for a constant; the first step's own tensors count as data now.
-    model = keras.Sequential([keras.Input((4,)), _CarryOver(), keras.layers.Dense(2)])
+    model = keras.Sequential([keras.Input((4,)), CarryOver(), keras.layers.Dense(2)])
     model.compile(
         optimizer=DPSGD(0.1, l2_norm_clip=1.0, noise_multiplier=1.1, num_examples=N, batch_size=B),
         loss="sparse_categorical_crossentropy",

@@ -17,6 +17,7 @@ from keras_safe.optimizers import DPSGD
 from keras_safe.privacy import dp_gradients, get_ledger, make_private
 from tests.dp_reference import ORDERS
 from tests.statistical import assert_gaussian_scale
+from tests.testing import CarryOver
 
 L = keras.layers
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -177,18 +178,6 @@ class _RunningMean(L.Layer):
         return t
 
 
-class _CarryOver(L.Layer):
-    """Adds the mean of the rows its previous call in the same graph saw: harmless where the
-    model runs once per step, mixing where each chunk of a batch runs it again."""
-
-    def call(self, t):
-        previous = getattr(self, "_previous", None)
-        self._previous = t
-        if getattr(previous, "graph", None) is not getattr(t, "graph", 0):
-            return t
-        return t + tf.reduce_mean(previous)
-
-
 @pytest.mark.parametrize(
     "layer, physical",
     [
@@ -207,7 +196,7 @@ def test_what_only_the_step_shows_is_refused_in_chunks(layer, physical):
     made = {
         "mixes_beyond_four_rows": lambda: L.Lambda(_mixes_beyond_four_rows),
         "running_mean": _RunningMean,
-        "carry_over": _CarryOver,
+        "carry_over": CarryOver,
     }[layer]
 
     def build():
