@@ -452,7 +452,7 @@ def _private_gradients(model, x, y, sample_weight, watch, prepared=None, users=N
 IN_FLIGHT = 2  # chunks of a logical batch clipped at the same time (`_clip_in_chunks`)
 
 
-def _clip_in_chunks(clip, data, size, per_user=None, watch=None):
+def _clip_in_chunks(clip, data, size, per_user, watch):
     """`clip(data)` on consecutive chunks of `size` rows, `IN_FLIGHT` at a time, summed: the
     clipped sum of a large (logical) batch with the memory of a few chunks
     (`physical_batch_size`).
@@ -488,18 +488,15 @@ def _clip_in_chunks(clip, data, size, per_user=None, watch=None):
             return t
         return t[start : start + size]
 
-    if watch is not None:
-        watch.chunking(data)
+    watch.chunking(data)
     totals, parts, done = None, [], []
     for i in range(count):
         # Chunk i starts once chunk i - IN_FLIGHT is summed: two chunks keep both cores busy.
         with tf.control_dependencies(done[-IN_FLIGHT] if len(done) >= IN_FLIGHT else []):
             chunk = keras.tree.map_structure(lambda t, start=i * size: rows_of(t, start), data)
-        if watch is not None:
-            watch.chunk(chunk)
+        watch.chunk(chunk)
         sums, losses, y_pred, norms = clip(chunk)
-        if watch is not None:
-            watch.chunk_done(losses)
+        watch.chunk_done(losses)
         totals = list(sums) if totals is None else [a + b for a, b in zip(totals, sums)]
         parts.append((losses, y_pred, norms))
         done.append(list(sums))

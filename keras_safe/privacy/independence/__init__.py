@@ -183,7 +183,7 @@ def _problems(analysis, outputs, what="the per-example losses"):
                 f"and {what} depend on it"
             )
             break
-        if value is not None and output.shape.rank and value != Rows(0):
+        if value is not None and output.shape.rank != 0 and value != Rows(0):
             problems.append(
                 f"{what} have the examples laid out as {value}, not one row per example"
             )
