@@ -6,8 +6,13 @@ model and data were set up. For the MLP, the "per-example Jacobian" row material
 example's gradient (keras_safe's fallback path forced on all layers), the cost that ghost
 clipping avoids (`--jacobian`).
 
+With `--physical N`, a third trainer, `dp_chunks`: the same DP `fit` with `physical_batch_size=N`
+(each batch clipped in chunks of N rows, one after the other, the noise drawn once per batch),
+the memory route for the conv nets, whose per-example kernel gradients are what a whole batch
+holds at once; `dp_overhead.py --physical N` times what it costs.
+
 Usage: python benchmarks/dp_memory.py [--models mlp,cnn,...] [--batch 256] [--steps 4] [--jacobian]
-       [--results benchmarks/results/dp_memory.json]
+       [--physical 64] [--results benchmarks/results/dp_memory.json]
 
 The figures are also written to `--results` (JSON: one row per model, each trainer's peak and
 growth in MB and `dp_over_plain`, the peak ratio), the file the README's figures name.
@@ -43,7 +48,7 @@ def _peak_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def worker(name, mode, batch, steps):
+def worker(name, mode, batch, steps, physical=None):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import keras
     import numpy as np
@@ -65,7 +70,10 @@ def worker(name, mode, batch, steps):
     if mode == "plain":
         model.compile(optimizer=keras.optimizers.SGD(0.05), loss=loss)
     else:
-        dp = keras_safe.optimizers.DPSGD(0.05, l2_norm_clip=1.0, noise_multiplier=1.1)
+        chunks = physical if mode == "dp_chunks" else None
+        dp = keras_safe.optimizers.DPSGD(
+            0.05, l2_norm_clip=1.0, noise_multiplier=1.1, physical_batch_size=chunks
+        )
         model.compile(optimizer=dp, loss=loss)
         keras_safe.privacy.make_private(model)
     baseline = rss_mb()
@@ -91,7 +99,7 @@ def worker(name, mode, batch, steps):
     print(json.dumps({"peak": _peak_mb(), "growth": _peak_mb() - baseline}))
 
 
-def _run(name, mode, batch, steps):
+def _run(name, mode, batch, steps, physical=None):
     out = subprocess.run(
         [
             sys.executable,
@@ -99,7 +107,8 @@ def _run(name, mode, batch, steps):
             f"--worker={name}:{mode}",
             f"--batch={batch}",
             f"--steps={steps}",
-        ],
+        ]
+        + ([f"--physical={physical}"] if physical else []),
         capture_output=True,
         text=True,
     )
@@ -115,22 +124,27 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--jacobian", action="store_true", help="also the MLP's Jacobian path")
+    parser.add_argument("--physical", type=int, help="also DP in chunks of this many rows")
     parser.add_argument("--results", default=str(RESULTS), help="JSON file for the figures")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         name, mode = args.worker.split(":")
-        return worker(name, mode, args.batch, args.steps)
+        return worker(name, mode, args.batch, args.steps, args.physical)
     print(f"peak RSS of fit, batch {args.batch}, {args.steps} steps, one process per trainer")
     print(f"{'model':12} {'trainer':9} {'peak MB':>8} {'growth MB':>10} {'peak/plain':>11}")
     rows = []
     for name in args.models.split(","):
         modes = ["plain", "dp"] + (["jacobian"] if args.jacobian and name == "mlp" else [])
-        results = {mode: _run(name, mode, args.batch, args.steps) for mode in modes}
+        modes += ["dp_chunks"] if args.physical else []
+        results = {mode: _run(name, mode, args.batch, args.steps, args.physical) for mode in modes}
         plain = results["plain"]
         row = {"model": name, "batch": args.batch, "steps": args.steps, "trainers": results}
-        if "error" not in plain and "error" not in results["dp"]:
-            row["dp_over_plain"] = round(results["dp"]["peak"] / plain["peak"], 3)
+        if args.physical:
+            row["physical_batch_size"] = args.physical
+        for mode, key in (("dp", "dp_over_plain"), ("dp_chunks", "dp_chunks_over_plain")):
+            if mode in results and "error" not in plain and "error" not in results[mode]:
+                row[key] = round(results[mode]["peak"] / plain["peak"], 3)
         rows.append(row)
         for mode in modes:
             r = results[mode]

@@ -9,7 +9,7 @@ installed).
 
 Usage: python benchmarks/dp_overhead.py [--steps 30] [--repeats 5] [--models cnn,mlp,...]
        [--batch 256,1024] [--no-parts] [--results benchmarks/results/dp_overhead.json]
-       [--sampling]
+       [--sampling] [--physical 64]
 
 For each model: the best examples/s of plain and DP `fit` and the median of the per-round
 speed ratios (DP / plain) of epochs timed alternately (plain, DP, plain, DP, ...), so a change
@@ -25,6 +25,10 @@ load, the models skipped and why, and one row per model and batch), the file the
 figures can name as their source. The DP `fit` of this comparison is given `shuffle=False`
 (fixed batches in the data's order, as before Poisson batches became the default of a private
 `fit` on arrays).
+
+`--physical N` gives the DP trainer `physical_batch_size=N` (each batch clipped in chunks of N
+rows, one after the other): the speed cost of the memory route `dp_memory.py --physical N`
+measures (without the parts).
 
 `--sampling` compares instead the two batch constructions of a private `fit` on arrays: the
 default Poisson batches (a fresh Poisson sample per step, not padded) and the opt-in shuffled
@@ -141,6 +145,7 @@ def main_sampling(args, names, skipped):
         "keras_safe": keras_safe.__version__,
         "steps": args.steps,
         "repeats": args.repeats,
+        "physical_batch_size": args.physical,
         "clock": "process CPU time",
         "load_average_start": load,
         "skipped": skipped,
@@ -175,13 +180,14 @@ def _epoch_seconds(model, x, y, batch_size):
     return time.process_time() - cpu, time.perf_counter() - wall
 
 
-def compare(factory, x, y, batch_size, repeats):
+def compare(factory, x, y, batch_size, repeats, physical=None):
     """Times plain and DP epochs alternately, so load changes hit both alike.
 
     Returns the best examples/s of each (wall time) and the per-round speed ratios DP / plain,
     sorted: `{"cpu": [...], "wall": [...]}`.
     """
-    plain, private = _compiled(factory, False), _compiled(factory, True)
+    plain = _compiled(factory, False)
+    private = _compiled(factory, True, physical_batch_size=physical)
     for model in (plain, private):  # warm-up: tracing, compilation and verification
         # on the timed epochs' own data: a private `fit` on a data set of another size costs
         # a second or more the first time (ten timed steps' worth on a small model)
@@ -229,6 +235,7 @@ def main(argv=None):
     parser.add_argument("--models", default=DEFAULT_MODELS)
     parser.add_argument("--batch", help="batch sizes to run instead of each model's default")
     parser.add_argument("--no-parts", action="store_true", help="skip timing the step's parts")
+    parser.add_argument("--physical", type=int, help="DP in chunks of this many rows (no parts)")
     parser.add_argument("--results", help=f"JSON file for the figures (default {RESULTS.name})")
     parser.add_argument(
         "--sampling",
@@ -247,6 +254,7 @@ def main(argv=None):
         "keras": keras.__version__,
         "keras_safe": keras_safe.__version__,
         "repeats": args.repeats,
+        "physical_batch_size": args.physical,
         "clock": "ratio: process CPU time per epoch; wall_ratio: wall time; parts: wall ms",
         "load_average_start": load,
         "skipped": skipped,
@@ -264,7 +272,7 @@ def main(argv=None):
         for batch in batches:
             n = batch * steps
             x, y = make_x(n, rng), rng.integers(0, classes, n)
-            plain, private, ratios = compare(factory, x, y, batch, args.repeats)
+            plain, private, ratios = compare(factory, x, y, batch, args.repeats, args.physical)
             cpu, wall = ratios["cpu"], ratios["wall"]
             print(
                 f"{name:12} {batch:5d} {plain:11.0f} {private:9.0f} "
@@ -283,7 +291,7 @@ def main(argv=None):
                 "wall_ratio": wall[len(wall) // 2],
                 "wall_ratios": wall,
             }
-            if not args.no_parts:
+            if not args.no_parts and not args.physical:
                 row["parts_ms"], line = _parts(factory, x, y, batch, rounds, calls)
                 print(line, flush=True)
             results["rows"].append(row)

@@ -165,13 +165,17 @@ def assert_saves_in_fresh_process(models_and_inputs, fit_after_load=None):
 
 
 class CarryOver(keras.layers.Layer):
-    """Adds the mean of the rows its previous call in the same graph saw: harmless where the
-    model runs once per traced step, mixing examples where it runs again in the same graph (the
-    chunks of a batch, a custom loop's second step)."""
+    """Adds the mean of the rows its previous call saw, in the same graph or one enclosing it:
+    harmless where the model runs once per traced step, mixing examples where it runs again in
+    the same step (the chunks of a batch, in a loop's body or not; a custom loop's second
+    step)."""
 
     def call(self, t):
         previous = getattr(self, "_previous", None)
         self._previous = t
-        if getattr(previous, "graph", None) is not getattr(t, "graph", 0):
+        graph = getattr(t, "graph", None)
+        while graph is not None and graph is not getattr(previous, "graph", 0):
+            graph = getattr(graph, "outer_graph", None)
+        if graph is None:
             return t
         return t + keras.ops.mean(previous)

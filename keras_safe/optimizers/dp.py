@@ -154,9 +154,11 @@ class DPOptimizer(OptimizerWrapper):
             uses (the rows of a user's slot in the batch); read from the data when not given.
         physical_batch_size: None, or P: a batch (the logical batch, `fit`'s `batch_size`, a
             Poisson sample at rate `batch_size / num_examples`) is clipped in chunks of P rows
-            two at a time, so that memory holds two chunks' per-example factors, and the
-            noise is drawn once for the whole batch, which is accounted as one step (what
-            Opacus's `BatchMemoryManager` does with logical and physical batches). `fit` on
+            one after the other, so that memory holds one chunk's activations and
+            per-example factors, and the noise is drawn once for the whole batch, which is
+            accounted as one step (what Opacus's `BatchMemoryManager` does with logical and
+            physical batches). It also lowers the memory of an ordinary batch where the
+            per-example factors fill it (conv nets: `batch_size=256` in chunks of 64). `fit` on
             arrays pads each Poisson batch to a multiple of P (the size a sample exceeds with
             probability below 1e-9, rounded up); other batches must have a fixed number of
             rows, a multiple of P. Unlike `gradient_accumulation_steps`, which accounts every

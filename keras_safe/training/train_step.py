@@ -240,23 +240,26 @@ class _Watch:
         self.stop = None
 
         self.staged = None  # with chunks: (the data they are cut from, where cutting starts)
-        self.chunks = []  # with chunks: [rows, ops start, ops stop, losses] per chunk
+        self.chunks = []  # with chunks: [rows, graph, ops start, ops stop, losses] per chunk
 
     def forward_done(self):
-        self.stop = len(self.graph.get_operations())
-        if self.chunks:
-            self.chunks[-1][2] = self.stop
+        if self.chunks:  # (a chunk's ops are counted in its own graph)
+            self.chunks[-1][3] = len(self.chunks[-1][1].get_operations())
+        else:
+            self.stop = len(self.graph.get_operations())
 
     def chunking(self, staged):
         """The step cuts `staged` (the data after the stages) into chunks from here on."""
         self.staged = (staged, len(self.graph.get_operations()))
 
     def chunk(self, rows):
-        """A chunk's forward pass starts: `rows` are its slices of the staged data."""
-        self.chunks.append([rows, len(self.graph.get_operations()), None, None])
+        """A chunk's forward pass starts: `rows` are its slices of the staged data, in the
+        step's graph or in the body of the loop over chunks."""
+        graph = tf.compat.v1.get_default_graph()
+        self.chunks.append([rows, graph, len(graph.get_operations()), None, None])
 
     def chunk_done(self, losses):
-        self.chunks[-1][3] = losses
+        self.chunks[-1][4] = losses
 
     def check(self, model, losses, batch_size_private):
         """Refuses (when the step is traced) a step whose examples are not provably apart."""
@@ -273,20 +276,19 @@ class _Watch:
             return
         staged, cut = self.staged
         chunks = []
-        for rows, start, stop, chunk_losses in self.chunks:
+        for rows, graph, start, stop, chunk_losses in self.chunks:
             if stop is None or chunk_losses is None:  # (a chunk without a forward pass)
                 raise PrivacyError(
                     f"keras_safe cannot show that the examples of a batch stay apart in the "
                     f"train step of {model.name}: a chunk of the batch was clipped without a "
                     "forward pass it could check. Nothing was trained."
                 )
-            chunks.append((rows, chunk_losses, ops[start:stop]))
-        end = self.chunks[-1][2]
+            chunks.append((rows, chunk_losses, graph.get_operations()[start:stop]))
         independence.check_chunked_step(
             self.data,
             staged,
             ops[self.start : cut],
-            ops[self.start : end],
+            ops[self.start :],
             chunks,
             model.name,
             batch_size_private,
@@ -449,19 +451,20 @@ def _private_gradients(model, x, y, sample_weight, watch, prepared=None, users=N
     return provenance.mark_released(grads), losses, y_pred
 
 
-IN_FLIGHT = 2  # chunks of a logical batch clipped at the same time (`_clip_in_chunks`)
-
-
 def _clip_in_chunks(clip, data, size, per_user, watch):
-    """`clip(data)` on consecutive chunks of `size` rows, `IN_FLIGHT` at a time, summed: the
-    clipped sum of a large (logical) batch with the memory of a few chunks
+    """`clip(data)` on consecutive chunks of `size` rows, one after the other, summed: the
+    clipped sum of a large (logical) batch with the memory of one chunk
     (`physical_batch_size`).
 
-    Each chunk's forward pass waits for the sums of the chunk `IN_FLIGHT` before it, so at most
-    that many chunks' per-example factors are alive at a time. The noise is drawn once, for
-    the whole batch, by the caller. The batch must have a fixed number of rows, a multiple of
-    `size`. `watch` (the step's `_Watch`) learns where each chunk's rows and forward pass are,
-    for the proof that the examples stay apart (`independence.check_chunked_step`).
+    The first chunk is traced in the step's graph (it gives the shapes of what a chunk
+    returns), the others in the body of one `tf.while_loop`: the step's graph holds two copies
+    of the forward and backward passes whatever the number of chunks. Each chunk starts once
+    the previous one is summed, so only one chunk's activations and per-example factors are
+    alive at a time (on a CPU, chunks in parallel were no faster: both cores already work
+    inside each chunk's ops). The noise is drawn once, for the whole batch, by the caller. The
+    batch must have a fixed number of rows, a multiple of `size`. `watch` (the step's `_Watch`)
+    learns where each chunk's rows and forward pass are, in which graph, for the proof that
+    the examples stay apart (`independence.check_chunked_step`).
     """
     first = next(t for t in keras.tree.flatten(data[0]) if t is not None)
     rows = first.shape[0]
@@ -486,23 +489,49 @@ def _clip_in_chunks(clip, data, size, per_user, watch):
     def rows_of(t, start):
         if t is None or not tf.is_tensor(t) or t.shape.rank in (None, 0):
             return t
-        return t[start : start + size]
+        begin = tf.concat([tf.reshape(start, [1]), tf.zeros([t.shape.rank - 1], tf.int32)], 0)
+        part = tf.slice(t, begin, [size] + [-1] * (t.shape.rank - 1))
+        return tf.ensure_shape(part, [size, *t.shape[1:]])
+
+    def chunk_at(start):
+        return keras.tree.map_structure(lambda t: rows_of(t, start), data)
 
     watch.chunking(data)
-    totals, parts, done = None, [], []
-    for i in range(count):
-        # Chunk i starts once chunk i - IN_FLIGHT is summed: two chunks keep both cores busy.
-        with tf.control_dependencies(done[-IN_FLIGHT] if len(done) >= IN_FLIGHT else []):
-            chunk = keras.tree.map_structure(lambda t, start=i * size: rows_of(t, start), data)
+    # The first chunk outside the loop gives the shapes of what each chunk returns.
+    chunk = chunk_at(tf.constant(0))
+    watch.chunk(chunk)
+    sums, losses, y_pred, norms = clip(chunk)
+    watch.chunk_done(losses)
+    outputs = [losses, norms, *keras.tree.flatten(y_pred)]
+    arrays = [
+        tf.TensorArray(t.dtype, size=count, element_shape=t.shape).write(0, t) for t in outputs
+    ]
+
+    def body(i, totals, arrays):
+        with tf.control_dependencies(totals):  # (the previous chunk is summed)
+            i = tf.identity(i)
+        chunk = chunk_at(i * size)
         watch.chunk(chunk)
         sums, losses, y_pred, norms = clip(chunk)
         watch.chunk_done(losses)
-        totals = list(sums) if totals is None else [a + b for a, b in zip(totals, sums)]
-        parts.append((losses, y_pred, norms))
-        done.append(list(sums))
-    losses = tf.concat([p[0] for p in parts], axis=0)
-    y_pred = keras.tree.map_structure(lambda *t: tf.concat(t, axis=0), *[p[1] for p in parts])
-    norms = tf.concat([p[2] for p in parts], axis=0)
+        totals = [a + b for a, b in zip(totals, sums)]
+        outputs = [losses, norms, *keras.tree.flatten(y_pred)]
+        return i + 1, totals, [a.write(i, t) for a, t in zip(arrays, outputs)]
+
+    _, totals, arrays = tf.while_loop(
+        lambda i, totals, arrays: i < count,
+        body,
+        (tf.constant(1), list(sums), arrays),
+        parallel_iterations=1,
+        maximum_iterations=count - 1,
+    )
+    outputs = []
+    for a, t in zip(arrays, [losses, norms, *keras.tree.flatten(y_pred)]):
+        whole = a.concat()
+        whole.set_shape([None if t.shape[0] is None else count * t.shape[0], *t.shape[1:]])
+        outputs.append(whole)
+    losses, norms = outputs[:2]
+    y_pred = keras.tree.pack_sequence_as(y_pred, outputs[2:])
     return totals, losses, y_pred, norms
 
 

@@ -114,6 +114,21 @@ def test_a_fit_accounts_each_logical_batch_as_one_step():
     assert ledger.epsilon(1e-3, "rdp") == pytest.approx(accountant.get_epsilon(1e-3), rel=1e-6)
 
 
+def test_the_step_graph_does_not_grow_with_the_number_of_chunks():
+    # The chunks after the first are traced once, in the body of a loop: a logical batch of
+    # 4096 in chunks of 256 holds two copies of the step's passes, not sixteen (unrolled
+    # chunks cost more memory than the whole batch did).
+    counts = []
+    for rows in (16, 64):
+        model = _model(8)
+        x, y, w = _batch(rows)
+        dp_gradients(model, *_batch())  # (eagerly once: the model is verified)
+        step = tf.function(lambda x, y, w, model=model: dp_gradients(model, x, y, w))
+        graph = step.get_concrete_function(x, y, w).graph
+        counts.append(len(graph.get_operations()))
+    assert counts[0] == counts[1]
+
+
 def test_batches_that_do_not_split_into_chunks_are_refused():
     model = _model(8)
     x, y, w = _batch(rows=30)

@@ -80,14 +80,7 @@ def _mark_outside_data(analysis, ops, own, before):
     graph's own inputs made, other than `own` (the step's data)."""
     if not before:
         return
-    captured = {t.ref() for t in getattr(before[0].graph, "internal_captures", [])}
-    earlier = Analysis(None)
-    for op in before:
-        if op.type != "Placeholder" or op.outputs[0].ref() in captured:
-            continue
-        if op.outputs[0].dtype not in (tf.resource, tf.variant):
-            earlier.set(op.outputs[0], Mixed(op.name, op.type, "is an input of the graph"))
-    earlier.run(before)
+    earlier = _earlier(before)
     own = {t.ref() for t in own}
     inside = {op.name for op in ops}
     reason = "was made from data before the step (a tensor a layer kept from an earlier call)"
@@ -97,6 +90,41 @@ def _mark_outside_data(analysis, ops, own, before):
                 continue
             if earlier.value(tensor) is not None:
                 analysis.set(tensor, Mixed(tensor.op.name, tensor.op.type, reason))
+
+
+def _earlier(before):
+    """What the graph's own inputs made in `before` (as mixing)."""
+    earlier = Analysis(None)
+    if not before:
+        return earlier
+    captured = {t.ref() for t in getattr(before[0].graph, "internal_captures", [])}
+    for op in before:
+        if op.type != "Placeholder" or op.outputs[0].ref() in captured:
+            continue
+        if op.outputs[0].dtype not in (tf.resource, tf.variant):
+            earlier.set(op.outputs[0], Mixed(op.name, op.type, "is an input of the graph"))
+    earlier.run(before)
+    return earlier
+
+
+def _mark_loop_inputs(analysis, graph, data_made):
+    """In the body of a loop over chunks, sets as mixing every input that may hold data: the
+    values the loop carries from one chunk to the next, and what the body reads from the
+    step's graph that `data_made` (of a tensor there) says the data made (the whole batch)."""
+    captured = {
+        inner.ref(): outer for outer, inner in zip(graph.external_captures, graph.internal_captures)
+    }
+    for tensor in graph.inputs:
+        if tensor.dtype == tf.resource:
+            continue  # (a variable: what the body reads of it, the rules follow)
+        outer = captured.get(tensor.ref())
+        if outer is None:
+            reason = "is carried by the loop over chunks from one chunk to the next"
+        elif data_made(outer):
+            reason = "was made from the data outside this chunk's forward pass"
+        else:
+            continue
+        analysis.set(tensor, Mixed(tensor.op.name, tensor.op.type, reason))
 
 
 @tf.autograph.experimental.do_not_convert
@@ -135,6 +163,12 @@ def check_chunked_step(inputs, staged, staged_ops, step_ops, chunks, model_name=
     overall = _analysis(leaves, batch_size_private)
     overall.run(step_ops)
     made = [t for op in step_ops for t in op.outputs if overall.value(t) is not None]
+    earlier = _earlier(before)
+    data = {t.ref() for t in leaves + made}
+
+    def data_made(tensor):
+        return tensor.ref() in data or earlier.value(tensor) is not None
+
     for rows, losses, ops in chunks:
         if problems:
             break
@@ -145,6 +179,11 @@ def check_chunked_step(inputs, staged, staged_ops, step_ops, chunks, model_name=
             if tensor.op.name not in inside:
                 reason = "was made from the data outside this chunk's forward pass"
                 analysis.set(tensor, Mixed(tensor.op.name, tensor.op.type, reason))
+        graph = own[0].graph
+        if step_ops and graph is not step_ops[0].graph:
+            # A chunk traced in the body of the loop over chunks: its inputs stand for tensors
+            # of the step's graph and for what earlier chunks carried.
+            _mark_loop_inputs(analysis, graph, data_made)
         _mark_outside_data(analysis, ops, own, before)
         analysis.run(ops)
         problems = _unread([losses], ops, _leaves(rows)) or _problems(analysis, [losses])

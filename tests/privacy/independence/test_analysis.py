@@ -283,6 +283,62 @@ def test_a_chunk_that_mixes_or_reads_beyond_its_rows_is_refused(forward):
     assert "stay apart" in _refusal(forward)
 
 
+def _looped_refusal(chunk_forward):
+    """As `_refusal`, with the chunks in the body of a `tf.while_loop` (how a step traces them):
+    `chunk_forward(rows, x, staged, carried, free)` also gets what the loop carries from one
+    chunk to the next and a data-free tensor of the step's graph."""
+    from keras_safe._validation import PrivacyError
+    from keras_safe.privacy.independence import check_chunked_step
+
+    found = {}
+
+    def step(x):
+        graph = tf.compat.v1.get_default_graph()
+        staged = x * 2.0
+        cut = len(graph.get_operations())
+        free = tf.range(3.0)
+        chunks = []
+
+        def body(i, carried):
+            rows = tf.ensure_shape(tf.slice(staged, tf.stack([i * 4, 0]), [4, -1]), [4, 3])
+            inner = tf.compat.v1.get_default_graph()
+            first = len(inner.get_operations())
+            losses = chunk_forward(rows, x, staged, carried, free)
+            chunks.append((rows, losses, inner.get_operations()[first:]))
+            return i + 1, carried + losses
+
+        tf.while_loop(lambda i, carried: i < 2, body, (0, tf.zeros([4])))
+        ops = graph.get_operations()
+        try:
+            check_chunked_step(x, staged, ops[:cut], ops, chunks)
+        except PrivacyError as error:
+            found["refusal"] = str(error)
+        return x
+
+    tf.function(step).get_concrete_function(tf.TensorSpec([8, 3]))
+    return found.get("refusal")
+
+
+def test_chunks_in_a_loop_whose_rows_stay_apart_pass():
+    assert _looped_refusal(lambda rows, x, staged, carried, free: tf.reduce_sum(rows, 1)) is None
+    weighted = lambda rows, x, staged, carried, free: tf.linalg.matvec(rows, free)  # noqa: E731
+    assert _looped_refusal(weighted) is None
+
+
+@pytest.mark.parametrize(
+    "forward",
+    [
+        lambda rows, x, staged, carried, free: tf.reduce_sum(rows, 1) - tf.reduce_mean(rows),
+        lambda rows, x, staged, carried, free: tf.reduce_sum(rows, 1) + tf.reduce_sum(x),
+        lambda rows, x, staged, carried, free: tf.reduce_sum(rows, 1) + staged[:4, 0],
+        lambda rows, x, staged, carried, free: tf.reduce_sum(rows, 1) + carried,
+    ],
+    ids=["mixes_its_rows", "reads_the_batch", "reads_the_staged_batch", "reads_the_loops_sums"],
+)
+def test_a_chunk_in_a_loop_that_reads_beyond_its_rows_is_refused(forward):
+    assert "stay apart" in _looped_refusal(forward)
+
+
 def test_a_stage_that_mixes_the_batch_before_the_cut_is_refused():
     found = _refusal(
         lambda rows, x, staged, previous: tf.reduce_sum(rows, axis=1),
