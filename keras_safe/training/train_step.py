@@ -272,6 +272,7 @@ class _Watch:
                 model.name,
                 batch_size_private,
                 before=ops[: self.start],
+                step_ops=ops[self.start :],
             )
             return
         staged, cut = self.staged
@@ -481,6 +482,13 @@ def _clip_in_chunks(clip, data, size, per_user, watch):
             f"physical_batch_size={size} would cut users' slots of examples_per_user="
             f"{per_user} rows in two. Fix: choose a physical_batch_size that is a multiple of "
             "examples_per_user."
+        )
+    unknown = [t for t in keras.tree.flatten(data) if tf.is_tensor(t) and t.shape.rank is None]
+    if unknown:
+        raise PrivacyError(
+            f"physical_batch_size={size} splits each batch into chunks of rows, but a tensor of "
+            "the batch has an unknown number of dimensions, so its rows cannot be cut. Nothing "
+            "was trained. Fix: give the step's inputs, targets and weights static ranks."
         )
     count = rows // size
     if count == 1:

@@ -133,6 +133,83 @@ def test_a_layer_carrying_one_steps_rows_into_the_next_in_one_graph_is_refused()
     _assert_unchanged(before, model)
 
 
+class _ReadsTheBatchFromAnEnclosingGraph(keras.layers.Layer):
+    """Adds the mean of the batch as the graph enclosing the step pulled it (under `fit`)."""
+
+    def call(self, t):
+        graph = getattr(getattr(t, "graph", None), "outer_graph", None)
+        while graph is not None:
+            for op in graph.get_operations():
+                if op.type in ("IteratorGetNext", "OptionalGetValue"):
+                    pulled = [o for o in op.outputs if o.dtype == t.dtype and o.shape.rank == 2]
+                    if pulled:
+                        return t + tf.reduce_mean(pulled[0])
+            graph = getattr(graph, "outer_graph", None)
+        return t
+
+
+@pytest.mark.parametrize("physical", [None, 5])
+def test_a_layer_reading_the_batch_from_an_enclosing_graph_is_refused(physical):
+    # Under fit, the step's graph is nested in the one that pulls the batch: a tensor captured
+    # from there entered the forward pass as a fresh placeholder, which the proof took for a
+    # constant, so the layer mixed every example of the batch into each loss, unrefused.
+    model = keras.Sequential(
+        [keras.Input((4,)), _ReadsTheBatchFromAnEnclosingGraph(), keras.layers.Dense(2)]
+    )
+    model.compile(
+        optimizer=DPSGD(
+            0.1, l2_norm_clip=1.0, noise_multiplier=1.1, sampling="shuffle",
+            physical_batch_size=physical,
+        ),
+        loss="sparse_categorical_crossentropy",
+    )  # fmt: skip
+    make_private(model)
+    before = _weights(model)
+    x, y = _data()
+    with pytest.raises(PrivacyError, match="enclosing graph"):
+        model.fit(x, y, batch_size=B, epochs=1, verbose=0)
+    assert get_ledger(model).steps == 0
+    _assert_unchanged(before, model)
+
+
+class _PullsTheNextBatch(keras.layers.Layer):
+    """Adds the mean of the next batch, pulled from the iterator that feeds `fit`."""
+
+    def call(self, t):
+        graph = getattr(getattr(t, "graph", None), "outer_graph", None)
+        while graph is not None:
+            for handle in getattr(graph, "inputs", []):
+                if handle.dtype == tf.resource and handle.op.type == "Placeholder":
+                    try:
+                        pulled = tf.raw_ops.IteratorGetNext(
+                            iterator=handle,
+                            output_types=[tf.float32, tf.int32],
+                            output_shapes=[[None, 4], [None]],
+                        )
+                    except (TypeError, ValueError):
+                        continue
+                    return t + tf.reduce_mean(pulled[0])
+            graph = getattr(graph, "outer_graph", None)
+        return t
+
+
+def test_a_layer_pulling_the_next_batch_from_the_iterator_is_refused():
+    # A stateful op that reads no data returned values the proof took for constants: a layer
+    # reading the next batch from fit's iterator mixed another batch into every loss.
+    model = keras.Sequential([keras.Input((4,)), _PullsTheNextBatch(), keras.layers.Dense(2)])
+    model.compile(
+        optimizer=DPSGD(0.1, l2_norm_clip=1.0, noise_multiplier=1.1, sampling="shuffle"),
+        loss="sparse_categorical_crossentropy",
+    )
+    make_private(model)
+    before = _weights(model)
+    x, y = _data()
+    with pytest.raises(PrivacyError, match="IteratorGetNext"):
+        model.fit(x, y, batch_size=B, epochs=1, verbose=0)
+    assert get_ledger(model).steps == 0
+    _assert_unchanged(before, model)
+
+
 def test_a_loss_that_averages_over_the_batch_is_refused():
     x = RNG.normal(size=(B, 4)).astype("float32")
     y = RNG.normal(size=(B, B)).astype("float32")

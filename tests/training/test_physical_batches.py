@@ -181,6 +181,47 @@ def _mixes_beyond_four_rows(t):
     )
 
 
+class _WritesTheStepGraph(L.Layer):
+    """Called again in the loop over chunks, writes the mean of the rows its previous call saw
+    into a variable from the step's graph (outside any chunk's forward pass), and adds it."""
+
+    def build(self, input_shape):
+        self.mean = self.add_weight(shape=input_shape[1:], initializer="zeros", trainable=False)
+
+    def call(self, t):
+        previous, self._previous = getattr(self, "_previous", None), t
+        outer = getattr(getattr(t, "graph", None), "outer_graph", None)
+        if outer is not None and getattr(previous, "graph", None) is outer:
+            with outer.as_default():
+                self.mean.assign(tf.reduce_mean(previous, axis=0))
+        return t + self.mean
+
+
+class _WritesFromItsGradient(L.Layer):
+    """Scales by a weight whose custom gradient keeps the incoming gradient (a sum over the
+    examples) in a variable the next forward pass adds: a write in the backward pass, armed
+    only where traced (verification runs eagerly and sees nothing)."""
+
+    def build(self, input_shape):
+        self.scale = self.add_weight(shape=input_shape[1:], initializer="ones")
+        self.kept = self.add_weight(shape=input_shape[1:], initializer="zeros", trainable=False)
+
+    def call(self, t):
+        kept = self.kept
+
+        @tf.custom_gradient
+        def same(scale):
+            def gradient(upstream):
+                if tf.executing_eagerly():
+                    return upstream
+                with tf.control_dependencies([kept.assign(upstream)]):
+                    return tf.identity(upstream)
+
+            return tf.identity(scale), gradient
+
+        return t * same(tf.convert_to_tensor(self.scale)) + kept
+
+
 class _RunningMean(L.Layer):
     """Writes the batch mean into a variable in training: state computed from the data."""
 
@@ -201,6 +242,9 @@ class _RunningMean(L.Layer):
         ("running_mean", 8),
         ("running_mean", None),
         ("carry_over", 8),  # (one call per step without chunks: nothing is carried)
+        ("writes_the_step_graph_from_the_loop", 8),
+        ("writes_from_its_gradient", 8),
+        ("writes_from_its_gradient", None),
     ],
 )
 def test_what_only_the_step_shows_is_refused_in_chunks(layer, physical):
@@ -212,6 +256,8 @@ def test_what_only_the_step_shows_is_refused_in_chunks(layer, physical):
         "mixes_beyond_four_rows": lambda: L.Lambda(_mixes_beyond_four_rows),
         "running_mean": _RunningMean,
         "carry_over": CarryOver,
+        "writes_the_step_graph_from_the_loop": _WritesTheStepGraph,
+        "writes_from_its_gradient": _WritesFromItsGradient,
     }[layer]
 
     def build():

@@ -15,12 +15,17 @@ through branches and loops (`analysis`). The step is refused when
 - the per-example losses are not row-wise in the inputs, targets and sample weights (a layer or
   loss reduces, permutes, gathers or normalises across the batch axis, in any branch that the
   step could take: the branch a counter or the batch size selects later is analysed too);
-- the forward pass writes a variable with a value computed from the data (running statistics:
-  they would be saved and released without clipping or noise), or hands the data to Python;
+- the step, anywhere before its release (forward and backward passes, a loop over chunks),
+  writes a variable with a value computed from the data (running statistics: they would be
+  saved and released without clipping or noise; a custom gradient keeping what it receives),
+  or hands the data to Python;
 - a data-dependent op has a custom gradient (keras_safe cannot read what its backward mixes).
 
 An op type the rules do not know that receives data counts as mixing (fail closed): the error
-names it, and the model can train once the op is replaced or a rule is added here. The cost is
+names it, and the model can train once the op is replaced or a rule is added here. So do the
+values a stateful op reads from state the rules do not follow (an iterator's next batch; random
+draws excepted), and the tensors the step's graph reads from an enclosing graph (under `fit`,
+the graph that pulls the batch) other than variables. The cost is
 paid when the step is traced, never per step.
 """
 
@@ -46,7 +51,8 @@ def _leaves(structure):
 
 
 @tf.autograph.experimental.do_not_convert
-def check_step(inputs, losses, ops, model_name="the model", batch_size_private=False, before=()):
+def check_step(inputs, losses, ops, model_name="the model", batch_size_private=False, before=(),
+               step_ops=None):  # fmt: skip
     """Raises `PrivacyError` unless the step's per-example losses are provably row-wise.
 
     Args:
@@ -61,6 +67,13 @@ def check_step(inputs, losses, ops, model_name="the model", batch_size_private=F
         before: the ops of the same graph before the step's (a custom loop's earlier steps).
             What they made from the graph's inputs counts as mixing where the step reads it
             other than through `inputs`: a layer may keep a tensor from one call to the next.
+        step_ops: the ops of the whole step up to its release (forward and backward passes,
+            norms, clipped sums): a variable written there with a value computed from the data
+            (a custom gradient's backward, a layer writing into the step's graph from a nested
+            one) is refused as in the forward pass. None: the forward pass only.
+
+    Tensors the step's graph reads from an enclosing graph (other than its variables) count as
+    mixing: under `fit`, the graph that pulls the batch encloses the step's.
 
     Raises:
         keras_safe._validation.PrivacyError: naming each op that mixes examples, writes a
@@ -72,7 +85,47 @@ def check_step(inputs, losses, ops, model_name="the model", batch_size_private=F
     analysis = _analysis(leaves, batch_size_private)
     _mark_outside_data(analysis, ops, leaves, before)
     analysis.run(ops)
-    _refuse(_unread([losses], ops, leaves) or _problems(analysis, [losses]), model_name)
+    problems = _unread([losses], ops, leaves) or _problems(analysis, [losses])
+    if not problems and step_ops is not None:
+        problems = _writes(_step_analysis(leaves, step_ops, batch_size_private, before))
+    _refuse(problems, model_name)
+
+
+def _step_analysis(leaves, step_ops, batch_size_private, before):
+    """The analysis of a whole step, from its data to its release (what it writes)."""
+    overall = _analysis(leaves, batch_size_private)
+    _mark_outside_data(overall, step_ops, leaves, before)
+    overall.run(step_ops)
+    return overall
+
+
+def _writes(analysis):
+    return [
+        f"the op {op.name!r} ({op.type}, in {layer_of(op.name)!r}) {reason}"
+        for op, reason in analysis.writes[:_MAX_LISTED]
+    ]
+
+
+def _enclosing(graph):
+    """`(outer, inner)` pairs of what `graph` reads from an enclosing graph (captured graph
+    tensors, not eager constants), other than variables."""
+    return [
+        (outer, inner)
+        for outer, inner in zip(
+            getattr(graph, "external_captures", []), getattr(graph, "internal_captures", [])
+        )
+        if inner.dtype != tf.resource and tf.is_symbolic_tensor(outer)
+    ]
+
+
+def _mark_enclosing(analysis, graph, own):
+    """Sets as mixing what `graph` reads from an enclosing graph, other than `own` (the data):
+    the batch as the enclosing graph pulled it, or any tensor made from it there."""
+    own = {t.ref() for t in own}
+    reason = "is read from an enclosing graph (where the batch is pulled)"
+    for _, inner in _enclosing(graph):
+        if inner.ref() not in own:
+            analysis.set(inner, Mixed(inner.op.name, inner.op.type, reason))
 
 
 def _mark_outside_data(analysis, ops, own, before):
@@ -144,7 +197,8 @@ def check_chunked_step(inputs, staged, staged_ops, step_ops, chunks, model_name=
         inputs: the step's data as it enters the step, as for `check_step`.
         staged: the data after the stages, which the chunks are sliced from.
         staged_ops: the ops from the step's start to the first chunk's slices.
-        step_ops: the ops from the step's start to the end of the last chunk's forward pass.
+        step_ops: the ops from the step's start up to its release (every chunk's forward and
+            backward passes, the loop over chunks): what they write from the data is refused.
         chunks: `(rows, losses, ops)` per chunk: the chunk's sliced data, its per-example
             losses and the ops of its forward pass (after the slices).
         model_name, batch_size_private, before: as for `check_step`.
@@ -159,12 +213,14 @@ def check_chunked_step(inputs, staged, staged_ops, step_ops, chunks, model_name=
     _mark_outside_data(analysis, staged_ops, leaves, before)
     analysis.run(staged_ops)
     problems = _problems(analysis, _leaves(staged), what="the data the chunks are cut from")
-    # What every tensor of the step depends on (a chunk's slices count as mixing here).
-    overall = _analysis(leaves, batch_size_private)
-    overall.run(step_ops)
+    # What every tensor of the step depends on (a chunk's slices count as mixing here), and
+    # what the step writes from the data anywhere up to its release.
+    overall = _step_analysis(leaves, step_ops, batch_size_private, before)
+    problems = problems or _writes(overall)
     made = [t for op in step_ops for t in op.outputs if overall.value(t) is not None]
     earlier = _earlier(before)
-    data = {t.ref() for t in leaves + made}
+    enclosing = [inner for _, inner in _enclosing(leaves[0].graph)]
+    data = {t.ref() for t in leaves + made + enclosing}
 
     def data_made(tensor):
         return tensor.ref() in data or earlier.value(tensor) is not None
@@ -173,14 +229,15 @@ def check_chunked_step(inputs, staged, staged_ops, step_ops, chunks, model_name=
         if problems:
             break
         own = _leaves(rows)
-        analysis = _analysis(own, batch_size_private)
+        in_loop = own[0].graph is not leaves[0].graph
+        analysis = _analysis(own, batch_size_private, enclosing=not in_loop)
         inside = {op.name for op in ops} | {t.op.name for t in own}
         for tensor in leaves + made:
             if tensor.op.name not in inside:
                 reason = "was made from the data outside this chunk's forward pass"
                 analysis.set(tensor, Mixed(tensor.op.name, tensor.op.type, reason))
         graph = own[0].graph
-        if step_ops and graph is not step_ops[0].graph:
+        if in_loop:
             # A chunk traced in the body of the loop over chunks: its inputs stand for tensors
             # of the step's graph and for what earlier chunks carried.
             _mark_loop_inputs(analysis, graph, data_made)
@@ -202,9 +259,13 @@ def _unread(outputs, ops, leaves):
     ][:1]
 
 
-def _analysis(leaves, batch_size_private):
+def _analysis(leaves, batch_size_private, enclosing=True):
+    """An analysis with `leaves` as rows, and (`enclosing`) what their graph reads from an
+    enclosing graph as mixing (a loop's body reads the step's graph: `_mark_loop_inputs`)."""
     batch = leaves[0].shape[0] if leaves[0].shape.rank else None
     analysis = Analysis(batch, batch_size_private=batch_size_private)
+    if enclosing:
+        _mark_enclosing(analysis, leaves[0].graph, leaves)
     for tensor in leaves:
         if tensor.shape.rank:
             analysis.set(tensor, Rows(0))

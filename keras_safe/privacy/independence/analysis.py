@@ -99,6 +99,17 @@ _READS = {
     "VarIsInitializedOp",
     "VariableShape",
 }
+# Draws of a `tf.random.Generator`: its state (a variable the data may not write) and fresh
+# random values, never the data.
+_GENERATOR_DRAWS = {
+    "RngReadAndSkip",
+    "RngSkip",
+    "StatefulStandardNormalV2",
+    "StatefulUniform",
+    "StatefulUniformInt",
+    "StatefulUniformFullInt",
+    "StatefulTruncatedNormal",
+}
 # Ops whose outputs are shapes of their inputs.
 _SHAPE_OF = {"Shape", "ShapeN", "Size"}
 # Ops whose outputs hold no value of their inputs (only shapes, or fresh random draws).
@@ -279,6 +290,13 @@ class Analysis:
             if data:  # what a stateful op returns from the data is nobody's row alone
                 for tensor in op.outputs:
                     self.set(tensor, mixed(op, f"is a stateful {op.type} op fed by the data"))
+            elif op.type not in rules.RANDOM and op.type not in _GENERATOR_DRAWS:
+                # Values a stateful op reads from state the rules do not follow (the next batch
+                # from an iterator, a queue, a stack) may be data: fail closed. Handles are
+                # followed where a rule reads them (variables, tables).
+                for tensor in op.outputs:
+                    if tensor.dtype.name != "resource":
+                        self.set(tensor, mixed(op, f"reads state through a stateful {op.type} op"))
             return
         if op.type in _SHAPE_OF and any(
             isinstance(v, Mixed) and (dims(t) is None or None in dims(t))

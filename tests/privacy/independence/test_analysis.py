@@ -225,6 +225,29 @@ def test_a_write_from_the_data_is_recorded():
     assert analysis.writes == []
 
 
+_GENERATOR = tf.random.Generator.from_seed(1)
+
+
+@pytest.mark.parametrize(
+    "draw, mixing",
+    [
+        (lambda: next(iter(tf.data.Dataset.from_tensors(tf.ones([3])))), True),
+        (lambda: tf.random.uniform([3]), False),
+        (lambda: _GENERATOR.normal([3]), False),
+    ],
+    ids=["the_next_element_of_an_iterator", "a_random_draw", "a_generator_draw"],
+)
+def test_what_a_stateful_op_reads_from_state_counts_as_mixing_unless_a_random_draw(draw, mixing):
+    # A layer could pull the next batch from the iterator that feeds `fit`: values a stateful op
+    # returns without reading the data are data as far as the proof can tell.
+    spec = tf.TensorSpec([None, 3], tf.float32)
+    graph = tf.function(lambda x: x + draw()).get_concrete_function(spec).graph
+    analysis = Analysis()
+    analysis.set(graph.inputs[0], Rows(0))
+    analysis.run(graph.get_operations())
+    assert isinstance(analysis.value(graph.outputs[0]), Mixed) is mixing
+
+
 def _chunked_graph(chunk_forward, stage=lambda t: t * 2.0):
     """A step that stages a batch of 8 rows and cuts it into two chunks of 4, as a
     `physical_batch_size` step does: `(inputs, staged, staged_ops, step_ops, chunks)`;
