@@ -26,9 +26,10 @@ figures can name as their source. The DP `fit` of this comparison is given `shuf
 (fixed batches in the data's order, as before Poisson batches became the default of a private
 `fit` on arrays).
 
-`--physical N` gives the DP trainer `physical_batch_size=N` (each batch clipped in chunks of N
-rows, one after the other): the speed cost of the memory route `dp_memory.py --physical N`
-measures (without the parts).
+`--physical N` adds a third trainer to each round, DP with `physical_batch_size=N` (each batch
+clipped in chunks of N rows, one after the other), and reports its ratio to plain
+(`chunks_ratio`, CPU time) beside the whole batch's: the speed cost of the memory route that
+`dp_memory.py --physical N` measures.
 
 `--sampling` compares instead the two batch constructions of a private `fit` on arrays: the
 default Poisson batches (a fresh Poisson sample per step, not padded) and the opt-in shuffled
@@ -181,26 +182,29 @@ def _epoch_seconds(model, x, y, batch_size):
 
 
 def compare(factory, x, y, batch_size, repeats, physical=None):
-    """Times plain and DP epochs alternately, so load changes hit both alike.
+    """Times plain and DP epochs alternately, so load changes hit both alike (with `physical`,
+    DP in chunks of that many rows as a third trainer in each round).
 
-    Returns the best examples/s of each (wall time) and the per-round speed ratios DP / plain,
-    sorted: `{"cpu": [...], "wall": [...]}`.
+    Returns the best examples/s of plain and DP (wall time) and the per-round speed ratios
+    DP / plain, sorted: `{"cpu": [...], "wall": [...]}`, with `"chunks_cpu"` and
+    `"chunks_wall"` (DP in chunks / plain) when `physical` is given.
     """
-    plain = _compiled(factory, False)
-    private = _compiled(factory, True, physical_batch_size=physical)
-    for model in (plain, private):  # warm-up: tracing, compilation and verification
+    trainers = [_compiled(factory, False), _compiled(factory, True)]
+    if physical:
+        trainers.append(_compiled(factory, True, physical_batch_size=physical))
+    for model in trainers:  # warm-up: tracing, compilation and verification
         # on the timed epochs' own data: a private `fit` on a data set of another size costs
         # a second or more the first time (ten timed steps' worth on a small model)
         _epoch_seconds(model, x, y, batch_size)
-    plain_times, private_times = [], []
+    times = [[] for _ in trainers]
     for _ in range(repeats):
-        plain_times.append(_epoch_seconds(plain, x, y, batch_size))
-        private_times.append(_epoch_seconds(private, x, y, batch_size))
-    ratios = {
-        clock: sorted(p[i] / d[i] for p, d in zip(plain_times, private_times))
-        for i, clock in enumerate(("cpu", "wall"))
-    }
-    best = [len(x) / min(t[1] for t in times) for times in (plain_times, private_times)]
+        for model, found in zip(trainers, times):
+            found.append(_epoch_seconds(model, x, y, batch_size))
+    ratios = {}
+    for name, private_times in zip(("", "chunks_"), times[1:]):
+        for i, clock in enumerate(("cpu", "wall")):
+            ratios[name + clock] = sorted(p[i] / d[i] for p, d in zip(times[0], private_times))
+    best = [len(x) / min(t[1] for t in found) for found in times[:2]]
     return best[0], best[1], ratios
 
 
@@ -235,7 +239,7 @@ def main(argv=None):
     parser.add_argument("--models", default=DEFAULT_MODELS)
     parser.add_argument("--batch", help="batch sizes to run instead of each model's default")
     parser.add_argument("--no-parts", action="store_true", help="skip timing the step's parts")
-    parser.add_argument("--physical", type=int, help="DP in chunks of this many rows (no parts)")
+    parser.add_argument("--physical", type=int, help="also DP in chunks of this many rows")
     parser.add_argument("--results", help=f"JSON file for the figures (default {RESULTS.name})")
     parser.add_argument(
         "--sampling",
@@ -291,7 +295,17 @@ def main(argv=None):
                 "wall_ratio": wall[len(wall) // 2],
                 "wall_ratios": wall,
             }
-            if not args.no_parts and not args.physical:
+            if args.physical:
+                chunks = ratios["chunks_cpu"]
+                row["chunks_ratio"] = chunks[len(chunks) // 2]
+                row["chunks_ratios"] = chunks
+                row["chunks_wall_ratio"] = ratios["chunks_wall"][len(chunks) // 2]
+                print(
+                    f"    in chunks of {args.physical}: DP/plain CPU "
+                    f"{chunks[len(chunks) // 2]:.2f} (rounds {chunks[0]:.2f}-{chunks[-1]:.2f})",
+                    flush=True,
+                )
+            if not args.no_parts:
                 row["parts_ms"], line = _parts(factory, x, y, batch, rounds, calls)
                 print(line, flush=True)
             results["rows"].append(row)
