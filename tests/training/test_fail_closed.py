@@ -133,51 +133,31 @@ def test_a_layer_carrying_one_steps_rows_into_the_next_in_one_graph_is_refused()
     _assert_unchanged(before, model)
 
 
+def _enclosing_graphs(t):
+    graph = getattr(getattr(t, "graph", None), "outer_graph", None)
+    while graph is not None:
+        yield graph
+        graph = getattr(graph, "outer_graph", None)
+
+
 class _ReadsTheBatchFromAnEnclosingGraph(keras.layers.Layer):
     """Adds the mean of the batch as the graph enclosing the step pulled it (under `fit`)."""
 
     def call(self, t):
-        graph = getattr(getattr(t, "graph", None), "outer_graph", None)
-        while graph is not None:
+        for graph in _enclosing_graphs(t):
             for op in graph.get_operations():
                 if op.type in ("IteratorGetNext", "OptionalGetValue"):
                     pulled = [o for o in op.outputs if o.dtype == t.dtype and o.shape.rank == 2]
                     if pulled:
                         return t + tf.reduce_mean(pulled[0])
-            graph = getattr(graph, "outer_graph", None)
         return t
-
-
-@pytest.mark.parametrize("physical", [None, 5])
-def test_a_layer_reading_the_batch_from_an_enclosing_graph_is_refused(physical):
-    # Under fit, the step's graph is nested in the one that pulls the batch: a tensor captured
-    # from there entered the forward pass as a fresh placeholder, which the proof took for a
-    # constant, so the layer mixed every example of the batch into each loss, unrefused.
-    model = keras.Sequential(
-        [keras.Input((4,)), _ReadsTheBatchFromAnEnclosingGraph(), keras.layers.Dense(2)]
-    )
-    model.compile(
-        optimizer=DPSGD(
-            0.1, l2_norm_clip=1.0, noise_multiplier=1.1, sampling="shuffle",
-            physical_batch_size=physical,
-        ),
-        loss="sparse_categorical_crossentropy",
-    )  # fmt: skip
-    make_private(model)
-    before = _weights(model)
-    x, y = _data()
-    with pytest.raises(PrivacyError, match="enclosing graph"):
-        model.fit(x, y, batch_size=B, epochs=1, verbose=0)
-    assert get_ledger(model).steps == 0
-    _assert_unchanged(before, model)
 
 
 class _PullsTheNextBatch(keras.layers.Layer):
     """Adds the mean of the next batch, pulled from the iterator that feeds `fit`."""
 
     def call(self, t):
-        graph = getattr(getattr(t, "graph", None), "outer_graph", None)
-        while graph is not None:
+        for graph in _enclosing_graphs(t):
             for handle in getattr(graph, "inputs", []):
                 if handle.dtype == tf.resource and handle.op.type == "Placeholder":
                     try:
@@ -189,22 +169,35 @@ class _PullsTheNextBatch(keras.layers.Layer):
                     except (TypeError, ValueError):
                         continue
                     return t + tf.reduce_mean(pulled[0])
-            graph = getattr(graph, "outer_graph", None)
         return t
 
 
-def test_a_layer_pulling_the_next_batch_from_the_iterator_is_refused():
-    # A stateful op that reads no data returned values the proof took for constants: a layer
-    # reading the next batch from fit's iterator mixed another batch into every loss.
-    model = keras.Sequential([keras.Input((4,)), _PullsTheNextBatch(), keras.layers.Dense(2)])
+@pytest.mark.parametrize(
+    "layer, physical, match",
+    [
+        (_ReadsTheBatchFromAnEnclosingGraph, None, "enclosing graph"),
+        (_ReadsTheBatchFromAnEnclosingGraph, 5, "enclosing graph"),
+        (_PullsTheNextBatch, None, "IteratorGetNext"),
+    ],
+    ids=["batch_pulled_outside_the_step", "same_in_chunks", "next_batch_from_the_iterator"],
+)
+def test_a_layer_reaching_fits_batches_outside_the_step_is_refused(layer, physical, match):
+    # Under fit, the step's graph is nested in the one that pulls the batch. A tensor captured
+    # from there entered the forward pass as a fresh placeholder, and a stateful op reading no
+    # data (the iterator's next batch) returned values: the proof took both for constants, so
+    # the layer mixed the batch (or the next one) into every example's loss, unrefused.
+    model = keras.Sequential([keras.Input((4,)), layer(), keras.layers.Dense(2)])
     model.compile(
-        optimizer=DPSGD(0.1, l2_norm_clip=1.0, noise_multiplier=1.1, sampling="shuffle"),
+        optimizer=DPSGD(
+            0.1, l2_norm_clip=1.0, noise_multiplier=1.1, sampling="shuffle",
+            physical_batch_size=physical,
+        ),
         loss="sparse_categorical_crossentropy",
-    )
+    )  # fmt: skip
     make_private(model)
     before = _weights(model)
     x, y = _data()
-    with pytest.raises(PrivacyError, match="IteratorGetNext"):
+    with pytest.raises(PrivacyError, match=match):
         model.fit(x, y, batch_size=B, epochs=1, verbose=0)
     assert get_ledger(model).steps == 0
     _assert_unchanged(before, model)
