@@ -82,21 +82,20 @@ def check_step(inputs, losses, ops, model_name="the model", batch_size_private=F
     leaves = _leaves(inputs)
     if not leaves:
         return
-    analysis = _analysis(leaves, batch_size_private)
-    _mark_outside_data(analysis, ops, leaves, before)
-    analysis.run(ops)
+    analysis = _analysed(leaves, ops, batch_size_private, before)
     problems = _unread([losses], ops, leaves) or _problems(analysis, [losses])
     if not problems and step_ops is not None:
-        problems = _writes(_step_analysis(leaves, step_ops, batch_size_private, before))
+        problems = _writes(_analysed(leaves, step_ops, batch_size_private, before))
     _refuse(problems, model_name)
 
 
-def _step_analysis(leaves, step_ops, batch_size_private, before):
-    """The analysis of a whole step, from its data to its release (what it writes)."""
-    overall = _analysis(leaves, batch_size_private)
-    _mark_outside_data(overall, step_ops, leaves, before)
-    overall.run(step_ops)
-    return overall
+def _analysed(leaves, ops, batch_size_private, before):
+    """The analysis of `ops` with `leaves` as the step's rows (and what `before` made from the
+    graph's inputs as mixing)."""
+    analysis = _analysis(leaves, batch_size_private)
+    _mark_outside_data(analysis, ops, leaves, before)
+    analysis.run(ops)
+    return analysis
 
 
 def _writes(analysis):
@@ -209,13 +208,11 @@ def check_chunked_step(inputs, staged, staged_ops, step_ops, chunks, model_name=
     leaves = _leaves(inputs)
     if not leaves:
         return
-    analysis = _analysis(leaves, batch_size_private)
-    _mark_outside_data(analysis, staged_ops, leaves, before)
-    analysis.run(staged_ops)
+    analysis = _analysed(leaves, staged_ops, batch_size_private, before)
     problems = _problems(analysis, _leaves(staged), what="the data the chunks are cut from")
     # What every tensor of the step depends on (a chunk's slices count as mixing here), and
     # what the step writes from the data anywhere up to its release.
-    overall = _step_analysis(leaves, step_ops, batch_size_private, before)
+    overall = _analysed(leaves, step_ops, batch_size_private, before)
     problems = problems or _writes(overall)
     made = [t for op in step_ops for t in op.outputs if overall.value(t) is not None]
     earlier = _earlier(before)
