@@ -103,14 +103,22 @@ def verify_model(model, x, y=None, sample_weight=None):
     require_dense(model, (x, y, sample_weight))
     _build(model, x)
     dp = find_dp_optimizer(getattr(model, "optimizer", None))
-    result = verify(
-        model,
-        PerExampleLoss(model),
-        x,
-        y,
-        sample_weight,
-        num_microbatches=dp.num_microbatches if dp is not None else None,
-    )
+    # Verification runs the model on real examples, unclipped and unnoised: what a layer writes
+    # there (running statistics, a seed's state) is undone, so no trace of them stays in the
+    # model, whether the train step then refuses the layer or not.
+    kept = [(v, v.numpy()) for v in model.variables]
+    try:
+        result = verify(
+            model,
+            PerExampleLoss(model),
+            x,
+            y,
+            sample_weight,
+            num_microbatches=dp.num_microbatches if dp is not None else None,
+        )
+    finally:
+        for variable, value in kept:
+            variable.assign(value)
     state.set_fallback_mode(model, result.fallback)
     state.safe_state(model).verified = _key(model)
     # The verification's traced functions and reference gradients sit in reference cycles

@@ -203,6 +203,34 @@ def test_a_layer_reaching_fits_batches_outside_the_step_is_refused(layer, physic
     _assert_unchanged(before, model)
 
 
+class _KeepsTheBatchMean(keras.layers.Layer):
+    """Writes the mean of its rows into a variable, in any mode, and passes them on unchanged."""
+
+    def build(self, input_shape):
+        self.mean = self.add_weight(shape=input_shape[1:], initializer="zeros", trainable=False)
+
+    def call(self, t):
+        self.mean.assign(tf.reduce_mean(t, axis=0))
+        return t
+
+
+def test_what_a_layer_writes_while_the_model_is_verified_is_undone():
+    # Verification runs the model on a few real examples before the first step; the step then
+    # refuses the write, but the variable kept those examples' mean (saved with the model).
+    keeps = _KeepsTheBatchMean()
+    model = keras.Sequential([keras.Input((4,)), keeps, keras.layers.Dense(2)])
+    model.compile(
+        optimizer=DPSGD(0.1, l2_norm_clip=1.0, noise_multiplier=1.1),
+        loss="sparse_categorical_crossentropy",
+    )
+    make_private(model)
+    x, y = _data()
+    with pytest.raises(PrivacyError, match="writes a variable"):
+        model.fit(x, y, batch_size=B, epochs=1, verbose=0)
+    np.testing.assert_array_equal(np.array(keeps.mean), np.zeros(4, "float32"))
+    assert get_ledger(model).steps == 0
+
+
 def test_a_loss_that_averages_over_the_batch_is_refused():
     x = RNG.normal(size=(B, 4)).astype("float32")
     y = RNG.normal(size=(B, B)).astype("float32")
