@@ -151,7 +151,11 @@ def _build(model, x):
     call) by calling it on the examples, as `fit` would; refuses a model with nothing to train.
     """
     if not model.trainable_variables:
-        model(x, training=False)
+        # On zeros of the examples' shapes: what a layer writes while it builds holds no data.
+        model(
+            keras.tree.map_structure(lambda t: None if t is None else tf.zeros_like(t), x),
+            training=False,
+        )
     if not model.trainable_variables:
         raise PrivacyError(
             f"{model.name} has no trainable variables (it was called on the examples and "

@@ -223,6 +223,12 @@ def _eager_step(model):
 
 def _traced_private_step(model, x, y, sample_weight, users=None):
     preflight.require_dense(model, (x, y, sample_weight, users))
+    # The step's data as tensors of the step's own graph: a step traced in a loop's body (a
+    # custom loop) reads the caller's tensors through captures, which the proof must see as
+    # the rows they are, and any other capture as mixing.
+    x, y, sample_weight, users = keras.tree.map_structure(
+        lambda t: tf.identity(t) if tf.is_tensor(t) else t, (x, y, sample_weight, users)
+    )
     watch = _Watch((x, y, sample_weight))
     x, y, sample_weight = _run_data_stages(model, x, y, sample_weight)
     prepared = _prepare(_loss_stage(model), model, x, y, sample_weight)
@@ -483,6 +489,9 @@ def _clip_in_chunks(clip, data, size, per_user, watch):
             f"{per_user} rows in two. Fix: choose a physical_batch_size that is a multiple of "
             "examples_per_user."
         )
+    count = rows // size
+    if count == 1:
+        return clip(data)
     unknown = [t for t in keras.tree.flatten(data) if tf.is_tensor(t) and t.shape.rank is None]
     if unknown:
         raise PrivacyError(
@@ -490,9 +499,6 @@ def _clip_in_chunks(clip, data, size, per_user, watch):
             "the batch has an unknown number of dimensions, so its rows cannot be cut. Nothing "
             "was trained. Fix: give the step's inputs, targets and weights static ranks."
         )
-    count = rows // size
-    if count == 1:
-        return clip(data)
 
     def rows_of(t, start):
         if t is None or not tf.is_tensor(t) or t.shape.rank in (None, 0):

@@ -214,11 +214,25 @@ class _KeepsTheBatchMean(keras.layers.Layer):
         return t
 
 
-def test_what_a_layer_writes_while_the_model_is_verified_is_undone():
-    # Verification runs the model on a few real examples before the first step; the step then
-    # refuses the write, but the variable kept those examples' mean (saved with the model).
-    keeps = _KeepsTheBatchMean()
-    model = keras.Sequential([keras.Input((4,)), keeps, keras.layers.Dense(2)])
+class _Subclassed(keras.Model):
+    def __init__(self, keeps):
+        super().__init__(name="subclassed")
+        self.keeps, self.dense = keeps, keras.layers.Dense(2)
+
+    def call(self, x):
+        return self.dense(self.keeps(x))
+
+
+@pytest.mark.parametrize("built", [True, False], ids=["sequential", "subclassed_unbuilt"])
+def test_what_a_layer_writes_while_the_model_is_verified_is_undone(built):
+    # Verification runs the model on a few real examples before the first step (and an unbuilt
+    # model was built on them); the step then refuses the write, but the variable kept those
+    # examples' mean, saved with the model.
+    keeps = _KeepsTheBatchMean(name="keeps")
+    if built:
+        model = keras.Sequential([keras.Input((4,)), keeps, keras.layers.Dense(2)])
+    else:
+        model = _Subclassed(keeps)
     model.compile(
         optimizer=DPSGD(0.1, l2_norm_clip=1.0, noise_multiplier=1.1),
         loss="sparse_categorical_crossentropy",
@@ -229,6 +243,48 @@ def test_what_a_layer_writes_while_the_model_is_verified_is_undone():
         model.fit(x, y, batch_size=B, epochs=1, verbose=0)
     np.testing.assert_array_equal(np.array(keeps.mean), np.zeros(4, "float32"))
     assert get_ledger(model).steps == 0
+
+
+class _CentresInTraining(keras.layers.Layer):
+    def call(self, t, training=False):
+        return t - tf.reduce_mean(t, axis=0) if training else t
+
+
+@pytest.mark.parametrize("mixing", [True, False])
+def test_a_step_traced_in_a_loops_body_reads_its_data_as_rows(mixing):
+    # In a custom loop's tf.while_loop, the step reads the caller's batch through captures:
+    # the proof took the batch for the outer tensors, so a layer centring the batch in training
+    # trained, and data made in the body beside captured targets was refused.
+    layers = [keras.Input((4,)), keras.layers.Dense(3)]
+    layers += [_CentresInTraining()] if mixing else []
+    model = keras.Sequential([*layers, keras.layers.Dense(2)])
+    model.compile(
+        optimizer=DPSGD(0.1, l2_norm_clip=1.0, noise_multiplier=1.1, num_examples=N, batch_size=B),
+        loss="sparse_categorical_crossentropy",
+    )
+    make_private(model)
+    x, y = _data()
+    keras_safe.training.verify_model(model, x[:8], y[:8])
+    before = _weights(model)
+
+    @tf.function(autograph=False)
+    def two_steps(x, y):
+        def body(i):
+            # (the batch as captured, or data made in the body beside captured targets)
+            grads = keras_safe.privacy.dp_gradients(model, x if mixing else x * 1.0, y)
+            model.optimizer.apply(grads, model.trainable_variables)
+            return i + 1
+
+        return tf.while_loop(lambda i: i < 2, body, [tf.constant(0)])
+
+    if mixing:
+        with pytest.raises(PrivacyError, match="stay apart"):
+            two_steps(x[:B], y[:B])
+        assert get_ledger(model).steps == 0
+        _assert_unchanged(before, model)
+    else:
+        two_steps(x[:B], y[:B])
+        assert get_ledger(model).steps == 2
 
 
 def test_a_loss_that_averages_over_the_batch_is_refused():

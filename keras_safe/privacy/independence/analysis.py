@@ -99,8 +99,8 @@ _READS = {
     "VarIsInitializedOp",
     "VariableShape",
 }
-# Draws of a `tf.random.Generator`: its state (a variable the data may not write) and fresh
-# random values, never the data.
+# Random draws of stateful samplers and of a `tf.random.Generator` (its state: a variable the
+# data may not write): fresh random values, never the data, when no data enters them.
 _GENERATOR_DRAWS = {
     "RngReadAndSkip",
     "RngSkip",
@@ -109,6 +109,12 @@ _GENERATOR_DRAWS = {
     "StatefulUniformInt",
     "StatefulUniformFullInt",
     "StatefulTruncatedNormal",
+    "StatefulRandomBinomial",
+    "RandomGamma",
+    "RandomPoisson",
+    "RandomPoissonV2",
+    "RandomShuffle",
+    "ParameterizedTruncatedNormal",
 }
 # Ops whose outputs are shapes of their inputs.
 _SHAPE_OF = {"Shape", "ShapeN", "Size"}

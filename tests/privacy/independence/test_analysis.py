@@ -234,8 +234,16 @@ _GENERATOR = tf.random.Generator.from_seed(1)
         (lambda: next(iter(tf.data.Dataset.from_tensors(tf.ones([3])))), True),
         (lambda: tf.random.uniform([3]), False),
         (lambda: _GENERATOR.normal([3]), False),
+        (lambda: tf.random.gamma([3], 2.0), False),
+        (lambda: tf.random.shuffle(tf.range(3.0)), False),
     ],
-    ids=["the_next_element_of_an_iterator", "a_random_draw", "a_generator_draw"],
+    ids=[
+        "the_next_element_of_an_iterator",
+        "a_random_draw",
+        "a_generator_draw",
+        "a_gamma_draw",
+        "a_shuffled_constant",
+    ],
 )
 def test_what_a_stateful_op_reads_from_state_counts_as_mixing_unless_a_random_draw(draw, mixing):
     # A layer could pull the next batch from the iterator that feeds `fit`: values a stateful op
