@@ -223,6 +223,9 @@ def _eager_step(model):
 
 def _traced_private_step(model, x, y, sample_weight, users=None):
     preflight.require_dense(model, (x, y, sample_weight, users))
+    # On the batch as the replica received it: a new tensor made from it (a data stage, the
+    # identity below) differs between replicas even when every replica got the whole batch.
+    distribution.check_batch_is_split(x)
     # The step's data as tensors of the step's own graph: a step traced in a loop's body (a
     # custom loop) reads the caller's tensors through captures, which the proof must see as
     # the rows they are, and any other capture as mixing.
@@ -403,7 +406,6 @@ def _private_gradients(model, x, y, sample_weight, watch, prepared=None, users=N
         # whole unit. Rows without weight enter the forward pass as zeros.
         x, y = _zero_unweighted(x, y, sample_weight)
     _check_microbatches(x, groups or per_user, "examples_per_user" if per_user else None)
-    distribution.check_batch_is_split(x)
 
     def clip(data):
         return clipped_gradient_sum(
