@@ -108,11 +108,10 @@ def test_a_custom_loop_that_failed_after_dp_gradients_cannot_apply_other_gradien
 # -- item 4: a loss must have one value per example, from that example alone ---------------------
 
 
-def test_a_layer_carrying_one_steps_rows_into_the_next_in_one_graph_is_refused():
-    # Two dp_gradients calls in one tf.function (a custom loop): the second step's losses
-    # would depend on every example of the first batch through a tensor the layer kept, which
-    # the proof took for a constant; the first step's own tensors count as data now.
-    model = keras.Sequential([keras.Input((4,)), CarryOver(), keras.layers.Dense(2)])
+def _custom_loop_model(layers):
+    """A private model of `layers` then Dense(2), verified for a custom loop: `(model, x, y,
+    its weights)`."""
+    model = keras.Sequential([keras.Input((4,)), *layers, keras.layers.Dense(2)])
     model.compile(
         optimizer=DPSGD(0.1, l2_norm_clip=1.0, noise_multiplier=1.1, num_examples=N, batch_size=B),
         loss="sparse_categorical_crossentropy",
@@ -120,7 +119,14 @@ def test_a_layer_carrying_one_steps_rows_into_the_next_in_one_graph_is_refused()
     make_private(model)
     x, y = _data()
     keras_safe.training.verify_model(model, x[:8], y[:8])
-    before = _weights(model)
+    return model, x, y, _weights(model)
+
+
+def test_a_layer_carrying_one_steps_rows_into_the_next_in_one_graph_is_refused():
+    # Two dp_gradients calls in one tf.function (a custom loop): the second step's losses
+    # would depend on every example of the first batch through a tensor the layer kept, which
+    # the proof took for a constant; the first step's own tensors count as data now.
+    model, x, y, before = _custom_loop_model([CarryOver()])
 
     @tf.function
     def two_steps(x1, y1, x2, y2):
@@ -255,17 +261,8 @@ def test_a_step_traced_in_a_loops_body_reads_its_data_as_rows(mixing):
     # In a custom loop's tf.while_loop, the step reads the caller's batch through captures:
     # the proof took the batch for the outer tensors, so a layer centring the batch in training
     # trained, and data made in the body beside captured targets was refused.
-    layers = [keras.Input((4,)), keras.layers.Dense(3)]
-    layers += [_CentresInTraining()] if mixing else []
-    model = keras.Sequential([*layers, keras.layers.Dense(2)])
-    model.compile(
-        optimizer=DPSGD(0.1, l2_norm_clip=1.0, noise_multiplier=1.1, num_examples=N, batch_size=B),
-        loss="sparse_categorical_crossentropy",
-    )
-    make_private(model)
-    x, y = _data()
-    keras_safe.training.verify_model(model, x[:8], y[:8])
-    before = _weights(model)
+    layers = [keras.layers.Dense(3)] + ([_CentresInTraining()] if mixing else [])
+    model, x, y, before = _custom_loop_model(layers)
 
     @tf.function(autograph=False)
     def two_steps(x, y):
