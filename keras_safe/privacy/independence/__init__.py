@@ -82,18 +82,19 @@ def check_step(inputs, losses, ops, model_name="the model", batch_size_private=F
     leaves = _leaves(inputs)
     if not leaves:
         return
-    analysis = _analysed(leaves, ops, batch_size_private, before)
+    earlier = _earlier(before)
+    analysis = _analysed(leaves, ops, batch_size_private, earlier)
     problems = _unread([losses], ops, leaves) or _problems(analysis, [losses])
     if not problems and step_ops is not None:
-        problems = _writes(_analysed(leaves, step_ops, batch_size_private, before))
+        problems = _writes(_analysed(leaves, step_ops, batch_size_private, earlier))
     _refuse(problems, model_name)
 
 
-def _analysed(leaves, ops, batch_size_private, before):
-    """The analysis of `ops` with `leaves` as the step's rows (and what `before` made from the
-    graph's inputs as mixing)."""
+def _analysed(leaves, ops, batch_size_private, earlier):
+    """The analysis of `ops` with `leaves` as the step's rows (and what the graph's inputs
+    made before the step, `earlier`, as mixing)."""
     analysis = _analysis(leaves, batch_size_private)
-    _mark_outside_data(analysis, ops, leaves, before)
+    _mark_outside_data(analysis, ops, leaves, earlier)
     analysis.run(ops)
     return analysis
 
@@ -127,12 +128,11 @@ def _mark_enclosing(analysis, graph, own):
             analysis.set(inner, Mixed(inner.op.name, inner.op.type, reason))
 
 
-def _mark_outside_data(analysis, ops, own, before):
-    """Sets as mixing the tensors `ops` read from `before` (earlier ops of their graph) that the
-    graph's own inputs made, other than `own` (the step's data)."""
-    if not before:
+def _mark_outside_data(analysis, ops, own, earlier):
+    """Sets as mixing the tensors `ops` read that the graph's own inputs made before the step
+    (`earlier`, the analysis of the earlier ops: `_earlier`), other than `own` (the data)."""
+    if earlier is None:
         return
-    earlier = _earlier(before)
     own = {t.ref() for t in own}
     inside = {op.name for op in ops}
     reason = "was made from data before the step (a tensor a layer kept from an earlier call)"
@@ -145,10 +145,10 @@ def _mark_outside_data(analysis, ops, own, before):
 
 
 def _earlier(before):
-    """What the graph's own inputs made in `before` (as mixing)."""
-    earlier = Analysis(None)
+    """What the graph's own inputs made in `before` (as mixing), or None without ops."""
     if not before:
-        return earlier
+        return None
+    earlier = Analysis(None)
     captured = {t.ref() for t in getattr(before[0].graph, "internal_captures", [])}
     for op in before:
         if op.type != "Placeholder" or op.outputs[0].ref() in captured:
@@ -208,19 +208,19 @@ def check_chunked_step(inputs, staged, staged_ops, step_ops, chunks, model_name=
     leaves = _leaves(inputs)
     if not leaves:
         return
-    analysis = _analysed(leaves, staged_ops, batch_size_private, before)
+    earlier = _earlier(before)
+    analysis = _analysed(leaves, staged_ops, batch_size_private, earlier)
     problems = _problems(analysis, _leaves(staged), what="the data the chunks are cut from")
     # What every tensor of the step depends on (a chunk's slices count as mixing here), and
     # what the step writes from the data anywhere up to its release.
-    overall = _analysed(leaves, step_ops, batch_size_private, before)
+    overall = _analysed(leaves, step_ops, batch_size_private, earlier)
     problems = problems or _writes(overall)
     made = [t for op in step_ops for t in op.outputs if overall.value(t) is not None]
-    earlier = _earlier(before)
     enclosing = [inner for _, inner in _enclosing(leaves[0].graph)]
     data = {t.ref() for t in leaves + made + enclosing}
 
     def data_made(tensor):
-        return tensor.ref() in data or earlier.value(tensor) is not None
+        return tensor.ref() in data or (earlier is not None and earlier.value(tensor) is not None)
 
     for rows, losses, ops in chunks:
         if problems:
@@ -238,7 +238,7 @@ def check_chunked_step(inputs, staged, staged_ops, step_ops, chunks, model_name=
             # A chunk traced in the body of the loop over chunks: its inputs stand for tensors
             # of the step's graph and for what earlier chunks carried.
             _mark_loop_inputs(analysis, graph, data_made)
-        _mark_outside_data(analysis, ops, own, before)
+        _mark_outside_data(analysis, ops, own, earlier)
         analysis.run(ops)
         problems = _unread([losses], ops, _leaves(rows)) or _problems(analysis, [losses])
     _refuse(problems, model_name)
